@@ -1,0 +1,243 @@
+"""Command line: the only module that imports click. Exit codes: see ``errors.ExitCode``.
+
+Parse flags into ``Settings`` (config file as defaults, flags override), build the model
+and the data, run, render. torch is imported only inside ``run`` so ``--help`` and
+``report`` stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from . import __version__
+from .config import DEVICES, FAIL_ON_LEVELS, Settings, load_settings
+from .errors import BncheckError, ExitCode, UsageError
+from .report import Report
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _handle_errors(command: Callable) -> Callable:
+    """Turn every failure into one line on stderr and a distinct exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        debug = bool((ctx.find_root().params or {}).get("debug"))
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except BncheckError as exc:
+            if debug:
+                traceback.print_exc()
+            _err(f"error: {exc}")
+            ctx.exit(int(exc.exit_code))
+        except KeyboardInterrupt:
+            _err("interrupted; the model and files were not changed")
+            ctx.exit(130)
+        except Exception as exc:  # a bug in bncheck: say so, keep the traceback for --debug
+            if debug:
+                traceback.print_exc()
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            _err(
+                f"internal error: {type(exc).__name__}: {first} (this is a bncheck bug; rerun "
+                "with `bncheck --debug ...` for the traceback and report it)"
+            )
+            ctx.exit(int(ExitCode.INTERNAL))
+
+    return wrapper
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="bncheck")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """Find the BatchNorm layers whose running statistics disagree with your data.
+
+    \b
+    bncheck run model.pt --arch torchvision:resnet18 --data images/
+    bncheck report            # re-render the last run
+    bncheck report --json     # ... as JSON
+
+    Exit codes: 0 no finding at or above --fail-on, 1 findings, 2 usage error,
+    3 input error (file, checkpoint, data, architecture), 4 internal error.
+    """
+
+
+def _write_text(path: Path, text: str, what: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {what} to {path}: {exc.strerror}; choose another path") from None
+
+
+def _save_last_run(report_json: str, settings: Settings) -> None:
+    if settings.save is None:
+        return
+    path = Path(settings.save)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report_json, encoding="utf-8")
+    except OSError as exc:
+        _err(f"warning: could not save the run to {path} ({exc.strerror}); `bncheck report` will not see it")
+
+
+def _print_report(report: Report, settings: Settings, to_stderr: bool) -> None:
+    from .render import render
+
+    stream = sys.stderr if to_stderr else sys.stdout
+    color = stream.isatty()
+    width = None
+    if color:
+        import shutil
+
+        width = shutil.get_terminal_size((120, 24)).columns
+    click.echo(render(report, "table", top=settings.top, width=width, color=color), nl=False, err=to_stderr)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path, dir_okay=True))
+@click.option("--arch", metavar="SPEC",
+              help="Model builder: torchvision:NAME, timm:NAME, package.module:callable or "
+                   "path/file.py:callable. Needed when the checkpoint holds only a state_dict.")
+@click.option("--arch-kwargs", metavar="YAML", help="Keyword arguments for --arch, e.g. '{num_classes: 10}'.")
+@click.option("--data", type=click.Path(path_type=Path), metavar="PATH",
+              help="Folder of images (flat or class subfolders) or a tensor file (.pt, .npy).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",
+              help="Settings that differ from configs/default.yaml; flags override it.")
+@click.option("--batch-size", type=click.IntRange(min=2), help="Samples per forward pass (default 32).")
+@click.option("--num-batches", type=click.IntRange(min=1), help="Batches pooled into population statistics (default 4).")
+@click.option("--device", type=click.Choice(DEVICES), help="Where to run (default auto: cuda when available).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow full pickled models (torch.save(model)); loading them executes code from the file.")
+@click.option("--json", "json_out", metavar="PATH|-", help="Write the JSON result there; '-' writes only JSON to stdout.")
+@click.option("--top", type=click.IntRange(min=1), help="Rows in the table (default 10).")
+@click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), help="Exit 1 for findings at least this severe (default error).")
+@click.option("--save", metavar="PATH", help="Where to keep the run for `bncheck report` (default .bncheck/last-run.json).")
+@click.option("--quiet", "-q", is_flag=True, help="No table; only errors and warnings.")
+@_handle_errors
+def run(
+    checkpoint: Optional[Path],
+    arch: Optional[str],
+    arch_kwargs: Optional[str],
+    data: Optional[Path],
+    config_path: Optional[Path],
+    batch_size: Optional[int],
+    num_batches: Optional[int],
+    device: Optional[str],
+    trust_checkpoint: bool,
+    json_out: Optional[str],
+    top: Optional[int],
+    fail_on: Optional[str],
+    save: Optional[str],
+    quiet: bool,
+) -> None:
+    """Run the model in train and eval mode on sample data and rank the BN layers
+    whose running statistics diverge most from the data's.
+
+    Cost: two forward passes (eval, then train with only BN layers in train mode) per
+    batch; the model and the checkpoint are never modified.
+    """
+    settings = load_settings(
+        config_path,
+        {"batch_size": batch_size, "num_batches": num_batches, "device": device,
+         "fail_on": fail_on, "top": top, "save": save},
+    )
+    from .loading import parse_arch_kwargs
+
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    if checkpoint is None and arch is None:
+        raise UsageError("give a CHECKPOINT file and/or --arch; see `bncheck run --help`")
+    if data is None:
+        raise UsageError("give sample data with --data PATH (a folder of images or a .pt/.npy tensor file)")
+
+    import torch
+
+    from .data import open_data
+    from .engine import analyze
+    from .loading import load_model
+
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available here; use --device cpu")
+    target = "cuda" if settings.device == "auto" and torch.cuda.is_available() else settings.device
+    target = "cpu" if target == "auto" else target
+
+    loaded = load_model(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint)
+    source = open_data(data, settings.data, settings.batch_size, settings.num_batches)
+    if loaded.info.format == "random-init":
+        _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, which says nothing about a trained model")
+    model = loaded.module.to(target)
+    report = analyze(
+        model,
+        source.batches(),
+        settings=settings,
+        model_info=loaded.info,
+        data_source=str(data),
+        skipped_files=len(source.skipped),
+    )
+    for line in source.skipped[:5]:
+        _err(f"warning: skipped unreadable file {line}")
+    if len(source.skipped) > 5:
+        _err(f"warning: ... and {len(source.skipped) - 5} more unreadable files skipped")
+
+    from .report import dumps
+
+    report_json = dumps(report)
+    _save_last_run(report_json, settings)
+    if json_out is not None and json_out != "-":
+        _write_text(Path(json_out), report_json, "the JSON result")
+    if not quiet:
+        _print_report(report, settings, to_stderr=json_out == "-")
+    if json_out == "-":
+        sys.stdout.write(report_json)
+        sys.stdout.flush()
+    if report.verdict == "fail":
+        click.get_current_context().exit(int(ExitCode.FINDINGS))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run_json", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "fmt", flag_value="json", help="Print the JSON result.")
+@click.option("--markdown", "fmt", flag_value="markdown", help="Print Markdown (PR comments, $GITHUB_STEP_SUMMARY).")
+@click.option("--top", type=click.IntRange(min=1), help="Rows in the table (default 10).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",
+              help="Config whose `save` path locates the last run.")
+@_handle_errors
+def report(run_json: Optional[Path], fmt: Optional[str], top: Optional[int], config_path: Optional[Path]) -> None:
+    """Re-render a saved run (default: the last one) without running the model."""
+    from . import report as report_module
+    from .render import render
+
+    settings = load_settings(config_path, {"top": top})
+    if run_json is None:
+        if settings.save is None:
+            raise UsageError("no RUN_JSON given and saving is off (save: null); pass the JSON path")
+        run_json = Path(settings.save)
+    loaded = report_module.load(run_json)
+    if fmt == "json":
+        sys.stdout.write(report_module.dumps(loaded))
+        return
+    if fmt == "markdown":
+        sys.stdout.write(render(loaded, "markdown", top=settings.top))
+        return
+    _print_report(loaded, settings, to_stderr=False)
+
+
+def main() -> None:
+    cli(prog_name="bncheck")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,184 @@
+"""Settings: ``default.yaml`` <- the user's ``--config`` file <- command-line flags.
+
+One precedence rule: a later source overrides an earlier one key by key. The user's file
+states only what differs from the defaults; an unknown key anywhere is an error (a typo
+in a threshold must not silently keep the default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .errors import UsageError
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+SEVERITIES = ("info", "warning", "error")
+FAIL_ON_LEVELS = ("error", "warning", "never")
+CHANNEL_ORDERS = ("rgb", "bgr", "gray")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    resize: Optional[int]
+    """Shorter image side after resizing, pixels; None keeps each image's size."""
+    crop: Optional[int]
+    """Centre-crop size, pixels; None: no crop."""
+    mean: tuple[float, ...]
+    """Per-channel mean subtracted after scaling pixels to 0..1."""
+    std: tuple[float, ...]
+    """Per-channel std divided by after subtracting the mean."""
+    channels: str
+    """Channel order fed to the model: rgb, bgr or gray."""
+    seed: int
+    """Seed of the deterministic shuffle that picks the sample of images."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    stale_error: float
+    """Layer score at or above which stale running stats are an error."""
+    stale_warning: float
+    """Layer score at or above which stale running stats are a warning."""
+    drift_to_noise: float
+    """Minimum ratio of a layer's score to its sampling-noise floor for drift to count."""
+    divergence: float
+    """Eval-pass layer score that marks the first divergent layer."""
+    input_mean_shift: float
+    """|mean shift| in running-std units at the first BN layer that flags the input."""
+    small_batch_noise: float
+    """Per-batch noise floor above which train-mode batch statistics are unreliable."""
+    dead_channel_var: float
+    """Variance (before eps) at or below which a channel is dead."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data: DataSettings
+    batch_size: int
+    num_batches: int
+    device: str
+    fail_on: str
+    top: int
+    save: Optional[str]
+    ignore: tuple[str, ...]
+    thresholds: Thresholds
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist; check the --config path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read config file {path}: {exc}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"config file {path} is not valid YAML{where}; fix its syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"config file {path} must hold a mapping of settings, not {type(loaded).__name__}")
+    return loaded
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefix: str = "") -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if key not in base:
+            known = ", ".join(sorted(base))
+            raise UsageError(f"unknown config key '{prefix}{key}' in {source}; known keys: {known}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise UsageError(f"config key '{prefix}{key}' in {source} must be a mapping")
+            merged[key] = _merge(base[key], value, source, f"{prefix}{key}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _number(raw: dict, key: str, kind: type, *, minimum: float, optional: bool = False, where: str):
+    value = raw[key]
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        kind is int and not float(value).is_integer()
+    ):
+        raise UsageError(f"setting '{where}{key}' must be a number, got {value!r}")
+    value = kind(value)
+    if value < minimum:
+        raise UsageError(f"setting '{where}{key}' must be at least {minimum}, got {value}")
+    return value
+
+
+def _choice(raw: dict, key: str, choices: tuple[str, ...], where: str = "") -> str:
+    value = raw[key]
+    if value not in choices:
+        raise UsageError(f"setting '{where}{key}' must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _floats(raw: dict, key: str, where: str) -> tuple[float, ...]:
+    value = raw[key]
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise UsageError(f"setting '{where}{key}' must be a list of numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _build(raw: dict[str, Any]) -> Settings:
+    d = raw["data"]
+    data = DataSettings(
+        resize=_number(d, "resize", int, minimum=1, optional=True, where="data."),
+        crop=_number(d, "crop", int, minimum=1, optional=True, where="data."),
+        mean=_floats(d, "mean", "data."),
+        std=_floats(d, "std", "data."),
+        channels=_choice(d, "channels", CHANNEL_ORDERS, "data."),
+        seed=_number(d, "seed", int, minimum=0, where="data."),
+    )
+    if len(data.mean) != len(data.std):
+        raise UsageError("settings 'data.mean' and 'data.std' must have the same length")
+    if any(s <= 0 for s in data.std):
+        raise UsageError("setting 'data.std' must hold positive numbers")
+    t = raw["thresholds"]
+    thresholds = Thresholds(
+        **{f.name: _number(t, f.name, float, minimum=0.0, where="thresholds.") for f in fields(Thresholds)}
+    )
+    ignore = raw["ignore"] or []
+    if not isinstance(ignore, list) or not all(isinstance(g, str) for g in ignore):
+        raise UsageError("setting 'ignore' must be a list of layer-name globs")
+    save = raw["save"]
+    if save is not None and not isinstance(save, str):
+        raise UsageError("setting 'save' must be a path or null")
+    return Settings(
+        data=data,
+        batch_size=_number(raw, "batch_size", int, minimum=1, where=""),
+        num_batches=_number(raw, "num_batches", int, minimum=1, where=""),
+        device=_choice(raw, "device", DEVICES),
+        fail_on=_choice(raw, "fail_on", FAIL_ON_LEVELS),
+        top=_number(raw, "top", int, minimum=1, where=""),
+        save=save,
+        ignore=tuple(ignore),
+        thresholds=thresholds,
+    )
+
+
+def load_settings(
+    config_path: Optional[Path] = None, overrides: Optional[Mapping[str, Any]] = None
+) -> Settings:
+    """Defaults, then the user's YAML file, then ``overrides`` (flags; None values are unset)."""
+    raw = _read_yaml(DEFAULT_CONFIG)
+    if config_path is not None:
+        raw = _merge(raw, _read_yaml(Path(config_path)), str(config_path))
+    if overrides:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        raw = _merge(raw, given, "command-line flags")
+    return _build(raw)

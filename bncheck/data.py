@@ -1,0 +1,206 @@
+"""Sample data: image folders and tensor files, cut into batches.
+
+Images are read with Pillow and transformed per ``DataSettings`` (resize the shorter
+side, centre-crop, scale to 0..1, normalize, channel order). Tensor files are fed to the
+model exactly as stored. The sample is a deterministic shuffle (``data.seed``), so the
+first batches mix classes instead of holding one class folder.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .config import DataSettings
+from .errors import InputError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+TENSOR_EXTENSIONS = {".pt", ".pth", ".npy"}
+Batch = tuple[Tensor, Optional[Tensor]]
+
+
+@dataclass
+class DataSource:
+    """Batches for ``analyze`` plus what the report says about them."""
+
+    description: str
+    batches: Callable[[], Iterator[Batch]]
+    planned_samples: int
+    skipped: list[str]
+    """Files that could not be read (filled while iterating)."""
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _labels_for(root: Path, files: list[Path]) -> Optional[dict[Path, int]]:
+    """Class index per file from its top-level subfolder (sorted names, like ImageFolder);
+    None for a flat folder."""
+    tops = [p.relative_to(root).parts for p in files]
+    if not tops or any(len(parts) < 2 for parts in tops):
+        return None
+    classes = sorted({parts[0] for parts in tops})
+    index = {name: i for i, name in enumerate(classes)}
+    return {p: index[parts[0]] for p, parts in zip(files, tops)}
+
+
+def _image_tensor(path: Path, cfg: DataSettings) -> Tensor:
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's DecompressionBomb / palette chatter
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                img = img.point(lambda v: v / 256).convert("L")
+            img = img.convert("L" if cfg.channels == "gray" else "RGB")
+    if cfg.resize is not None:
+        img = TF.resize(img, cfg.resize, antialias=True)
+    if cfg.crop is not None:
+        img = TF.center_crop(img, cfg.crop)
+    tensor = TF.to_tensor(img)
+    if cfg.channels == "bgr":
+        tensor = tensor.flip(0)
+    mean, std = cfg.mean, cfg.std
+    if len(mean) != tensor.shape[0]:
+        if len(mean) == 3 and tensor.shape[0] == 1:
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        else:
+            raise InputError(
+                f"data.mean has {len(mean)} values but images have {tensor.shape[0]} channels; "
+                "set data.mean/data.std in the config"
+            )
+    return TF.normalize(tensor, list(mean), list(std))
+
+
+def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: int) -> DataSource:
+    files = _image_files(root)
+    if not files:
+        raise InputError(
+            f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "point --data at a folder of images or a tensor file"
+        )
+    labels = _labels_for(root, files)
+    random.Random(cfg.seed).shuffle(files)
+    wanted = batch_size * num_batches
+    skipped: list[str] = []
+
+    def batches() -> Iterator[Batch]:
+        queue = iter(files)
+        for _ in range(num_batches):
+            images: list[Tensor] = []
+            targets: list[int] = []
+            for path in queue:
+                try:
+                    images.append(_image_tensor(path, cfg))
+                except InputError:
+                    raise
+                except Exception as exc:
+                    skipped.append(f"{path} ({type(exc).__name__}: {str(exc)[:120]})")
+                    continue
+                if labels is not None:
+                    targets.append(labels[path])
+                if len(images) == batch_size:
+                    break
+            if len(images) < 2 and images:
+                break  # a single image cannot form a train-mode BN batch
+            if not images:
+                break
+            shapes = {tuple(t.shape) for t in images}
+            if len(shapes) > 1:
+                raise InputError(
+                    f"images in {root} have different sizes after transforms ({sorted(shapes)[:3]}); "
+                    "set data.crop (and data.resize) in the config"
+                )
+            yield torch.stack(images), torch.tensor(targets) if labels is not None else None
+
+    return DataSource(
+        description=f"{root} ({len(files)} images{', class subfolders' if labels else ''})",
+        batches=batches,
+        planned_samples=min(wanted, len(files)),
+        skipped=skipped,
+    )
+
+
+def _load_tensor_file(path: Path) -> tuple[Tensor, Optional[Tensor]]:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        import numpy as np
+
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise InputError(f"{path} is not a readable .npy array ({exc}); save it with numpy.save") from None
+        return torch.from_numpy(np.ascontiguousarray(array)), None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise InputError(f"{path} is not a readable tensor file ({first}); save a tensor with torch.save") from None
+    if isinstance(obj, Tensor):
+        return obj, None
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, Tensor) for t in obj):
+        return obj[0], obj[1]
+    if isinstance(obj, dict):
+        inputs = next((obj[k] for k in ("inputs", "input", "images", "x", "data") if isinstance(obj.get(k), Tensor)), None)
+        labels = next((obj[k] for k in ("labels", "targets", "y", "label") if isinstance(obj.get(k), Tensor)), None)
+        if inputs is not None:
+            return inputs, labels
+    raise InputError(
+        f"{path} holds a {type(obj).__name__}; save a tensor, an (inputs, labels) pair or a dict "
+        "with 'inputs' (and 'labels')"
+    )
+
+
+def tensor_file(path: Path, batch_size: int, num_batches: int) -> DataSource:
+    inputs, labels = _load_tensor_file(path)
+    if inputs.dim() < 2:
+        raise InputError(
+            f"{path} holds a tensor of shape {list(inputs.shape)}; it needs a batch dimension "
+            "first (N, C, ...), at least 2-D"
+        )
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != inputs.shape[0]):
+        labels = None
+    total = inputs.shape[0]
+    if total < 2:
+        raise InputError(f"{path} holds {total} sample; train-mode BN needs at least 2")
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, min(total, batch_size * num_batches), batch_size):
+            stop = min(start + batch_size, total)
+            if stop - start < 2:
+                break
+            yield inputs[start:stop], labels[start:stop] if labels is not None else None
+
+    return DataSource(
+        description=f"{path} (tensor {list(inputs.shape)}, {inputs.dtype})",
+        batches=batches,
+        planned_samples=min(total, batch_size * num_batches),
+        skipped=[],
+    )
+
+
+def open_data(path: Path, cfg: DataSettings, batch_size: int, num_batches: int) -> DataSource:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"data path {path} does not exist; check --data")
+    if path.is_dir():
+        return image_folder(path, cfg, batch_size, num_batches)
+    if path.suffix.lower() in TENSOR_EXTENSIONS:
+        return tensor_file(path, batch_size, num_batches)
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise InputError(f"--data {path} is a single image; pass the folder that holds the images")
+    raise InputError(
+        f"--data {path} is not a folder of images or a tensor file ({', '.join(sorted(TENSOR_EXTENSIONS))})"
+    )

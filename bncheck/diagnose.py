@@ -1,0 +1,199 @@
+"""Findings from per-layer facts: pure rules, no torch, no IO.
+
+Each rule reads the numbers ``analyze`` measured and the layer's attributes, and emits
+a ``Finding`` with a stable code, a one-sentence message carrying the numbers, and a
+hint that says what to do. Thresholds come from ``Settings.thresholds``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import Thresholds
+from .report import Finding
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    name: str
+    type_name: str
+    kind: str
+    """``batchnorm`` or ``frozen``."""
+    channels: int
+    depth: Optional[int]
+    score: Optional[float]
+    """Train-pass score; None when not measurable or not finite (see the flags below)."""
+    mean_shift: Optional[float]
+    max_abs_mean_shift: Optional[float]
+    noise_floor: Optional[float]
+    drift_to_noise: Optional[float]
+    batch_noise: Optional[float]
+    batch_size: int
+    momentum: Optional[float]
+    track_running_stats: bool
+    called: bool
+    nonfinite_running: int
+    """Channels whose running mean or var is NaN/Inf."""
+    nonfinite_batch: int
+    """Channels whose batch statistics are NaN/Inf."""
+    default_buffers: bool
+    """running_mean all 0 and running_var all 1, exactly (never updated)."""
+    num_batches_tracked: Optional[int]
+    dead_blowup: int
+    """Channels with near-zero running variance but real batch variance."""
+    dead_both: int
+    """Channels with near-zero variance in both (constant channels)."""
+    affine_frozen: bool
+    """Affine parameters have requires_grad=False."""
+    saved_training: bool
+    """The module was in train mode when the run started (how it was saved)."""
+
+
+def _fmt(value: Optional[float], digits: int = 2) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _drift_counts(f: LayerFacts, t: Thresholds) -> bool:
+    """Drift is real when it stands above sampling noise (or noise could not be measured)."""
+    return f.drift_to_noise is None or f.drift_to_noise >= t.drift_to_noise
+
+
+def _stale_severity(f: LayerFacts, t: Thresholds) -> Optional[str]:
+    if f.score is None or not _drift_counts(f, t):
+        return None
+    if f.score >= t.stale_error:
+        return "error"
+    if f.score >= t.stale_warning:
+        return "warning"
+    return None
+
+
+def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool) -> list[Finding]:
+    out: list[Finding] = []
+
+    def add(code: str, severity: str, message: str, hint: str) -> None:
+        out.append(Finding(code, severity, f.name, message, hint))
+
+    if f.nonfinite_running:
+        add(
+            "non-finite-stats",
+            "error",
+            f"running statistics hold NaN/Inf in {f.nonfinite_running} of {f.channels} channels.",
+            "Recalibrate the running stats on clean data (e.g. torch.optim.swa_utils.update_bn) "
+            "and look for the step that wrote NaN (a diverged batch, fp16 overflow).",
+        )
+    if f.nonfinite_batch:
+        add(
+            "non-finite-stats",
+            "error",
+            f"the input to this layer has NaN/Inf statistics in {f.nonfinite_batch} of "
+            f"{f.channels} channels.",
+            "Check the data for NaN/Inf and the layers before this one for overflow.",
+        )
+    if not f.track_running_stats:
+        add(
+            "tracking-disabled",
+            "warning",
+            "track_running_stats=False: eval mode normalizes with each batch's own statistics, "
+            "so predictions depend on batch composition and batch size 1 fails.",
+            "Enable track_running_stats and calibrate running stats, or make sure deployment "
+            "batches are large and drawn like the training batches.",
+        )
+        return out
+    if f.default_buffers or f.num_batches_tracked == 0:
+        why = (
+            "running_mean is all 0 and running_var all 1"
+            if f.default_buffers
+            else "num_batches_tracked is 0"
+        )
+        add(
+            "never-updated",
+            "error" if _stale_severity(f, t) else "warning",
+            f"{why}: the running stats were never updated from data (score {_fmt(f.score)}).",
+            "Run forward passes in train mode over training data to calibrate them "
+            "(torch.optim.swa_utils.update_bn), or check that the checkpoint holds the buffers.",
+        )
+    if f.kind == "frozen":
+        add(
+            "frozen-bn",
+            "info",
+            f"{f.type_name} has no train mode; its buffers were compared with this data's "
+            f"statistics (score {_fmt(f.score)}).",
+            "Nothing to do unless it is also flagged stale; then recompute its statistics on "
+            "data from the deployment domain.",
+        )
+    if f.dead_blowup:
+        add(
+            "dead-channels",
+            "warning",
+            f"{f.dead_blowup} of {f.channels} channels have near-zero running variance but real "
+            "batch variance, so eval mode divides them by ~sqrt(eps).",
+            "Recalibrate the running stats; if the channels are dead in training too, prune them "
+            "or raise eps.",
+        )
+    elif f.dead_both and f.dead_both == f.channels:
+        add(
+            "dead-channels",
+            "info",
+            f"all {f.channels} channels have near-zero variance in both modes (constant input).",
+            "Harmless for BN itself; check why the layer before it outputs constants.",
+        )
+
+    severity = _stale_severity(f, t)
+    if severity is None:
+        return out
+    numbers = (
+        f"score {_fmt(f.score)} (RMS output error in stds), {_fmt(f.drift_to_noise, 1)}x its "
+        f"noise floor, mean shift up to {_fmt(f.max_abs_mean_shift, 1)} running stds"
+    )
+    if is_input_layer and (f.max_abs_mean_shift or 0.0) >= t.input_mean_shift:
+        add(
+            "input-distribution",
+            "error",
+            f"the first BN layer sees inputs far from its running stats: {numbers}.",
+            "Check the input preprocessing against training: scale (0..1 vs 0..255), "
+            "normalization mean/std and channel order (data.mean/std/channels in the config).",
+        )
+    elif f.momentum == 0.0 or (f.affine_frozen and f.saved_training):
+        why = "momentum=0" if f.momentum == 0.0 else "affine frozen but saved in train mode"
+        add(
+            "pseudo-frozen",
+            "error" if severity == "error" else "warning",
+            f"{why}, so the running stats never followed the data that trained the layer "
+            f"in train mode: {numbers}.",
+            "Keep frozen BN layers in eval mode while fine-tuning (call .eval() on them after "
+            "model.train()), then recalibrate the running stats on the fine-tuning data.",
+        )
+    else:
+        add(
+            "stale-running-stats",
+            severity,
+            f"running stats disagree with this data: {numbers}.",
+            "Recalibrate the running stats on representative data "
+            "(torch.optim.swa_utils.update_bn or a few train-mode passes with no_grad), or "
+            "check that this data matches what the model was trained on.",
+        )
+    return out
+
+
+def model_findings(facts: list[LayerFacts], t: Thresholds) -> list[Finding]:
+    """Findings about the model or the sample as a whole."""
+    noisy = [f for f in facts if f.batch_noise is not None and f.batch_noise >= t.small_batch_noise]
+    if not noisy:
+        return []
+    worst = max(noisy, key=lambda f: f.batch_noise or 0.0)
+    return [
+        Finding(
+            "small-batch-noise",
+            "warning",
+            worst.name,
+            f"with batch size {worst.batch_size}, batch statistics jitter by "
+            f"{_fmt(worst.batch_noise)} output stds from sampling noise alone at "
+            f"{len(noisy)} of {len(facts)} layers (worst here).",
+            "Train-mode results depend on the batch: use larger BN batches (>= 16 per device), "
+            "SyncBatchNorm across devices, or GroupNorm/LayerNorm for small batches; "
+            "re-run bncheck with a larger --batch-size.",
+        )
+    ]

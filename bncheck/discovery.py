@@ -1,0 +1,94 @@
+"""Which modules are BatchNorm layers, and what kind.
+
+* ``_BatchNorm`` subclasses (BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm*, timm's
+  BatchNormAct2d, ...) can run in train mode: ``kind = "batchnorm"``.
+* Look-alikes that hold ``running_mean``/``running_var`` buffers but are not
+  ``_BatchNorm`` (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) always
+  normalize with their buffers: ``kind = "frozen"``; they are compared with the data.
+* Submodules of a TorchScript archive keep their class in ``original_name``; the
+  BatchNorm ones are ``kind = "batchnorm"`` with ``scripted = True`` (no hooks there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+_SCRIPTED_BN_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "_BatchNorm"}
+
+
+@dataclass(frozen=True)
+class BNLayer:
+    name: str
+    """Qualified name from ``named_modules()``."""
+    module: nn.Module
+    type_name: str
+    kind: str
+    """``batchnorm`` (has a train mode) or ``frozen`` (buffers only)."""
+    scripted: bool
+    """A TorchScript submodule: no hooks, statistics come from buffer updates."""
+
+    def buffer(self, name: str) -> Optional[Tensor]:
+        value = getattr(self.module, name, None)
+        return value if isinstance(value, Tensor) else None
+
+    @property
+    def running_mean(self) -> Optional[Tensor]:
+        return self.buffer("running_mean")
+
+    @property
+    def running_var(self) -> Optional[Tensor]:
+        return self.buffer("running_var")
+
+    @property
+    def weight(self) -> Optional[Tensor]:
+        return self.buffer("weight")
+
+    @property
+    def eps(self) -> float:
+        return float(getattr(self.module, "eps", 1e-5))
+
+    @property
+    def momentum(self) -> Optional[float]:
+        value = getattr(self.module, "momentum", 0.1)
+        return None if value is None else float(value)
+
+    @property
+    def track_running_stats(self) -> bool:
+        return bool(getattr(self.module, "track_running_stats", True)) and self.running_mean is not None
+
+    @property
+    def channels(self) -> int:
+        for tensor in (self.running_mean, self.weight):
+            if tensor is not None and not isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+                return int(tensor.numel())
+        return int(getattr(self.module, "num_features", 0) or 0)
+
+
+def _type_name(module: nn.Module) -> str:
+    if isinstance(module, torch.jit.ScriptModule):
+        return getattr(module, "original_name", type(module).__name__)
+    return type(module).__name__
+
+
+def _has_running_buffers(module: nn.Module) -> bool:
+    own = dict(module.named_buffers(recurse=False))
+    return isinstance(own.get("running_mean"), Tensor) and isinstance(own.get("running_var"), Tensor)
+
+
+def find_bn_layers(model: nn.Module) -> list[BNLayer]:
+    """Every BatchNorm-like layer of ``model``, in ``named_modules()`` order."""
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+            layers.append(BNLayer(name, module, _type_name(module), "batchnorm", False))
+        elif isinstance(module, torch.jit.ScriptModule):
+            if _type_name(module) in _SCRIPTED_BN_NAMES and _has_running_buffers(module):
+                layers.append(BNLayer(name, module, _type_name(module), "batchnorm", True))
+        elif _has_running_buffers(module):
+            layers.append(BNLayer(name, module, _type_name(module), "frozen", False))
+    return layers

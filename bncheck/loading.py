@@ -1,0 +1,361 @@
+"""Checkpoints and architectures -> an ``nn.Module`` ready to analyze.
+
+Parse, build, execute: everything here runs before the first forward pass, and every
+failure is an ``InputError``/``UsageError`` with one line naming the problem and the fix.
+Nothing here writes to the user's files; full pickles load only when trusted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import pickle
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InputError, UsageError
+from .report import ModelInfo
+
+# Keys under which training code nests the weights, most specific first.
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "ema", "model_ema", "net", "module", "weights")
+# Prefixes wrappers add to every key: DataParallel/DDP, Lightning, torch.compile.
+STRIP_PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    module: nn.Module
+    info: ModelInfo
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_arch_kwargs(text: Optional[str]) -> dict[str, Any]:
+    """``--arch-kwargs`` as a YAML/JSON mapping, e.g. ``'{num_classes: 10}'``."""
+    if text is None or not text.strip():
+        return {}
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UsageError(f"--arch-kwargs {text!r} is not valid YAML; write e.g. '{{num_classes: 10}}'") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise UsageError(f"--arch-kwargs must be a mapping such as '{{num_classes: 10}}', got {text!r}")
+    return value
+
+
+def _load_attr(module_name: str, attr: str, spec: str) -> Callable:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"--arch {spec}: cannot import {module_name} ({exc}); check the module path and PYTHONPATH") from None
+    except Exception as exc:  # a user module that fails while importing
+        raise InputError(f"--arch {spec}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
+    return _attr(module, attr, spec)
+
+
+def _attr(module: Any, attr: str, spec: str) -> Callable:
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise InputError(f"--arch {spec}: {getattr(module, '__name__', module)} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise InputError(f"--arch {spec}: {attr} is not callable")
+    return target
+
+
+def _load_file_attr(path_text: str, attr: str, spec: str) -> Callable:
+    path = Path(path_text)
+    if not path.is_file():
+        raise InputError(f"--arch {spec}: file {path} does not exist")
+    name = f"bncheck_user_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise InputError(f"--arch {spec}: cannot import {path} as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise InputError(f"--arch {spec}: running {path} raised {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    return _attr(module, attr, spec)
+
+
+def _torchvision_builder(name: str, spec: str) -> Callable:
+    import torchvision.models as tvm
+
+    available = set(tvm.list_models())
+    if name not in available:
+        close = difflib.get_close_matches(name, sorted(available), n=3)
+        suggestion = f"; did you mean {', '.join('torchvision:' + c for c in close)}?" if close else ""
+        raise InputError(f"--arch {spec}: torchvision has no model {name!r}{suggestion}")
+
+    def build(**kwargs: Any) -> nn.Module:
+        kwargs.setdefault("weights", None)  # never download
+        return tvm.get_model(name, **kwargs)
+
+    return build
+
+
+def _timm_builder(name: str, spec: str) -> Callable:
+    try:
+        import timm
+    except ImportError:
+        raise InputError(f"--arch {spec} needs timm: pip install timm") from None
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        suggestion = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise InputError(f"--arch {spec}: timm has no model {name!r}{suggestion}")
+
+    def build(**kwargs: Any) -> nn.Module:
+        kwargs.setdefault("pretrained", False)  # never download
+        return timm.create_model(name, **kwargs)
+
+    return build
+
+
+def resolve_arch(spec: str) -> Callable[..., nn.Module]:
+    """``torchvision:NAME``, ``timm:NAME``, ``package.module:callable``, ``path/file.py:callable``."""
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name:
+        raise UsageError(
+            f"--arch {spec!r} is not SOURCE:NAME; use torchvision:resnet18, timm:NAME, "
+            "package.module:build or path/to/file.py:build"
+        )
+    if source == "torchvision":
+        return _torchvision_builder(name, spec)
+    if source == "timm":
+        return _timm_builder(name, spec)
+    if source.endswith(".py") or "/" in source or "\\" in source:
+        return _load_file_attr(source, name, spec)
+    return _load_attr(source, name, spec)
+
+
+def build_arch(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    builder = resolve_arch(spec)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = builder(**kwargs)
+    except TypeError as exc:
+        raise InputError(f"--arch {spec}: the builder rejected --arch-kwargs {dict(kwargs)}: {exc}") from None
+    except Exception as exc:
+        raise InputError(f"--arch {spec}: building the model raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--arch {spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return []
+
+
+def _is_torchscript(names: list[str]) -> bool:
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _is_exported_program(names: list[str]) -> bool:
+    return any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json") for n in names)
+
+
+def _torch_load(path: Path, trusted: bool) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text or "weights_only" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" (it references {found.group(1)})" if found else ""
+            raise InputError(
+                f"{path} holds pickled Python objects{what}, e.g. a whole model saved with "
+                "torch.save(model); loading it executes code: rerun with --trust-checkpoint "
+                "if you trust the file, or save model.state_dict() instead"
+            ) from None
+        raise InputError(f"{path} is not a readable PyTorch checkpoint ({text.splitlines()[0][:200]})") from None
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(
+            f"{path} is not a readable PyTorch checkpoint ({first}); check that the file is "
+            "complete and was written by torch.save"
+        ) from None
+
+
+def _looks_like_state_dict(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(k, str) for k in value)
+        and all(isinstance(v, Tensor) for v in value.values())
+    )
+
+
+def extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    """Find the weights in whatever the training code saved: a state_dict, or one nested
+    under a known key (Lightning ``state_dict``, ``model_state_dict``, ``ema``, ...)."""
+    if _looks_like_state_dict(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for key in NESTED_KEYS:
+            if key in obj:
+                inner = obj[key]
+                if isinstance(inner, nn.Module):
+                    return inner.state_dict()
+                if isinstance(inner, Mapping):
+                    try:
+                        return extract_state_dict(inner, path)
+                    except InputError:
+                        continue
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+        if tensors and len(tensors) >= len(obj) / 2:
+            return tensors
+        keys = ", ".join(sorted(map(str, obj))[:8])
+        raise InputError(
+            f"{path} holds a dict without model weights under a known key (found: {keys}); "
+            f"save the state_dict, or nest it under one of: {', '.join(NESTED_KEYS)}"
+        )
+    raise InputError(f"{path} holds a {type(obj).__name__}, not model weights or a module")
+
+
+def _strip_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    """Drop wrapper prefixes (``module.``, ``model.``, ``_orig_mod.``) shared by every key,
+    as long as that makes more keys match the architecture."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in STRIP_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                stripped = {k[len(prefix):]: v for k, v in state.items()}
+                if len(expected & stripped.keys()) >= len(expected & state.keys()):
+                    state, changed = stripped, True
+    return state
+
+
+def _summarize(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path: Path) -> None:
+    expected = model.state_dict()
+    state = _strip_prefixes(state, set(expected))
+    mismatched = [
+        (k, tuple(v.shape), tuple(expected[k].shape))
+        for k, v in state.items()
+        if k in expected and isinstance(expected[k], Tensor) and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if mismatched:
+        key, got, want = mismatched[0]
+        hint = ""
+        if key.endswith(".weight") and len(got) == 2 and len(want) == 2 and got[1] == want[1]:
+            hint = f"; try --arch-kwargs '{{num_classes: {got[0]}}}'"
+        raise InputError(
+            f"{path} does not fit --arch {spec}: {len(mismatched)} tensors have other shapes "
+            f"(first: {key} is {list(got)} in the file, {list(want)} in the model){hint}"
+        )
+    if missing or unexpected:
+        matched = len(expected) - len(missing)
+        parts = []
+        if missing:
+            parts.append(f"missing {_summarize(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_summarize(unexpected)}")
+        raise InputError(
+            f"{path} does not fit --arch {spec} ({matched} of {len(expected)} keys match; "
+            f"{'; '.join(parts)}); check --arch and --arch-kwargs"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(
+    checkpoint: Optional[Path],
+    arch: Optional[str] = None,
+    arch_kwargs: Optional[Mapping[str, Any]] = None,
+    *,
+    trust_checkpoint: bool = False,
+) -> LoadedModel:
+    """Open a checkpoint (and/or build ``arch``) and return a model in the mode it was saved."""
+    arch_kwargs = dict(arch_kwargs or {})
+    if checkpoint is None:
+        if arch is None:
+            raise UsageError("give a CHECKPOINT, an --arch, or both")
+        model = build_arch(arch, arch_kwargs)
+        return LoadedModel(model, ModelInfo(None, arch, "random-init", None, 0))
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise InputError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        raise InputError(f"checkpoint {path} is a directory; pass the checkpoint file inside it")
+    try:
+        size = path.stat().st_size
+        digest = sha256_of(path)
+    except OSError as exc:
+        raise InputError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    if size == 0:
+        raise InputError(f"checkpoint {path} is empty (0 bytes); re-save or re-download it")
+
+    names = _zip_names(path)
+    if _is_torchscript(names):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise InputError(f"{path} is a TorchScript archive that failed to load ({first})") from None
+        return LoadedModel(model, ModelInfo(str(checkpoint), arch, "torchscript", digest, 0))
+    if _is_exported_program(names):
+        raise InputError(
+            f"{path} is a torch.export program; this version of bncheck cannot check those yet: "
+            "save the model's state_dict and pass --arch"
+        )
+
+    obj = _torch_load(path, trust_checkpoint)
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj, ModelInfo(str(checkpoint), arch, "pickled-module", digest, 0))
+    if isinstance(obj, Mapping):
+        for key in NESTED_KEYS:
+            if isinstance(obj.get(key), nn.Module) and arch is None:
+                return LoadedModel(obj[key], ModelInfo(str(checkpoint), None, "pickled-module", digest, 0))
+    state = extract_state_dict(obj, path)
+    if arch is None:
+        raise UsageError(
+            f"{path} holds only weights (a state_dict of {len(state)} tensors); say which model "
+            "they belong to with --arch, e.g. --arch torchvision:resnet18 --arch-kwargs '{num_classes: 10}'"
+        )
+    model = build_arch(arch, arch_kwargs)
+    load_state_into(model, state, arch, path)
+    model.eval()
+    return LoadedModel(model, ModelInfo(str(checkpoint), arch, "state_dict", digest, 0))
+
+

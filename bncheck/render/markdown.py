@@ -1,0 +1,48 @@
+"""GitHub-flavoured Markdown for PR comments and ``$GITHUB_STEP_SUMMARY``."""
+
+from __future__ import annotations
+
+from ..report import Report
+from .summary import next_step, num, output_line
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render(report: Report, *, top: int = 10, **_options: object) -> str:
+    icon = {"pass": "✅", "fail": "❌"}.get(report.verdict, "ℹ️")
+    lines = [
+        f"## {icon} bncheck: {report.verdict}",
+        "",
+        f"- **Model**: `{report.model.checkpoint or report.model.arch or 'in-memory'}` "
+        f"({report.model.bn_layers} BN layers)",
+        f"- **Data**: `{report.data.source}` ({report.data.samples} samples, "
+        f"{report.data.batches} x {report.data.batch_size})",
+        f"- **Output**: {output_line(report)}",
+        f"- **First divergent layer (eval pass)**: `{report.first_divergent_layer or 'none'}`",
+        "",
+    ]
+    if report.layers:
+        lines += [
+            "| rank | layer | type | ch | score | drift/noise | mean shift | scale ratio | eval score | finding |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for layer in report.layers[:top]:
+            finding = report.top_finding(layer)
+            score = num(layer.score) if layer.score is not None else ("NaN" if finding and finding.code == "non-finite-stats" else "-")
+            lines.append(
+                f"| {layer.rank} | `{_cell(layer.name)}` | {layer.type} | {layer.channels} | {score} | "
+                f"{num(layer.drift_to_noise, 1)} | {num(layer.mean_shift)} | {num(layer.scale_ratio)} | "
+                f"{num(layer.eval_score)} | "
+                f"{finding.code if finding else ''} |"
+            )
+        lines.append("")
+    if report.findings:
+        lines.append("### Findings")
+        for f in report.findings:
+            where = f" `{f.layer}`" if f.layer else ""
+            lines.append(f"- **{f.severity}** `{f.code}`{where}: {_cell(f.message)} *{_cell(f.hint)}*")
+        lines.append("")
+    lines.append(f"**Next:** {_cell(next_step(report))}")
+    return "\n".join(lines) + "\n"

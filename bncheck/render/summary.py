@@ -1,0 +1,38 @@
+"""Plain-text phrases shared by renderers (no rich, no markup)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..report import Report
+
+
+def num(value: Optional[float], digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def output_line(report: Report) -> str:
+    out = report.output
+    if out.kind == "classifier":
+        text = f"top-1 agreement train vs eval {pct(out.top1_agreement)}, KL {num(out.kl, 3)} nats"
+        if out.train_accuracy is not None:
+            text += f"; accuracy train-mode {pct(out.train_accuracy)} vs eval-mode {pct(out.eval_accuracy)}"
+        return text
+    if out.kind == "tensor":
+        return f"relative L2 between train- and eval-mode outputs {num(out.relative_l2, 3)}"
+    return "output divergence not measured (outputs not comparable)"
+
+
+def next_step(report: Report) -> str:
+    """One line: what to do next."""
+    if report.verdict == "no-batchnorm":
+        return "No BatchNorm layers: train/eval statistics cannot drift in this model."
+    if report.findings:
+        worst = report.findings[0]
+        where = f" ({worst.layer})" if worst.layer else ""
+        return f"{worst.code}{where}: {worst.hint}"
+    return "Running statistics match this data; nothing to do."

@@ -1,0 +1,241 @@
+"""The result of a run: plain frozen dataclasses holding Python floats, and their JSON.
+
+This module never imports torch, so ``bncheck report`` re-renders a saved run fast on a
+machine without it. JSON schema: ``bncheck/run/v1`` (``schema/run-v1.json``); floats that
+are not finite are written as ``null`` -- a finding always says why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import InputError
+
+SCHEMA_ID = "bncheck/run/v1"
+SEVERITY_ORDER = {"info": 0, "warning": 1, "error": 2}
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    """Stable finding code, e.g. ``stale-running-stats`` (DESIGN section 2)."""
+    severity: str
+    """``error``, ``warning`` or ``info``."""
+    layer: Optional[str]
+    """Layer name, or None for a model-level finding."""
+    message: str
+    """One sentence with the numbers that triggered the finding."""
+    hint: str
+    """What to do about it."""
+
+
+@dataclass(frozen=True)
+class ChannelDrift:
+    channel: int
+    """Channel index within the layer."""
+    error: Optional[float]
+    """Normalization error e of this channel, in output stds."""
+    mean_shift: Optional[float]
+    """Signed mean shift b, in running stds."""
+    scale_ratio: Optional[float]
+    """Scale ratio a; 1 when batch and running variance agree."""
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    name: str
+    """Qualified module name, as in ``model.named_modules()``."""
+    type: str
+    """Class name of the layer (BatchNorm2d, FrozenBatchNorm2d, ...)."""
+    channels: int
+    """Number of channels (num_features)."""
+    rank: int
+    """1 = most divergent. Non-finite layers rank above every finite score."""
+    depth: Optional[int]
+    """Position in execution order (0 = first BN layer the input reaches); None if never called."""
+    score: Optional[float]
+    """|gamma|-weighted RMS normalization error of the train-mode pass (root cause); None if not finite."""
+    mean_shift: Optional[float]
+    """|gamma|-weighted RMS of the mean shift, in running stds."""
+    scale_ratio: Optional[float]
+    """|gamma|-weighted geometric mean of the scale ratio; 1 when variances agree."""
+    kl: Optional[float]
+    """|gamma|-weighted mean Gaussian KL(batch || running), nats."""
+    max_error: Optional[float]
+    """Largest channel normalization error."""
+    noise_floor: Optional[float]
+    """Score expected from sampling noise alone for the pooled sample; None if unknown."""
+    drift_to_noise: Optional[float]
+    """score / noise_floor: how far the drift stands above sampling noise."""
+    batch_noise: Optional[float]
+    """Score expected from sampling noise alone within one batch (train-mode jitter)."""
+    eval_score: Optional[float]
+    """Same score for the eval-mode pass (deployment inputs); None if not measurable."""
+    momentum: Optional[float]
+    """The layer's momentum; None means a cumulative average."""
+    eps: Optional[float]
+    """The layer's eps."""
+    track_running_stats: bool
+    """False: eval mode uses batch statistics too."""
+    worst_channels: tuple[ChannelDrift, ...]
+    """The channels with the largest normalization error, worst first."""
+    findings: tuple[Finding, ...]
+    """Findings on this layer (also listed in the report's findings)."""
+
+
+@dataclass(frozen=True)
+class OutputDivergence:
+    kind: str
+    """``classifier`` (softmax outputs compared), ``tensor`` (relative L2) or ``none``."""
+    kl: Optional[float] = None
+    """Mean KL(softmax train || softmax eval), nats."""
+    js: Optional[float] = None
+    """Mean Jensen-Shannon divergence of the softmax outputs, nats (at most ln 2)."""
+    top1_agreement: Optional[float] = None
+    """Share of samples whose arg-max is the same in both modes."""
+    relative_l2: Optional[float] = None
+    """||eval - train|| / ||train|| over every output value."""
+    train_accuracy: Optional[float] = None
+    """Top-1 accuracy in train mode when the data has labels."""
+    eval_accuracy: Optional[float] = None
+    """Top-1 accuracy in eval mode when the data has labels."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    checkpoint: Optional[str]
+    """Checkpoint path as given, or None for an in-memory model / random init."""
+    arch: Optional[str]
+    """Architecture spec (``torchvision:resnet18``), or None when the file held the model."""
+    format: str
+    """How the model was loaded: state_dict, pickled-module, torchscript, in-memory, random-init."""
+    sha256: Optional[str]
+    """SHA-256 of the checkpoint file."""
+    bn_layers: int
+    """Number of BatchNorm layers found."""
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    source: Optional[str]
+    """Data path as given (None: no data)."""
+    samples: int
+    """Samples that went through the model in each mode."""
+    batch_size: int
+    batches: int
+    labels: bool
+    """Whether the data carried labels (class subfolders, a labels tensor)."""
+    skipped: int = 0
+    """Files that could not be read and were skipped."""
+
+
+@dataclass(frozen=True)
+class Report:
+    model: ModelInfo
+    data: DataInfo
+    verdict: str
+    """``pass``, ``fail`` (a finding at or above fail_on) or ``no-batchnorm``."""
+    fail_on: str
+    output: OutputDivergence
+    first_divergent_layer: Optional[str]
+    """First layer in execution order whose eval-pass score crosses the divergence threshold."""
+    layers: tuple[LayerResult, ...]
+    """Sorted by rank, most divergent first."""
+    findings: tuple[Finding, ...]
+    """Every finding, most severe first."""
+    thresholds: dict[str, float]
+    bncheck_version: str
+    torch_version: Optional[str]
+    device: Optional[str]
+    duration_s: Optional[float]
+    schema: str = SCHEMA_ID
+
+    def top_finding(self, layer: LayerResult) -> Optional[Finding]:
+        return max(layer.findings, key=lambda f: SEVERITY_ORDER[f.severity], default=None)
+
+    @property
+    def worst_severity(self) -> Optional[str]:
+        return max((f.severity for f in self.findings), key=SEVERITY_ORDER.__getitem__, default=None)
+
+
+_NESTED: dict[tuple[type, str], type] = {
+    (Report, "model"): ModelInfo,
+    (Report, "data"): DataInfo,
+    (Report, "output"): OutputDivergence,
+    (Report, "layers"): LayerResult,
+    (Report, "findings"): Finding,
+    (LayerResult, "worst_channels"): ChannelDrift,
+    (LayerResult, "findings"): Finding,
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_dict(report: Report) -> dict[str, Any]:
+    """The JSON document (schema first), every non-finite float as None."""
+    body = _plain(asdict(report))
+    body.pop("schema")
+    return {"schema": SCHEMA_ID, **body}
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        nested = _NESTED.get((cls, f.name))
+        if nested is not None and isinstance(value, list):
+            value = tuple(_build(nested, item) for item in value)
+        elif nested is not None and isinstance(value, dict):
+            value = _build(nested, value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Report:
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA_ID:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise InputError(f"not a bncheck run result (schema {found!r}, expected {SCHEMA_ID!r})")
+    try:
+        return _build(Report, data)
+    except TypeError as exc:
+        raise InputError(f"bncheck run result is incomplete or from another version: {exc}") from None
+
+
+def dumps(report: Report) -> str:
+    return json.dumps(to_dict(report), indent=2, allow_nan=False) + "\n"
+
+
+def load(path: Path) -> Report:
+    """Read a saved run; InputError with a one-line reason when it cannot be used."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(
+            f"no saved run at {path}; run `bncheck run ...` first or pass the JSON path"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON (line {exc.lineno}); re-run `bncheck run`") from None
+    return from_dict(data)
+
+
+def schema_path() -> Path:
+    return Path(__file__).with_name("schema") / "run-v1.json"
+

@@ -1,0 +1,45 @@
+"""`make demo`: bncheck on the shipped sample models, as a user would type it.
+
+Runs the pseudo-frozen fine-tune (expected: FAIL, exit 1) and the healthy one (expected:
+PASS, exit 0), then re-renders the last run with `bncheck report`. Exits non-zero only if
+an exit code is not the expected one.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = [
+    "--arch", "torchvision:shufflenet_v2_x0_5",
+    "--arch-kwargs", "{num_classes: 4}",
+    "--data", "sample_models/data",
+    "--config", "sample_models/config.yaml",
+]
+STEPS = [
+    (["run", "sample_models/pseudo_frozen.pt", *COMMON], 1),
+    (["run", "sample_models/healthy.pt", *COMMON, "--top", "5"], 0),
+    (["report", "--markdown", "--top", "3"], 0),
+]
+
+
+def main() -> int:
+    bncheck = [sys.executable, "-m", "bncheck"]
+    failures = 0
+    for args, expected in STEPS:
+        print(f"\n$ bncheck {shlex.join(args)}", flush=True)
+        started = time.perf_counter()
+        code = subprocess.call([*bncheck, *args], cwd=ROOT)
+        elapsed = time.perf_counter() - started
+        verdict = "as expected" if code == expected else f"EXPECTED {expected}"
+        print(f"[exit code {code}, {verdict}; {elapsed:.1f} s]", flush=True)
+        failures += code != expected
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

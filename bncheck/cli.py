@@ -118,14 +118,18 @@ def _print_report(report: Report, settings: Settings, to_stderr: bool) -> None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",
               help="Settings that differ from configs/default.yaml; flags override it.")
 @click.option("--batch-size", type=click.IntRange(min=2), help="Samples per forward pass (default 32).")
-@click.option("--num-batches", type=click.IntRange(min=1), help="Batches pooled into population statistics (default 4).")
+@click.option("--num-batches", type=click.IntRange(min=1),
+              help="Batches pooled into population statistics (default 4).")
 @click.option("--device", type=click.Choice(DEVICES), help="Where to run (default auto: cuda when available).")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow full pickled models (torch.save(model)); loading them executes code from the file.")
-@click.option("--json", "json_out", metavar="PATH|-", help="Write the JSON result there; '-' writes only JSON to stdout.")
+@click.option("--json", "json_out", metavar="PATH|-",
+              help="Write the JSON result there; '-' writes only JSON to stdout.")
 @click.option("--top", type=click.IntRange(min=1), help="Rows in the table (default 10).")
-@click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), help="Exit 1 for findings at least this severe (default error).")
-@click.option("--save", metavar="PATH", help="Where to keep the run for `bncheck report` (default .bncheck/last-run.json).")
+@click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS),
+              help="Exit 1 for findings at least this severe (default error).")
+@click.option("--save", metavar="PATH",
+              help="Where to keep the run for `bncheck report` (default .bncheck/last-run.json).")
 @click.option("--quiet", "-q", is_flag=True, help="No table; only errors and warnings.")
 @_handle_errors
 def run(
@@ -177,7 +181,8 @@ def run(
     loaded = load_model(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint)
     source = open_data(data, settings.data, settings.batch_size, settings.num_batches)
     if loaded.info.format == "random-init":
-        _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, which says nothing about a trained model")
+        _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, "
+             "which says nothing about a trained model")
     model = loaded.module.to(target)
     report = analyze(
         model,

@@ -7,9 +7,10 @@ in a threshold must not silently keep the default).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from .errors import UsageError
 

@@ -23,6 +23,8 @@ from .errors import InputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 TENSOR_EXTENSIONS = {".pt", ".pth", ".npy"}
+INPUT_KEYS = ("inputs", "input", "images", "x", "data")
+LABEL_KEYS = ("labels", "targets", "y", "label")
 Batch = tuple[Tensor, Optional[Tensor]]
 
 
@@ -53,8 +55,8 @@ def _labels_for(root: Path, files: list[Path]) -> Optional[dict[Path, int]]:
 
 
 def _image_tensor(path: Path, cfg: DataSettings) -> Tensor:
-    from PIL import Image
     import torchvision.transforms.functional as TF
+    from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's DecompressionBomb / palette chatter
@@ -153,8 +155,8 @@ def _load_tensor_file(path: Path) -> tuple[Tensor, Optional[Tensor]]:
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, Tensor) for t in obj):
         return obj[0], obj[1]
     if isinstance(obj, dict):
-        inputs = next((obj[k] for k in ("inputs", "input", "images", "x", "data") if isinstance(obj.get(k), Tensor)), None)
-        labels = next((obj[k] for k in ("labels", "targets", "y", "label") if isinstance(obj.get(k), Tensor)), None)
+        inputs = next((obj[k] for k in INPUT_KEYS if isinstance(obj.get(k), Tensor)), None)
+        labels = next((obj[k] for k in LABEL_KEYS if isinstance(obj.get(k), Tensor)), None)
         if inputs is not None:
             return inputs, labels
     raise InputError(

@@ -66,7 +66,9 @@ def _load_attr(module_name: str, attr: str, spec: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise InputError(f"--arch {spec}: cannot import {module_name} ({exc}); check the module path and PYTHONPATH") from None
+        raise InputError(
+            f"--arch {spec}: cannot import {module_name} ({exc}); check the module path and PYTHONPATH"
+        ) from None
     except Exception as exc:  # a user module that fails while importing
         raise InputError(f"--arch {spec}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
     return _attr(module, attr, spec)

@@ -55,7 +55,8 @@ def draw(label: int, rng: random.Random) -> Image.Image:
         d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=color)
     elif name == "triangle":
         angle = rng.uniform(0, 2 * math.pi)
-        pts = [(cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3)) for k in range(3)]
+        corners = [angle + k * 2 * math.pi / 3 for k in range(3)]
+        pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in corners]
         d.polygon(pts, fill=color)
     else:
         w = max(3, r // 3)

@@ -162,3 +162,25 @@ def test_softmax_divergence_by_hand() -> None:
 def test_squared_norms_add_up_to_relative_l2() -> None:
     diff, ref = squared_norms(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 5.0]))
     assert (diff, ref) == (1.0, 25.0)
+
+
+def test_per_sample_stats_fast_path_matches_exact_in_every_layout() -> None:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 5, 6, 7, generator=gen) * 2 + 1
+    exact_var, exact_mean = torch.var_mean(x.flatten(2).double(), dim=2, correction=0)
+    for layout in (x, x.contiguous(memory_format=torch.channels_last), x.half(), x[:, :, ::2, :]):
+        mean, var, positions = per_sample_stats(layout)
+        assert positions == layout.shape[2] * layout.shape[3]
+        if layout.shape == x.shape:
+            tol = 1e-2 if layout.dtype == torch.float16 else 1e-4
+            assert torch.allclose(mean.double(), exact_mean, atol=tol)
+            assert torch.allclose(var.double(), exact_var, rtol=tol, atol=tol)
+
+
+def test_per_sample_stats_survive_cancellation() -> None:
+    # mean 1e4, std 1: E[x^2] - mean^2 in float32 would be noise; the exact path is used.
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 32, 32, generator=gen) + 1e4
+    _, var, _ = per_sample_stats(x)
+    exact = torch.var_mean(x.flatten(2).double(), dim=2, correction=0)[0]
+    assert torch.allclose(var.double(), exact, rtol=1e-3)

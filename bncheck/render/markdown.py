@@ -30,7 +30,8 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
         ]
         for layer in report.layers[:top]:
             finding = report.top_finding(layer)
-            score = num(layer.score) if layer.score is not None else ("NaN" if finding and finding.code == "non-finite-stats" else "-")
+            broken = any(f.code == "non-finite-stats" for f in layer.findings)
+            score = "NaN" if layer.score is None and broken else num(layer.score)
             lines.append(
                 f"| {layer.rank} | `{_cell(layer.name)}` | {layer.type} | {layer.channels} | {score} | "
                 f"{num(layer.drift_to_noise, 1)} | {num(layer.mean_shift)} | {num(layer.scale_ratio)} | "

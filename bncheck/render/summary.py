@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from ..report import Report
 
 
 def num(value: Optional[float], digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
 def output_line(report: Report) -> str:

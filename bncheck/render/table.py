@@ -39,7 +39,7 @@ def build(report: Report, top: int) -> list:
              f"  ({model.format}, {model.bn_layers} BN layers)"),
         Text(f"data   {report.data.source or '-'}  ({report.data.samples} samples = "
              f"{report.data.batches} batches of {report.data.batch_size}"
-             f"{f', {report.data.skipped} files skipped' if report.data.skipped else ''})"),
+             f"{f', {report.data.skipped} unreadable files skipped' if report.data.skipped else ''})"),
         Text(f"output {output_line(report)}"),
         Text(f"first divergent layer (eval pass): {report.first_divergent_layer or 'none'}"),
     ]

@@ -1,0 +1,113 @@
+"""The result contract: JSON round trip, schema, and golden renderings."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from bncheck.errors import InputError
+from bncheck.render import RENDERERS, render
+from bncheck.report import (
+    ChannelDrift,
+    DataInfo,
+    Finding,
+    LayerResult,
+    ModelInfo,
+    OutputDivergence,
+    Report,
+    dumps,
+    from_dict,
+    load,
+    schema_path,
+    to_dict,
+)
+
+GOLDEN = Path(__file__).with_name("golden")
+
+
+def make_report() -> Report:
+    stale = Finding("stale-running-stats", "error", "layer1.0.bn2",
+                    "running stats disagree with this data: score 1.50.", "Recalibrate.")
+    nan = Finding("non-finite-stats", "error", "layer2.bn", "running statistics hold NaN/Inf in 2 of 64 channels.",
+                  "Recalibrate on clean data.")
+    noise = Finding("small-batch-noise", "warning", "fc.bn", "with batch size 2, batch statistics jitter.",
+                    "Use larger batches.")
+
+    def layer(name, rank, depth, score, findings=(), **kw):
+        return LayerResult(
+            name=name, type="BatchNorm2d", channels=64, rank=rank, depth=depth, score=score,
+            mean_shift=kw.get("mean_shift", 0.1), scale_ratio=kw.get("scale_ratio", 1.0), kl=0.01,
+            max_error=kw.get("max_error", 0.2), noise_floor=0.05, drift_to_noise=kw.get("drift", 2.0),
+            batch_noise=0.1, eval_score=kw.get("eval_score", 0.2), momentum=0.1, eps=1e-5,
+            track_running_stats=True,
+            worst_channels=(ChannelDrift(3, 0.2, 0.1, 1.1),), findings=tuple(findings),
+        )
+
+    return Report(
+        model=ModelInfo("model.pt", "torchvision:resnet18", "state_dict", "a" * 64, 3),
+        data=DataInfo("imgs/", 64, 32, 2, True, 1),
+        verdict="fail",
+        fail_on="error",
+        output=OutputDivergence("classifier", kl=1.25, js=0.3, top1_agreement=0.5, relative_l2=0.9,
+                                train_accuracy=0.96, eval_accuracy=0.31),
+        first_divergent_layer="layer1.0.bn2",
+        layers=(
+            layer("layer2.bn", 1, 2, None, [nan], mean_shift=math.nan, scale_ratio=None, max_error=None,
+                  drift=None, eval_score=None),
+            layer("layer1.0.bn2", 2, 1, 1.5, [stale], mean_shift=1.4, drift=30.0, eval_score=1.6),
+            layer("fc.bn", 3, 3, 0.12),
+        ),
+        findings=(nan, stale, noise),
+        thresholds={"stale_error": 0.5},
+        bncheck_version="0.1.0",
+        torch_version="2.14.1",
+        device="cpu",
+        duration_s=1.5,
+    )
+
+
+def test_json_round_trip_and_nan_becomes_null(tmp_path) -> None:
+    report = make_report()
+    doc = to_dict(report)
+    assert list(doc)[0] == "schema" and doc["schema"] == "bncheck/run/v1"
+    assert doc["layers"][0]["mean_shift"] is None  # NaN -> null
+    text = dumps(report)
+    assert ": NaN" not in text and "Infinity" not in text
+    jsonschema.validate(json.loads(text), json.loads(schema_path().read_text()))
+    path = tmp_path / "run.json"
+    path.write_text(text)
+    again = load(path)
+    assert to_dict(again) == doc
+    assert again.layers[1].worst_channels[0] == ChannelDrift(3, 0.2, 0.1, 1.1)
+
+
+def test_load_rejects_what_is_not_a_run(tmp_path) -> None:
+    (tmp_path / "a.json").write_text('{"schema": "other"}')
+    (tmp_path / "b.json").write_text("{not json")
+    with pytest.raises(InputError, match="not a bncheck run result"):
+        load(tmp_path / "a.json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load(tmp_path / "b.json")
+    with pytest.raises(InputError, match="incomplete"):
+        from_dict({"schema": "bncheck/run/v1"})
+
+
+def test_registry_lists_formats() -> None:
+    assert {"table", "json", "markdown"} <= set(RENDERERS)
+    with pytest.raises(ValueError, match="unknown format"):
+        render(make_report(), "pdf")
+
+
+@pytest.mark.parametrize("fmt, name", [("markdown", "report.md"), ("table", "report.txt")])
+def test_golden_renderings(fmt, name) -> None:
+    text = render(make_report(), fmt, top=2, width=110, color=False)
+    golden = GOLDEN / name
+    if os.environ.get("BNCHECK_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text, encoding="utf-8")
+    assert text == golden.read_text(encoding="utf-8")

@@ -16,6 +16,7 @@ demo: $(STAMP)
 	@$(BIN)/python sample_models/demo.py
 
 test: $(STAMP)
+	$(BIN)/ruff check bncheck tests sample_models benchmarks
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)

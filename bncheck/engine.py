@@ -233,13 +233,17 @@ def _batch_len(inputs: Any) -> int:
     return int(first[0].shape[0]) if first and first[0].dim() else 0
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def _to_device(value: Any, device: torch.device, float_dtype: Optional[torch.dtype]) -> Any:
+    """Move inputs to the model's device; floating inputs also take the model's float dtype
+    (a half-precision model fed float32 images would otherwise fail in its first layer)."""
     if isinstance(value, Tensor):
+        if float_dtype is not None and value.is_floating_point():
+            return value.to(device=device, dtype=float_dtype)
         return value.to(device)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _to_device(v, device, float_dtype) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(_to_device(v, device, float_dtype) for v in value)
     return value
 
 
@@ -265,11 +269,16 @@ def _forward(model: nn.Module, inputs: Any, mode: str) -> Any:
         ) from None
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def _model_placement(model: nn.Module) -> tuple[torch.device, Optional[torch.dtype]]:
+    """The device of the model's first tensor, and the dtype of its first floating parameter."""
+    device, dtype = None, None
     for tensor in (*model.parameters(), *model.buffers()):
-        if not isinstance(tensor, nn.parameter.UninitializedTensorMixin):
-            return tensor.device
-    return torch.device("cpu")
+        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+            continue
+        device = device or tensor.device
+        if dtype is None and isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
+            dtype = tensor.dtype
+    return device or torch.device("cpu"), dtype
 
 
 def _scripted_before(layer: BNLayer) -> tuple[Tensor, Tensor, int]:
@@ -436,7 +445,7 @@ def analyze(
     model_info = replace(
         model_info or ModelInfo(None, None, "in-memory", None, 0), bn_layers=len(layers)
     )
-    device = _model_device(model)
+    device, float_dtype = _model_placement(model)
     before = fingerprint(model)
     runs = [_LayerRun(layer, layer.module.training) for layer in layers]
     collector = _Collector(runs)
@@ -450,7 +459,7 @@ def analyze(
                     run.scripted_before = _scripted_before(run.layer)
             for batch in batches:
                 inputs, labels = _split_batch(batch)
-                inputs = _to_device(inputs, device)
+                inputs = _to_device(inputs, device, float_dtype)
                 n = _batch_len(inputs)
                 collector.mode = "eval"
                 set_bn_train_mode(model, layers, bn_training=False)

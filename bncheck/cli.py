@@ -121,6 +121,7 @@ def _print_report(report: Report, settings: Settings, to_stderr: bool) -> None:
 @click.option("--num-batches", type=click.IntRange(min=1),
               help="Batches pooled into population statistics (default 4).")
 @click.option("--device", type=click.Choice(DEVICES), help="Where to run (default auto: cuda when available).")
+@click.option("--seed", type=click.IntRange(min=0), help="Which images form the sample (default 0).")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow full pickled models (torch.save(model)); loading them executes code from the file.")
 @click.option("--json", "json_out", metavar="PATH|-",
@@ -141,6 +142,7 @@ def run(
     batch_size: Optional[int],
     num_batches: Optional[int],
     device: Optional[str],
+    seed: Optional[int],
     trust_checkpoint: bool,
     json_out: Optional[str],
     top: Optional[int],
@@ -157,7 +159,8 @@ def run(
     settings = load_settings(
         config_path,
         {"batch_size": batch_size, "num_batches": num_batches, "device": device,
-         "fail_on": fail_on, "top": top, "save": save},
+         "fail_on": fail_on, "top": top, "save": save,
+         "data": {"seed": seed} if seed is not None else None},
     )
     from .loading import parse_arch_kwargs
 

@@ -22,7 +22,7 @@ from .config import DataSettings
 from .errors import InputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-TENSOR_EXTENSIONS = {".pt", ".pth", ".npy"}
+TENSOR_EXTENSIONS = {".pt", ".pth", ".npy", ".npz"}
 INPUT_KEYS = ("inputs", "input", "images", "x", "data")
 LABEL_KEYS = ("labels", "targets", "y", "label")
 Batch = tuple[Tensor, Optional[Tensor]]
@@ -98,6 +98,7 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: in
 
     def batches() -> Iterator[Batch]:
         queue = iter(files)
+        yielded = 0
         for _ in range(num_batches):
             images: list[Tensor] = []
             targets: list[int] = []
@@ -123,7 +124,14 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: in
                     f"images in {root} have different sizes after transforms ({sorted(shapes)[:3]}); "
                     "set data.crop (and data.resize) in the config"
                 )
+            yielded += 1
             yield torch.stack(images), torch.tensor(targets) if labels is not None else None
+        if not yielded:
+            first = skipped[0] if skipped else "fewer than 2 images"
+            raise InputError(
+                f"none of the {len(files)} images in {root} could be used (first: {first}); "
+                "check that they are valid image files"
+            )
 
     return DataSource(
         description=f"{root} ({len(files)} images{', class subfolders' if labels else ''})",
@@ -133,8 +141,33 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: in
     )
 
 
-def _load_tensor_file(path: Path) -> tuple[Tensor, Optional[Tensor]]:
+def _load_npz(path: Path, key: Optional[str]) -> tuple[Tensor, Optional[Tensor]]:
+    import numpy as np
+
+    try:
+        archive = np.load(path, allow_pickle=False)
+        names = list(archive.files)
+    except Exception as exc:
+        raise InputError(f"{path} is not a readable .npz archive ({exc}); save it with numpy.savez") from None
+    if key is None:
+        key = next((k for k in INPUT_KEYS if k in names), names[0] if len(names) == 1 else None)
+    if key not in names:
+        raise InputError(
+            f"{path} holds arrays {', '.join(names) or '(none)'}; pick the input with --data {path}:NAME"
+        )
+    try:
+        inputs = torch.from_numpy(np.ascontiguousarray(archive[key]))
+        label_key = next((k for k in LABEL_KEYS if k in names and k != key), None)
+        labels = torch.from_numpy(np.ascontiguousarray(archive[label_key])) if label_key else None
+    except Exception as exc:
+        raise InputError(f"cannot read array {key!r} from {path} ({exc})") from None
+    return inputs, labels
+
+
+def _load_tensor_file(path: Path, key: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
     suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return _load_npz(path, key)
     if suffix == ".npy":
         import numpy as np
 
@@ -165,8 +198,8 @@ def _load_tensor_file(path: Path) -> tuple[Tensor, Optional[Tensor]]:
     )
 
 
-def tensor_file(path: Path, batch_size: int, num_batches: int) -> DataSource:
-    inputs, labels = _load_tensor_file(path)
+def tensor_file(path: Path, batch_size: int, num_batches: int, key: Optional[str] = None) -> DataSource:
+    inputs, labels = _load_tensor_file(path, key)
     if inputs.dim() < 2:
         raise InputError(
             f"{path} holds a tensor of shape {list(inputs.shape)}; it needs a batch dimension "
@@ -177,6 +210,11 @@ def tensor_file(path: Path, batch_size: int, num_batches: int) -> DataSource:
     total = inputs.shape[0]
     if total < 2:
         raise InputError(f"{path} holds {total} sample; train-mode BN needs at least 2")
+    used = inputs[: batch_size * num_batches]
+    if used.is_floating_point() or used.is_complex():
+        bad = int((~torch.isfinite(used)).sum())
+        if bad:
+            raise InputError(f"{path} contains {bad} NaN/Inf values in the samples used; clean the data first")
 
     def batches() -> Iterator[Batch]:
         for start in range(0, min(total, batch_size * num_batches), batch_size):
@@ -186,7 +224,7 @@ def tensor_file(path: Path, batch_size: int, num_batches: int) -> DataSource:
             yield inputs[start:stop], labels[start:stop] if labels is not None else None
 
     return DataSource(
-        description=f"{path} (tensor {list(inputs.shape)}, {inputs.dtype})",
+        description=f"{path}{f':{key}' if key else ''} (tensor {list(inputs.shape)}, {inputs.dtype})",
         batches=batches,
         planned_samples=min(total, batch_size * num_batches),
         skipped=[],
@@ -195,6 +233,11 @@ def tensor_file(path: Path, batch_size: int, num_batches: int) -> DataSource:
 
 def open_data(path: Path, cfg: DataSettings, batch_size: int, num_batches: int) -> DataSource:
     path = Path(path)
+    text = str(path)
+    if not path.exists() and ":" in text:
+        file_part, _, key = text.rpartition(":")
+        if Path(file_part).suffix.lower() == ".npz" and Path(file_part).is_file():
+            return tensor_file(Path(file_part), batch_size, num_batches, key)
     if not path.exists():
         raise InputError(f"data path {path} does not exist; check --data")
     if path.is_dir():

@@ -72,7 +72,7 @@ class BNLayer:
 def _type_name(module: nn.Module) -> str:
     if isinstance(module, torch.jit.ScriptModule):
         return getattr(module, "original_name", type(module).__name__)
-    return type(module).__name__
+    return getattr(module, "bncheck_type_name", type(module).__name__)
 
 
 def _has_running_buffers(module: nn.Module) -> bool:
@@ -83,7 +83,12 @@ def _has_running_buffers(module: nn.Module) -> bool:
 def find_bn_layers(model: nn.Module) -> list[BNLayer]:
     """Every BatchNorm-like layer of ``model``, in ``named_modules()`` order."""
     layers = []
+    opaque: list[str] = []  # wrapped graphs whose buffer containers are not layers
     for name, module in model.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in opaque):
+            continue
+        for child in getattr(module, "_bncheck_opaque_children", ()):
+            opaque.append(f"{name}.{child}" if name else child)
         if isinstance(module, _BatchNorm):
             layers.append(BNLayer(name, module, _type_name(module), "batchnorm", False))
         elif isinstance(module, torch.jit.ScriptModule):

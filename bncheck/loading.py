@@ -29,8 +29,6 @@ from .report import ModelInfo
 
 # Keys under which training code nests the weights, most specific first.
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "ema", "model_ema", "net", "module", "weights")
-# Prefixes wrappers add to every key: DataParallel/DDP, Lightning, torch.compile.
-STRIP_PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
 
 
 @dataclass(frozen=True)
@@ -183,7 +181,9 @@ def _is_torchscript(names: list[str]) -> bool:
 
 
 def _is_exported_program(names: list[str]) -> bool:
-    return any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json") for n in names)
+    return any(n.endswith("/archive_format") for n in names) and any(
+        n.endswith(".json") and ("/models/" in n or "serialized_exported_program" in n) for n in names
+    )
 
 
 def _torch_load(path: Path, trusted: bool) -> Any:
@@ -208,6 +208,27 @@ def _torch_load(path: Path, trusted: bool) -> Any:
             f"{path} is not a readable PyTorch checkpoint ({first}); check that the file is "
             "complete and was written by torch.save"
         ) from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` file: 8-byte little-endian header length, then a JSON header."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise InputError(f"{path} is a safetensors file; install the reader: pip install safetensors") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"{path} is not a readable safetensors file ({first}); re-save it with safetensors") from None
 
 
 def _looks_like_state_dict(value: Any) -> bool:
@@ -247,17 +268,27 @@ def extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
 
 
 def _strip_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
-    """Drop wrapper prefixes (``module.``, ``model.``, ``_orig_mod.``) shared by every key,
-    as long as that makes more keys match the architecture."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in STRIP_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                stripped = {k[len(prefix):]: v for k, v in state.items()}
-                if len(expected & stripped.keys()) >= len(expected & state.keys()):
-                    state, changed = stripped, True
-    return state
+    """Find the key prefix under which the architecture's weights sit and drop it.
+
+    Wrappers add prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile,
+    ``model.`` from Lightning, any mix of them), and a training checkpoint may hold other
+    modules beside the model (a loss, a teacher). Every dotted prefix of the keys is a
+    candidate; the one that makes the most keys match the architecture wins, and only the
+    keys under it are kept. Ties go to the shortest prefix.
+    """
+    candidates = {""}
+    for key in state:
+        parts = key.split(".")
+        for depth in range(1, min(len(parts), 4)):
+            candidates.add(".".join(parts[:depth]) + ".")
+
+    def matches(prefix: str) -> int:
+        return sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in expected)
+
+    best = max(sorted(candidates, key=len), key=matches)
+    if not best or matches(best) <= matches(""):
+        return state
+    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
 
 
 def _summarize(keys: list[str], limit: int = 5) -> str:
@@ -275,6 +306,16 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path:
     ]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    wrong_kind = [
+        (k, v.dtype, expected[k].dtype) for k, v in state.items()
+        if k in expected and expected[k].is_floating_point() and not v.is_floating_point()
+    ]
+    if wrong_kind:
+        key, got, want = wrong_kind[0]
+        raise InputError(
+            f"{path} stores {len(wrong_kind)} tensors in a dtype --arch {spec} cannot take (first: {key} is "
+            f"{got}, the model uses {want}); export the weights unquantized"
+        )
     if mismatched:
         key, got, want = mismatched[0]
         hint = ""
@@ -337,12 +378,21 @@ def load_model(
             raise InputError(f"{path} is a TorchScript archive that failed to load ({first})") from None
         return LoadedModel(model, ModelInfo(str(checkpoint), arch, "torchscript", digest, 0))
     if _is_exported_program(names):
-        raise InputError(
-            f"{path} is a torch.export program; this version of bncheck cannot check those yet: "
-            "save the model's state_dict and pass --arch"
-        )
+        from .exported import load_exported
 
-    obj = _torch_load(path, trust_checkpoint)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = load_exported(str(path))
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise InputError(
+                f"{path} is a torch.export archive that failed to load ({first}); check that it "
+                "was saved with torch.export.save by a compatible torch version"
+            ) from None
+        return LoadedModel(model, ModelInfo(str(checkpoint), arch, "exported-program", digest, 0))
+
+    obj = _read_safetensors(path) if _is_safetensors(path) else _torch_load(path, trust_checkpoint)
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, ModelInfo(str(checkpoint), arch, "pickled-module", digest, 0))
     if isinstance(obj, Mapping):

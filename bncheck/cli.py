@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -193,8 +194,9 @@ def run(
         settings=settings,
         model_info=loaded.info,
         data_source=str(data),
-        skipped_files=len(source.skipped),
     )
+    if source.skipped:  # known only once the batches were read
+        report = replace(report, data=replace(report.data, skipped=len(source.skipped)))
     for line in source.skipped[:5]:
         _err(f"warning: skipped unreadable file {line}")
     if len(source.skipped) > 5:

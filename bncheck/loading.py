@@ -193,15 +193,22 @@ def _torch_load(path: Path, trusted: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Weights only load failed" in text or "weights_only" in text:
-            found = re.search(r"GLOBAL ([\w.]+)", text)
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", text)
+        with path.open("rb") as fh:
+            plain_pickle = fh.read(2) in {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}
+        if found or plain_pickle or "Unsupported class" in text:
             what = f" (it references {found.group(1)})" if found else ""
             raise InputError(
                 f"{path} holds pickled Python objects{what}, e.g. a whole model saved with "
                 "torch.save(model); loading it executes code: rerun with --trust-checkpoint "
                 "if you trust the file, or save model.state_dict() instead"
             ) from None
-        raise InputError(f"{path} is not a readable PyTorch checkpoint ({text.splitlines()[0][:200]})") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        reason = detail.group(1).strip() if detail else text.splitlines()[0][:200]
+        raise InputError(
+            f"{path} is not a readable PyTorch checkpoint ({reason[:200]}); check that the file is "
+            "complete and was written by torch.save"
+        ) from None
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(

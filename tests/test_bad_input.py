@@ -1,0 +1,306 @@
+"""The bad-input matrix: every case exits with its code and one line naming the problem
+and the fix, prints no traceback, and leaves every input file byte-identical."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import SAMPLES, TinyNet, calibrate, make_batches, tree_hashes
+from PIL import Image
+
+from bncheck.cli import cli
+
+TINY_ARCH_SOURCE = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def build(num_classes=5):
+    return Tiny(num_classes)
+
+
+def broken(**kwargs):
+    raise RuntimeError("database connection refused")
+
+
+def no_bn():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+'''
+
+
+@dataclass
+class Case:
+    name: str
+    args: Callable[[Path], list[str]]
+    code: int
+    needles: tuple[str, ...]
+    setup: Optional[Callable[[Path], None]] = None
+    check: Optional[Callable[[Path, object], None]] = None
+    expect_error_line: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def write_images(folder: Path, n: int = 6, size: tuple[int, int] = (20, 20), mode: str = "RGB") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(arr).convert(mode).save(folder / f"img{i}.png")
+
+
+def build_root(root: Path) -> None:
+    """Every file the matrix needs, made once."""
+    (root / "arch.py").write_text(TINY_ARCH_SOURCE)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bad_input_arch", root / "arch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tiny = module.build()
+    calibrate(tiny, make_batches(4, batch=8, size=16))
+    torch.save(tiny.state_dict(), root / "tiny.pt")
+    good = root / "tiny.pt"
+    raw = good.read_bytes()
+    (root / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    (root / "random.pt").write_bytes(np.random.default_rng(1).bytes(4096))
+    (root / "notes.pt").write_text("these are my notes, not a checkpoint\n")
+    (root / "empty.pt").write_bytes(b"")
+    (root / "ckpt_dir").mkdir()
+    torch.save(TinyNet().state_dict(), root / "other_arch.pt")
+    torch.save(TinyNet().eval(), root / "full_module.pt")
+    torch.save(module.build(num_classes=7).state_dict(), root / "seven_classes.pt")
+    from safetensors.torch import save_file
+
+    save_file({k: (v * 100).to(torch.int8) if v.is_floating_point() else v for k, v in tiny.state_dict().items()},
+              str(root / "int8.safetensors"))
+    write_images(root / "images")
+    write_images(root / "images_one_bad")
+    (root / "images_one_bad" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "no_images").mkdir()
+    (root / "no_images" / "readme.txt").write_text("hi")
+    (root / "all_bad").mkdir()
+    for i in range(3):
+        (root / "all_bad" / f"x{i}.jpg").write_bytes(b"not a jpeg")
+    (root / "empty_dir").mkdir()
+    write_images(root / "mixed", n=3, size=(20, 20))
+    write_images(root / "mixed" / "more", n=3, size=(24, 30))
+    gray = root / "gray16"
+    gray.mkdir()
+    for i in range(4):
+        Image.fromarray(np.arange(400, dtype=np.uint16).reshape(20, 20) * (i + 1) * 40).save(gray / f"g{i}.png")
+    np.save(root / "rank1.npy", np.zeros(10, dtype=np.float32))
+    np.save(root / "five_channels.npy", np.zeros((4, 5, 16, 16), dtype=np.float32))
+    with_nan = np.random.default_rng(2).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    with_nan[1, 0, 3, 3] = np.nan
+    np.save(root / "nan.npy", with_nan)
+    np.save(root / "one.npy", np.zeros((1, 3, 16, 16), dtype=np.float32))
+    np.savez(root / "two.npz", a=np.zeros((4, 3, 16, 16), np.float32), b=np.ones((4, 3, 16, 16), np.float32))
+    (root / "table.csv").write_text("a,b\n1,2\n")
+    (root / "bad.yaml").write_text("data: [unclosed\n")
+    (root / "typo.yaml").write_text("thresholds:\n  stale_eror: 1\n")
+    (root / "blocked").write_text("a file where a folder should be")
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (root / "PWNED",))
+
+    with (root / "evil.pt").open("wb") as fh:
+        pickle.dump({"state_dict": Evil()}, fh)
+
+
+TINY = lambda r: ["--arch", f"{r}/arch.py:build"]  # noqa: E731
+DATA = lambda r: ["--data", f"{r}/images", "--batch-size", "3"]  # noqa: E731
+SHUFFLE = ["--arch", "torchvision:shufflenet_v2_x0_5", "--arch-kwargs", "{num_classes: 4}"]
+
+CASES = [
+    Case("missing checkpoint", lambda r: ["run", f"{r}/nope.pt", *TINY(r), *DATA(r)], 3, ("nope.pt", "does not exist")),
+    Case("directory as checkpoint", lambda r: ["run", f"{r}/ckpt_dir", *TINY(r), *DATA(r)], 3,
+         ("ckpt_dir", "is a directory")),
+    Case("empty checkpoint", lambda r: ["run", f"{r}/empty.pt", *TINY(r), *DATA(r)], 3, ("empty.pt", "empty")),
+    Case("truncated zip", lambda r: ["run", f"{r}/truncated.pt", *TINY(r), *DATA(r)], 3,
+         ("truncated.pt", "not a readable PyTorch checkpoint")),
+    Case("random bytes", lambda r: ["run", f"{r}/random.pt", *TINY(r), *DATA(r)], 3, ("random.pt", "not a readable")),
+    Case("text file", lambda r: ["run", f"{r}/notes.pt", *TINY(r), *DATA(r)], 3, ("notes.pt", "not a readable")),
+    Case("state_dict of another architecture", lambda r: ["run", f"{r}/other_arch.pt", *TINY(r), *DATA(r)], 3,
+         ("other_arch.pt", "does not fit", "missing", "--arch")),
+    Case("wrong num_classes", lambda r: ["run", f"{r}/seven_classes.pt", *TINY(r), *DATA(r)], 3,
+         ("seven_classes.pt", "--arch-kwargs '{num_classes: 7}'")),
+    Case("full pickle without trust", lambda r: ["run", f"{r}/evil.pt", *TINY(r), *DATA(r)], 3,
+         ("evil.pt", "--trust-checkpoint"), check=lambda r, res: not (r / "PWNED").exists() or pytest.fail("ran")),
+    Case("torch.save(model) without trust", lambda r: ["run", f"{r}/full_module.pt", *DATA(r)], 3,
+         ("full_module.pt", "pickled Python objects", "TinyNet", "--trust-checkpoint")),
+    Case("unknown torchvision arch", lambda r: ["run", "--arch", "torchvision:resnet19", *DATA(r)], 3,
+         ("--arch torchvision:resnet19", "did you mean", "torchvision:resnet18")),
+    Case("unknown module arch", lambda r: ["run", "--arch", "no_such_pkg.models:build", *DATA(r)], 3,
+         ("--arch no_such_pkg.models:build", "cannot import")),
+    Case("user callable raises", lambda r: ["run", "--arch", f"{r}/arch.py:broken", *DATA(r)], 3,
+         ("arch.py:broken", "database connection refused")),
+    Case("arch spec without a colon", lambda r: ["run", "--arch", "resnet18", *DATA(r)], 2, ("--arch", "SOURCE:NAME")),
+    Case("arch kwargs not a mapping", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--arch-kwargs", "[1, 2]", *DATA(r)],
+         2, ("--arch-kwargs", "mapping")),
+    Case("state_dict without --arch", lambda r: ["run", f"{r}/tiny.pt", *DATA(r)], 2, ("tiny.pt", "--arch")),
+    Case("no data given", lambda r: ["run", f"{r}/tiny.pt", *TINY(r)], 2, ("--data",)),
+    Case("missing data path", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/nowhere"], 3,
+         ("nowhere", "does not exist", "--data")),
+    Case("empty data folder", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/empty_dir"], 3,
+         ("empty_dir", "no images")),
+    Case("folder of non-images", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/no_images"], 3,
+         ("no_images", "no images")),
+    Case("folder of corrupt images", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/all_bad"], 3,
+         ("all_bad", "could be used", "valid image")),
+    Case("single image as data", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/images/img0.png"], 3,
+         ("img0.png", "folder")),
+    Case("unknown data format", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/table.csv"], 3,
+         ("table.csv", "tensor file")),
+    Case("mixed image sizes without crop",
+         lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/mixed", "--config", f"{r}/nocrop.yaml"], 3,
+         ("mixed", "different sizes", "data.crop"),
+         setup=lambda r: (r / "nocrop.yaml").write_text("data:\n  resize: null\n  crop: null\n")),
+    Case("tensor of rank 1", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/rank1.npy"], 3,
+         ("rank1.npy", "batch dimension")),
+    Case("tensor with wrong channel count", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data",
+                                                        f"{r}/five_channels.npy"], 3,
+         ("(4, 5, 16, 16)", "forward pass failed", "check that the data matches")),
+    Case("NaN in data", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/nan.npy"], 3, ("nan.npy", "NaN")),
+    Case("a single sample", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/one.npy"], 3,
+         ("one.npy", "at least 2")),
+    Case("batch size 1", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r)[:2], "--batch-size", "1"], 2,
+         ("--batch-size",)),
+    Case("npz with several arrays and no key", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/two.npz"],
+         3, ("two.npz", "a, b", ":NAME")),
+    Case("int8 safetensors for a float model", lambda r: ["run", f"{r}/int8.safetensors", *TINY(r), *DATA(r)], 3,
+         ("int8.safetensors", "torch.int8", "float32")),
+    Case("malformed YAML config", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--config", f"{r}/bad.yaml"],
+         2, ("bad.yaml", "not valid YAML")),
+    Case("unknown config key", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--config", f"{r}/typo.yaml"], 2,
+         ("typo.yaml", "thresholds.stale_eror")),
+    Case("--top 0", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--top", "0"], 2, ("--top",)),
+    Case("negative --num-batches", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--num-batches", "-2"], 2,
+         ("--num-batches",)),
+    Case("unknown flag", lambda r: ["run", "--colour"], 2, ("--colour",)),
+]
+if not torch.cuda.is_available():
+    CASES.append(Case("--device cuda without CUDA",
+                      lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--device", "cuda"], 2,
+                      ("--device cuda", "--device cpu")))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bad_input")
+    build_root(path)
+    return path
+
+
+def stderr_of(result) -> str:
+    return result.stderr if result.stderr_bytes is not None else result.output
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    if case.setup:
+        case.setup(root)
+    before = tree_hashes(root)
+    samples_before = tree_hashes(SAMPLES)
+    result = CliRunner().invoke(cli, case.args(root))
+    err = stderr_of(result)
+    assert result.exit_code == case.code, (result.exit_code, err, result.stdout)
+    assert "Traceback" not in err and "Traceback" not in result.stdout
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    if case.code == 3:
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+    else:
+        assert any(line.lower().startswith(("error", "usage", "try")) for line in lines), err
+    message = err if case.code == 2 else lines[0]
+    for needle in case.needles:
+        assert needle in message, (needle, message)
+    if case.check:
+        case.check(root, result)
+    assert tree_hashes(root) == before
+    assert tree_hashes(SAMPLES) == samples_before
+    assert not (root / "PWNED").exists()
+
+
+def test_one_corrupt_image_is_skipped_and_counted(root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = tree_hashes(root)
+    result = CliRunner().invoke(cli, ["run", f"{root}/tiny.pt", *TINY(root), "--data", f"{root}/images_one_bad",
+                                      "--batch-size", "4", "--json", "-", "-q"])
+    assert result.exit_code in (0, 1), result.output
+    doc = json.loads(result.stdout)
+    assert doc["data"]["skipped"] == 1 and doc["data"]["samples"] == 6
+    assert "warning: skipped unreadable file" in stderr_of(result) and "broken.png" in stderr_of(result)
+    assert tree_hashes(root) == before
+
+
+def test_sixteen_bit_grayscale_images_are_converted(root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["run", f"{root}/tiny.pt", *TINY(root), "--data", f"{root}/gray16",
+                                      "--batch-size", "2", "--json", "-", "-q"])
+    assert result.exit_code in (0, 1), stderr_of(result)
+    assert json.loads(result.stdout)["data"]["samples"] == 4
+
+
+def test_model_without_batchnorm_exits_zero(root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["run", "--arch", f"{root}/arch.py:no_bn", *DATA(root), "--json", "-"])
+    assert result.exit_code == 0, stderr_of(result)
+    assert json.loads(result.stdout)["verdict"] == "no-batchnorm"
+    assert "No BatchNorm layers" in stderr_of(result) and "RANDOM weights" in stderr_of(result)
+
+
+def test_unwritable_save_dir_still_prints(root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["run", f"{root}/tiny.pt", *TINY(root), *DATA(root),
+                                      "--save", f"{root}/blocked/last-run.json"])
+    assert result.exit_code in (0, 1), stderr_of(result)
+    assert "bncheck" in result.stdout
+    assert "warning: could not save the run" in stderr_of(result)
+
+
+def test_unexpected_exception_is_exit_4_with_debug_hint(root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    def explode(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr("bncheck.engine.analyze", explode)
+    result = CliRunner().invoke(cli, ["run", f"{root}/tiny.pt", *TINY(root), *DATA(root)])
+    assert result.exit_code == 4
+    err = stderr_of(result)
+    assert "internal error: ZeroDivisionError: boom" in err and "--debug" in err and "Traceback" not in err
+    debug = CliRunner().invoke(cli, ["--debug", "run", f"{root}/tiny.pt", *TINY(root), *DATA(root)])
+    assert debug.exit_code == 4 and "Traceback" in stderr_of(debug)
+
+
+def test_matrix_has_at_least_25_cases() -> None:
+    assert len(CASES) >= 25
+
+
+def test_zip_detection_does_not_misread_a_plain_zip(root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with zipfile.ZipFile(tmp_path / "photos.pt", "w") as archive:
+        archive.writestr("a.txt", "hello")
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "photos.pt"), *TINY(root), *DATA(root)])
+    assert result.exit_code == 3 and "not a readable PyTorch checkpoint" in stderr_of(result)

@@ -168,8 +168,6 @@ def run(
     kwargs = parse_arch_kwargs(arch_kwargs)
     if checkpoint is None and arch is None:
         raise UsageError("give a CHECKPOINT file and/or --arch; see `bncheck run --help`")
-    if data is None:
-        raise UsageError("give sample data with --data PATH (a folder of images or a .pt/.npy tensor file)")
 
     import torch
 
@@ -183,6 +181,13 @@ def run(
     target = "cpu" if target == "auto" else target
 
     loaded = load_model(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint)
+    if data is None:
+        from .engine import lint
+
+        _err("note: no --data given: checking only what the checkpoint itself reveals (no statistics measured)")
+        report = lint(loaded.module, settings=settings, model_info=loaded.info)
+        _finish(report, settings, json_out, quiet)
+        return
     source = open_data(data, settings.data, settings.batch_size, settings.num_batches)
     if loaded.info.format == "random-init":
         _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, "
@@ -202,6 +207,11 @@ def run(
     if len(source.skipped) > 5:
         _err(f"warning: ... and {len(source.skipped) - 5} more unreadable files skipped")
 
+    _finish(report, settings, json_out, quiet)
+
+
+def _finish(report: Report, settings: Settings, json_out: Optional[str], quiet: bool) -> None:
+    """Save, write and print the result; exit 1 when it failed."""
     from .report import dumps
 
     report_json = dumps(report)

@@ -45,6 +45,8 @@ class LayerFacts:
     """Channels with near-zero running variance but real batch variance."""
     dead_both: int
     """Channels with near-zero variance in both (constant channels)."""
+    dead_running: int
+    """Channels whose running variance is near zero (read from the buffers alone)."""
     affine_frozen: bool
     """Affine parameters have requires_grad=False."""
     saved_training: bool
@@ -70,7 +72,8 @@ def _stale_severity(f: LayerFacts, t: Thresholds) -> Optional[str]:
     return None
 
 
-def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool) -> list[Finding]:
+def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_data: bool = True) -> list[Finding]:
+    """Findings for one layer; without data only what the module and its buffers reveal."""
     out: list[Finding] = []
 
     def add(code: str, severity: str, message: str, hint: str) -> None:
@@ -116,11 +119,15 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool) -> lis
             "(torch.optim.swa_utils.update_bn), or check that the checkpoint holds the buffers.",
         )
     if f.kind == "frozen":
+        checked = (
+            f"its buffers were compared with this data's statistics (score {_fmt(f.score)})"
+            if has_data
+            else "without --data only its buffers were checked"
+        )
         add(
             "frozen-bn",
             "info",
-            f"{f.type_name} has no train mode; its buffers were compared with this data's "
-            f"statistics (score {_fmt(f.score)}).",
+            f"{f.type_name} has no train mode; {checked}.",
             "Nothing to do unless it is also flagged stale; then recompute its statistics on "
             "data from the deployment domain.",
         )
@@ -141,6 +148,9 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool) -> lis
             "Harmless for BN itself; check why the layer before it outputs constants.",
         )
 
+    if not has_data:
+        out += _lint_findings(f, t)
+        return out
     severity = _stale_severity(f, t)
     if severity is None:
         return out
@@ -175,6 +185,30 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool) -> lis
             "(torch.optim.swa_utils.update_bn or a few train-mode passes with no_grad), or "
             "check that this data matches what the model was trained on.",
         )
+    return out
+
+
+def _lint_findings(f: LayerFacts, t: Thresholds) -> list[Finding]:
+    """What a checkpoint reveals about a layer with no data at all."""
+    out: list[Finding] = []
+    if f.momentum == 0.0 or (f.affine_frozen and f.saved_training and f.kind == "batchnorm"):
+        why = (
+            "momentum=0: its running stats can never update"
+            if f.momentum == 0.0
+            else "its affine parameters are frozen (requires_grad=False) but it was saved in train mode"
+        )
+        out.append(Finding(
+            "pseudo-frozen", "warning", f.name,
+            f"{why}; if it trained in train mode, eval mode uses statistics from before that training.",
+            "Run bncheck with --data to measure it; keep frozen BN layers in eval mode while fine-tuning.",
+        ))
+    if f.dead_running and not f.default_buffers:
+        out.append(Finding(
+            "dead-channels", "warning", f.name,
+            f"{f.dead_running} of {f.channels} channels have running variance <= {t.dead_channel_var:g}; "
+            "any real input on them is divided by ~sqrt(eps) in eval mode.",
+            "Run bncheck with --data to see whether the data makes them blow up; recalibrate or prune them.",
+        ))
     return out
 
 

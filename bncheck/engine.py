@@ -369,7 +369,7 @@ def _score(layer: BNLayer, moments: ChannelMoments, dead_var: float) -> _Scores:
 _NO_SCORES = _Scores(None, None, None, None, None, None, None, None, None, (), 0, 0, 0)
 
 
-def _facts(run: _LayerRun, s: _Scores, batch_size: int) -> LayerFacts:
+def _facts(run: _LayerRun, s: _Scores, batch_size: int, dead_var: float) -> LayerFacts:
     layer = run.layer
     rm, rv = layer.running_mean, layer.running_var
     nonfinite_running = 0
@@ -402,6 +402,7 @@ def _facts(run: _LayerRun, s: _Scores, batch_size: int) -> LayerFacts:
         num_batches_tracked=int(tracked) if tracked is not None and tracked.numel() == 1 else None,
         dead_blowup=s.dead_blowup,
         dead_both=s.dead_both,
+        dead_running=int((rv <= dead_var).sum()) if rv is not None else 0,
         affine_frozen=bool(affine) and not any(p.requires_grad for p in affine),
         saved_training=run.saved_training,
     )
@@ -434,7 +435,6 @@ def analyze(
     """
     started = time.perf_counter()
     settings = settings or load_settings()
-    thresholds = settings.thresholds
     # Ignored layers still switch modes and run (the model must behave as in training);
     # they are only left out of ranking and findings.
     layers = find_bn_layers(model)
@@ -484,7 +484,49 @@ def analyze(
         raise InternalError("the model's parameters, buffers or modes changed during the run; please report this bug")
     if batches_seen == 0:
         raise InputError("the data yielded no batches; point --data at a non-empty folder or file")
+    data_info = DataInfo(data_source, samples, largest_batch, batches_seen, any_labels, skipped_files)
+    return _build_report(
+        runs, ignored, settings, model_info, data_info, tally.result(), str(device), started, has_data=True
+    )
 
+
+def lint(
+    model: nn.Module, *, settings: Optional[Settings] = None, model_info: Optional[ModelInfo] = None
+) -> Report:
+    """What the model alone reveals, with no data: momentum 0, frozen affine saved in train
+    mode, tracking disabled, never-updated, non-finite or near-zero running statistics."""
+    started = time.perf_counter()
+    settings = settings or load_settings()
+    layers = find_bn_layers(model)
+    ignored = {
+        layer.name for layer in layers
+        if any(fnmatch.fnmatchcase(layer.name, glob) for glob in settings.ignore)
+    }
+    model_info = replace(model_info or ModelInfo(None, None, "in-memory", None, 0), bn_layers=len(layers))
+    runs = [_LayerRun(layer, layer.module.training) for layer in layers]
+    device, _ = _model_placement(model)
+    data_info = DataInfo(None, 0, 0, 0, False, 0)
+    return _build_report(
+        runs, ignored, settings, model_info, data_info, OutputDivergence(kind="none"), str(device), started,
+        has_data=False,
+    )
+
+
+def _build_report(
+    runs: list[_LayerRun],
+    ignored: set[str],
+    settings: Settings,
+    model_info: ModelInfo,
+    data_info: DataInfo,
+    output: OutputDivergence,
+    device: str,
+    started: float,
+    *,
+    has_data: bool,
+) -> Report:
+    """Score, diagnose and rank the layers; decide the verdict."""
+    thresholds = settings.thresholds
+    largest_batch = data_info.batch_size
     scored = []
     for run in runs:
         if run.layer.name in ignored:
@@ -493,13 +535,14 @@ def analyze(
             scores = _score(run.layer, run.train, thresholds.dead_channel_var)
         else:
             scores = _NO_SCORES
-        scored.append((_facts(run, scores, largest_batch), scores))
+        scored.append((_facts(run, scores, largest_batch, thresholds.dead_channel_var), scores))
     scored.sort(key=_rank_key)
 
     called = [f for f, _ in scored if f.depth is not None]
     input_layer = min(called, key=lambda f: f.depth).name if called else None
     findings_by_layer = {
-        f.name: layer_findings(f, thresholds, is_input_layer=f.name == input_layer) for f, _ in scored
+        f.name: layer_findings(f, thresholds, is_input_layer=f.name == input_layer, has_data=has_data)
+        for f, _ in scored
     }
     eval_scores = {
         run.layer.name: _score(run.layer, run.eval, thresholds.dead_channel_var)
@@ -550,7 +593,7 @@ def analyze(
     all_findings: list[Finding] = [f for r in layer_results for f in r.findings]
     all_findings += model_findings([f for f, _ in scored], thresholds)
     all_findings.sort(key=lambda f: -SEVERITY_ORDER[f.severity])
-    if not layers:
+    if not runs:
         verdict = "no-batchnorm"
     elif settings.fail_on != "never" and any(
         SEVERITY_ORDER[f.severity] >= SEVERITY_ORDER[settings.fail_on] for f in all_findings
@@ -560,23 +603,16 @@ def analyze(
         verdict = "pass"
     return Report(
         model=model_info,
-        data=DataInfo(
-            source=data_source,
-            samples=samples,
-            batch_size=largest_batch,
-            batches=batches_seen,
-            labels=any_labels,
-            skipped=skipped_files,
-        ),
+        data=data_info,
         verdict=verdict,
         fail_on=settings.fail_on,
-        output=tally.result(),
+        output=output,
         first_divergent_layer=first_divergent,
         layers=tuple(layer_results),
         findings=tuple(all_findings),
         thresholds={k: float(v) for k, v in asdict(thresholds).items()},
         bncheck_version=__version__,
         torch_version=torch.__version__,
-        device=str(device),
+        device=device,
         duration_s=round(time.perf_counter() - started, 3),
     )

@@ -28,6 +28,8 @@ from .errors import InputError, UsageError
 from .report import ModelInfo
 
 # Keys under which training code nests the weights, most specific first.
+# Prefix names preferred when several prefixes fit the architecture equally well.
+PREFERRED_PREFIXES = ("module", "model", "_orig_mod", "net", "student", "backbone", "ema", "model_ema", "teacher")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "ema", "model_ema", "net", "module", "weights")
 
 
@@ -281,7 +283,9 @@ def _strip_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, T
     ``model.`` from Lightning, any mix of them), and a training checkpoint may hold other
     modules beside the model (a loss, a teacher). Every dotted prefix of the keys is a
     candidate; the one that makes the most keys match the architecture wins, and only the
-    keys under it are kept. Ties go to the shortest prefix.
+    keys under it are kept. Ties go to the shortest prefix, then to the usual wrapper and
+    deployment names (``module.``, ``model.``, ``student.`` before ``teacher.``), then
+    alphabetically -- never to set order.
     """
     candidates = {""}
     for key in state:
@@ -292,7 +296,12 @@ def _strip_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, T
     def matches(prefix: str) -> int:
         return sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in expected)
 
-    best = max(sorted(candidates, key=len), key=matches)
+    def preference(prefix: str) -> tuple:
+        first = prefix.split(".", 1)[0]
+        rank = PREFERRED_PREFIXES.index(first) if first in PREFERRED_PREFIXES else len(PREFERRED_PREFIXES)
+        return (len(prefix.split(".")), rank, prefix)
+
+    best = max(sorted(candidates, key=preference), key=matches)
     if not best or matches(best) <= matches(""):
         return state
     return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}

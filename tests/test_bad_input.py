@@ -159,7 +159,6 @@ CASES = [
     Case("arch kwargs not a mapping", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--arch-kwargs", "[1, 2]", *DATA(r)],
          2, ("--arch-kwargs", "mapping")),
     Case("state_dict without --arch", lambda r: ["run", f"{r}/tiny.pt", *DATA(r)], 2, ("tiny.pt", "--arch")),
-    Case("no data given", lambda r: ["run", f"{r}/tiny.pt", *TINY(r)], 2, ("--data",)),
     Case("missing data path", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/nowhere"], 3,
          ("nowhere", "does not exist", "--data")),
     Case("empty data folder", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/empty_dir"], 3,

@@ -231,3 +231,30 @@ def test_labels_give_train_and_eval_accuracy(tiny, batches) -> None:
     report = analyze(tiny, labelled)
     assert report.output.eval_accuracy == 1.0
     assert 0.0 <= report.output.train_accuracy <= 1.0
+
+
+def test_lint_without_data_reads_the_checkpoint_alone() -> None:
+    from bncheck.engine import lint
+
+    model = TinyNet()
+    model.bn1.momentum = 0.0  # pseudo-frozen
+    model.bn1.running_mean.fill_(0.3)
+    model.bn1.num_batches_tracked.fill_(100)
+    for p in model.bn2.parameters():
+        p.requires_grad_(False)  # frozen affine, and the module is saved in train mode
+    model.bn2.running_mean.fill_(0.1)
+    model.bn2.num_batches_tracked.fill_(5)
+    model.bn3.running_var[:3] = 0.0  # dead channels
+    model.bn3.running_mean.fill_(0.2)
+    model.bn3.num_batches_tracked.fill_(5)
+    before = state_copy(model)
+    report = lint(model)
+    assert_identical(model, before)
+    codes = {(f.layer, f.code) for f in report.findings}
+    assert ("bn1", "pseudo-frozen") in codes and ("bn2", "pseudo-frozen") in codes
+    assert ("bn3", "dead-channels") in codes
+    assert report.data.samples == 0 and report.output.kind == "none"
+    assert all(layer.score is None for layer in report.layers)
+    assert report.verdict == "pass"  # warnings only: nothing measured yet
+    fresh = lint(TinyNet())
+    assert {f.code for f in fresh.findings} == {"never-updated"}

@@ -23,6 +23,8 @@ def output_line(report: Report) -> str:
         if out.train_accuracy is not None:
             text += f"; accuracy train-mode {pct(out.train_accuracy)} vs eval-mode {pct(out.eval_accuracy)}"
         return text
+    if report.data.samples == 0:
+        return "not measured: no data (lint of the checkpoint only)"
     if out.kind == "tensor":
         return f"relative L2 between train- and eval-mode outputs {num(out.relative_l2, 3)}"
     return "output divergence not measured (outputs not comparable)"
@@ -32,6 +34,8 @@ def next_step(report: Report) -> str:
     """One line: what to do next."""
     if report.verdict == "no-batchnorm":
         return "No BatchNorm layers: train/eval statistics cannot drift in this model."
+    if report.data.samples == 0 and not any(f.severity == "error" for f in report.findings):
+        return "No data given: only the checkpoint was checked; run with --data to measure drift."
     if report.findings:
         worst = report.findings[0]
         where = f" ({worst.layer})" if worst.layer else ""

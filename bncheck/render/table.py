@@ -37,9 +37,10 @@ def build(report: Report, top: int) -> list:
         Text(f"model  {model.checkpoint or model.arch or 'in-memory'}"
              f"{f'  [{model.arch}]' if model.checkpoint and model.arch else ''}"
              f"  ({model.format}, {model.bn_layers} BN layers)"),
-        Text(f"data   {report.data.source or '-'}  ({report.data.samples} samples = "
+        Text(f"data   {report.data.source}  ({report.data.samples} samples = "
              f"{report.data.batches} batches of {report.data.batch_size}"
-             f"{f', {report.data.skipped} unreadable files skipped' if report.data.skipped else ''})"),
+             f"{f', {report.data.skipped} unreadable files skipped' if report.data.skipped else ''})"
+             if report.data.source else "data   none: only the checkpoint was checked (no --data)"),
         Text(f"output {output_line(report)}"),
         Text(f"first divergent layer (eval pass): {report.first_divergent_layer or 'none'}"),
     ]

@@ -115,7 +115,8 @@ def _print_report(report: Report, settings: Settings, to_stderr: bool) -> None:
                    "path/file.py:callable. Needed when the checkpoint holds only a state_dict.")
 @click.option("--arch-kwargs", metavar="YAML", help="Keyword arguments for --arch, e.g. '{num_classes: 10}'.")
 @click.option("--data", type=click.Path(path_type=Path), metavar="PATH",
-              help="Folder of images (flat or class subfolders) or a tensor file (.pt, .npy).")
+              help="Folder of images (flat or class subfolders) or a tensor file (.pt, .npy, .npz[:NAME]). "
+                   "Without it, only the checkpoint itself is checked.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",
               help="Settings that differ from configs/default.yaml; flags override it.")
 @click.option("--batch-size", type=click.IntRange(min=2), help="Samples per forward pass (default 32).")

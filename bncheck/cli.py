@@ -129,6 +129,9 @@ def _print_report(report: Report, settings: Settings, to_stderr: bool) -> None:
 @click.option("--json", "json_out", metavar="PATH|-",
               help="Write the JSON result there; '-' writes only JSON to stdout.")
 @click.option("--top", type=click.IntRange(min=1), help="Rows in the table (default 10).")
+@click.option("--attribute", type=click.IntRange(min=0), metavar="K",
+              help="For the K top flagged layers, measure how much of the output gap fixing each alone "
+                   "removes: one extra eval pass over the sample per layer (default 5; 0: off).")
 @click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS),
               help="Exit 1 for findings at least this severe (default error).")
 @click.option("--save", metavar="PATH",
@@ -148,6 +151,7 @@ def run(
     trust_checkpoint: bool,
     json_out: Optional[str],
     top: Optional[int],
+    attribute: Optional[int],
     fail_on: Optional[str],
     save: Optional[str],
     quiet: bool,
@@ -161,7 +165,7 @@ def run(
     settings = load_settings(
         config_path,
         {"batch_size": batch_size, "num_batches": num_batches, "device": device,
-         "fail_on": fail_on, "top": top, "save": save,
+         "fail_on": fail_on, "top": top, "save": save, "attribute": attribute,
          "data": {"seed": seed} if seed is not None else None},
     )
     from .loading import parse_arch_kwargs

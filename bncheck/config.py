@@ -63,6 +63,8 @@ class Settings:
     device: str
     fail_on: str
     top: int
+    attribute: int
+    """Causal attribution for the K highest-ranked flagged layers (one eval pass each)."""
     save: Optional[str]
     ignore: tuple[str, ...]
     thresholds: Thresholds
@@ -166,6 +168,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         device=_choice(raw, "device", DEVICES),
         fail_on=_choice(raw, "fail_on", FAIL_ON_LEVELS),
         top=_number(raw, "top", int, minimum=1, where=""),
+        attribute=_number(raw, "attribute", int, minimum=0, where=""),
         save=save,
         ignore=tuple(ignore),
         thresholds=thresholds,

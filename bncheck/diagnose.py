@@ -51,6 +51,8 @@ class LayerFacts:
     """Affine parameters have requires_grad=False."""
     saved_training: bool
     """The module was in train mode when the run started (how it was saved)."""
+    attribution: Optional[float] = None
+    """Share of the output gap that fixing this layer alone removes (None: not measured)."""
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
@@ -105,7 +107,8 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "batches are large and drawn like the training batches.",
         )
         return out
-    if f.default_buffers or f.num_batches_tracked == 0:
+    never_updated = f.default_buffers or f.num_batches_tracked == 0
+    if never_updated:
         why = (
             "running_mean is all 0 and running_var all 1"
             if f.default_buffers
@@ -152,12 +155,14 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
         out += _lint_findings(f, t)
         return out
     severity = _stale_severity(f, t)
-    if severity is None:
+    if severity is None or never_updated:  # never-updated already carries the score
         return out
     numbers = (
         f"score {_fmt(f.score)} (RMS output error in stds), {_fmt(f.drift_to_noise, 1)}x its "
         f"noise floor, mean shift up to {_fmt(f.max_abs_mean_shift, 1)} running stds"
     )
+    if f.attribution is not None and math.isfinite(f.attribution):
+        numbers += f"; fixing this layer alone recovers {100 * f.attribution:.0f}% of the output gap"
     if is_input_layer and (f.max_abs_mean_shift or 0.0) >= t.input_mean_shift:
         add(
             "input-distribution",

@@ -341,7 +341,9 @@ def _score(layer: BNLayer, moments: ChannelMoments, dead_var: float) -> _Scores:
     kl = gaussian_kl(a, b)
     score = weighted_rms(e, weights)
     floor = noise_floor(moments, running_var, eps, weights, moments.values)
-    per_batch = noise_floor(moments, running_var, eps, weights, moments.values / moments.batches)
+    # Batch-to-batch jitter of train mode is about batch vs population statistics, so it is
+    # measured against the pooled variance (the running stats play no part in it).
+    per_batch = noise_floor(moments, moments.var, eps, weights, moments.values / moments.batches)
     ranked = torch.nan_to_num(e, nan=math.inf).argsort(descending=True)[:WORST_CHANNELS]
     worst = tuple(
         ChannelDrift(int(c), _finite(float(e[c])), _finite(float(b[c])), _finite(float(a[c])))
@@ -431,7 +433,10 @@ def analyze(
     """Compare every BN layer's running statistics with the statistics of ``batches``.
 
     ``batches`` yields tensors, ``(inputs, labels)`` pairs or dicts; inputs are moved to the
-    model's device. The model is left bit-identical (checked by fingerprint).
+    model's device. The model is left bit-identical (checked by fingerprint). With
+    ``settings.attribute = K`` the K highest-ranked flagged layers each get one more
+    eval-mode pass over the sample (see ``_attribute``); the sample and the train-mode
+    outputs are kept in memory for it.
     """
     started = time.perf_counter()
     settings = settings or load_settings()
@@ -452,6 +457,7 @@ def analyze(
     tally = _OutputTally()
     samples = batches_seen = largest_batch = 0
     any_labels = False
+    keep: Optional[list[tuple[Any, Optional[Tensor], Any]]] = [] if settings.attribute > 0 else None
     try:
         with torch.no_grad(), preserved_state(model) as snapshot, input_hooks(layers, collector):
             for run in runs:
@@ -472,6 +478,8 @@ def analyze(
                         _recover_scripted(collector, run, n)
                 snapshot.restore_buffers()
                 tally.add(out_train, out_eval, labels)
+                if keep is not None:
+                    keep.append((inputs, labels, out_train))
                 any_labels = any_labels or labels is not None
                 samples += n
                 largest_batch = max(largest_batch, n)
@@ -485,9 +493,62 @@ def analyze(
     if batches_seen == 0:
         raise InputError("the data yielded no batches; point --data at a non-empty folder or file")
     data_info = DataInfo(data_source, samples, largest_batch, batches_seen, any_labels, skipped_files)
-    return _build_report(
-        runs, ignored, settings, model_info, data_info, tally.result(), str(device), started, has_data=True
-    )
+    output = tally.result()
+    report = _build_report(runs, ignored, settings, model_info, data_info, output, str(device), started,
+                           has_data=True)
+    if keep is None:
+        return report
+    gap = _gap(output)
+    flagged = [
+        layer.name for layer in report.layers
+        if layer.score is not None and any(f.severity != "info" for f in layer.findings)
+    ][: settings.attribute]
+    if not flagged or not gap:
+        return report
+    by_name = {run.layer.name: run for run in runs}
+    attribution = {
+        name: _attribute(model, layers, by_name[name], keep, gap, before) for name in flagged
+    }
+    return _build_report(runs, ignored, settings, model_info, data_info, output, str(device), started,
+                         has_data=True, attribution=attribution)
+
+
+def _gap(output: OutputDivergence) -> Optional[float]:
+    """The output gap between modes that attribution tries to close: mean KL for
+    classifiers, relative L2 otherwise."""
+    value = output.kl if output.kind == "classifier" else output.relative_l2
+    return value if value is not None and math.isfinite(value) and value > 0 else None
+
+
+def _attribute(
+    model: nn.Module,
+    layers: list[BNLayer],
+    run: _LayerRun,
+    kept: list[tuple[Any, Optional[Tensor], Any]],
+    gap: float,
+    fingerprint_before: str,
+) -> Optional[float]:
+    """Share of the output gap removed by fixing this one layer: one eval-mode pass over the
+    sample with the layer's running statistics replaced by the population statistics its
+    input had in the train-mode pass (what recalibrating it would do). 1 = the gap closes;
+    0 = no effect; negative = fixing it alone makes the outputs diverge more."""
+    moments = run.train
+    layer = run.layer
+    if moments is None or layer.running_mean is None or layer.scripted:
+        return None
+    tally = _OutputTally()
+    try:
+        with torch.no_grad(), preserved_state(model):
+            set_bn_train_mode(model, layers, bn_training=False)
+            layer.running_mean.copy_(moments.mean.to(layer.running_mean))
+            layer.running_var.copy_(moments.var.to(layer.running_var))
+            for inputs, labels, out_train in kept:
+                tally.add(out_train, _forward(model, inputs, "eval"), labels)
+    finally:
+        if fingerprint(model) != fingerprint_before:
+            raise InternalError("the model changed during attribution; please report this bug")
+    fixed = _gap(tally.result())
+    return 1.0 - (fixed or 0.0) / gap
 
 
 def lint(
@@ -523,6 +584,7 @@ def _build_report(
     started: float,
     *,
     has_data: bool,
+    attribution: Optional[dict[str, Optional[float]]] = None,
 ) -> Report:
     """Score, diagnose and rank the layers; decide the verdict."""
     thresholds = settings.thresholds
@@ -535,7 +597,10 @@ def _build_report(
             scores = _score(run.layer, run.train, thresholds.dead_channel_var)
         else:
             scores = _NO_SCORES
-        scored.append((_facts(run, scores, largest_batch, thresholds.dead_channel_var), scores))
+        facts = _facts(run, scores, largest_batch, thresholds.dead_channel_var)
+        if attribution and run.layer.name in attribution:
+            facts = replace(facts, attribution=attribution[run.layer.name])
+        scored.append((facts, scores))
     scored.sort(key=_rank_key)
 
     called = [f for f, _ in scored if f.depth is not None]
@@ -569,6 +634,7 @@ def _build_report(
                 drift_to_noise=s.drift_to_noise,
                 batch_noise=s.batch_noise,
                 eval_score=ev.score if ev else None,
+                attribution=facts.attribution,
                 momentum=facts.momentum,
                 eps=layer.eps,
                 track_running_stats=facts.track_running_stats,

@@ -85,6 +85,9 @@ class LayerResult:
     """The channels with the largest normalization error, worst first."""
     findings: tuple[Finding, ...]
     """Findings on this layer (also listed in the report's findings)."""
+    attribution: Optional[float] = None
+    """Share of the train/eval output gap removed by giving only this layer the population
+    statistics of its input (one extra eval pass); None when not measured."""
 
 
 @dataclass(frozen=True)

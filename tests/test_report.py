@@ -44,7 +44,7 @@ def make_report() -> Report:
             mean_shift=kw.get("mean_shift", 0.1), scale_ratio=kw.get("scale_ratio", 1.0), kl=0.01,
             max_error=kw.get("max_error", 0.2), noise_floor=0.05, drift_to_noise=kw.get("drift", 2.0),
             batch_noise=0.1, eval_score=kw.get("eval_score", 0.2), momentum=0.1, eps=1e-5,
-            track_running_stats=True,
+            track_running_stats=True, attribution=kw.get("attribution"),
             worst_channels=(ChannelDrift(3, 0.2, 0.1, 1.1),), findings=tuple(findings),
         )
 
@@ -59,7 +59,7 @@ def make_report() -> Report:
         layers=(
             layer("layer2.bn", 1, 2, None, [nan], mean_shift=math.nan, scale_ratio=None, max_error=None,
                   drift=None, eval_score=None),
-            layer("layer1.0.bn2", 2, 1, 1.5, [stale], mean_shift=1.4, drift=30.0, eval_score=1.6),
+            layer("layer1.0.bn2", 2, 1, 1.5, [stale], mean_shift=1.4, drift=30.0, eval_score=1.6, attribution=0.94),
             layer("fc.bn", 3, 3, 0.12),
         ),
         findings=(nan, stale, noise),
@@ -105,7 +105,7 @@ def test_registry_lists_formats() -> None:
 
 @pytest.mark.parametrize("fmt, name", [("markdown", "report.md"), ("table", "report.txt")])
 def test_golden_renderings(fmt, name) -> None:
-    text = render(make_report(), fmt, top=2, width=110, color=False)
+    text = render(make_report(), fmt, top=2, width=120, color=False)
     golden = GOLDEN / name
     if os.environ.get("BNCHECK_UPDATE_GOLDEN"):
         golden.parent.mkdir(exist_ok=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..report import Report
-from .summary import next_step, num, output_line
+from .summary import next_step, num, output_line, share
 
 
 def _cell(text: str) -> str:
@@ -25,8 +25,9 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
     ]
     if report.layers:
         lines += [
-            "| rank | layer | type | ch | score | drift/noise | mean shift | scale ratio | eval score | finding |",
-            "|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+            "| rank | layer | type | ch | score | drift/noise | mean shift | scale ratio | eval score | fix "
+            "| finding |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for layer in report.layers[:top]:
             finding = report.top_finding(layer)
@@ -35,7 +36,7 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
             lines.append(
                 f"| {layer.rank} | `{_cell(layer.name)}` | {layer.type} | {layer.channels} | {score} | "
                 f"{num(layer.drift_to_noise, 1)} | {num(layer.mean_shift)} | {num(layer.scale_ratio)} | "
-                f"{num(layer.eval_score)} | "
+                f"{num(layer.eval_score)} | {share(layer.attribution)} | "
                 f"{finding.code if finding else ''} |"
             )
         lines.append("")

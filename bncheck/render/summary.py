@@ -16,6 +16,11 @@ def pct(value: Optional[float]) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
+def share(value: Optional[float]) -> str:
+    """An attribution share as a percentage, '-' when not measured."""
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.0f}%"
+
+
 def output_line(report: Report) -> str:
     out = report.output
     if out.kind == "classifier":

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..report import LayerResult, Report
-from .summary import next_step, num, output_line
+from .summary import next_step, num, output_line, share
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "no-batchnorm": "bold cyan"}
@@ -52,11 +52,12 @@ def build(report: Report, top: int) -> list:
         table.add_column("type")
         table.add_column("ch", justify="right")
         table.add_column("score", justify="right")
-        table.add_column("drift/noise", justify="right")
-        table.add_column("mean shift", justify="right")
+        table.add_column("×noise", justify="right")
+        table.add_column("shift", justify="right")
         table.add_column("scale", justify="right")
         table.add_column("eval", justify="right")
-        table.add_column("finding")
+        table.add_column("fix", justify="right")
+        table.add_column("finding", no_wrap=True)
         for layer in report.layers[:top]:
             finding = report.top_finding(layer)
             table.add_row(
@@ -69,6 +70,7 @@ def build(report: Report, top: int) -> list:
                 num(layer.mean_shift),
                 num(layer.scale_ratio),
                 num(layer.eval_score),
+                share(layer.attribution),
                 Text(finding.code, style=SEVERITY_STYLE[finding.severity]) if finding else Text(""),
             )
         parts.append(table)

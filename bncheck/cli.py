@@ -114,11 +114,11 @@ def _print_report(report: Report, settings: Settings, to_stderr: bool) -> None:
               help="Model builder: torchvision:NAME, timm:NAME, package.module:callable or "
                    "path/file.py:callable. Needed when the checkpoint holds only a state_dict.")
 @click.option("--arch-kwargs", metavar="YAML", help="Keyword arguments for --arch, e.g. '{num_classes: 10}'.")
-@click.option("--data", type=click.Path(path_type=Path), metavar="PATH",
+@click.option("--data", metavar="PATH",
               help="Folder of images (flat or class subfolders) or a tensor file (.pt, .npy, .npz[:NAME]). "
                    "Without it, only the checkpoint itself is checked.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",
-              help="Settings that differ from configs/default.yaml; flags override it.")
+              help="Settings that differ from configs/default.yaml (every flag has a key); flags override it.")
 @click.option("--batch-size", type=click.IntRange(min=2), help="Samples per forward pass (default 32).")
 @click.option("--num-batches", type=click.IntRange(min=1),
               help="Batches pooled into population statistics (default 4).")
@@ -126,58 +126,49 @@ def _print_report(report: Report, settings: Settings, to_stderr: bool) -> None:
 @click.option("--seed", type=click.IntRange(min=0), help="Which images form the sample (default 0).")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow full pickled models (torch.save(model)); loading them executes code from the file.")
-@click.option("--json", "json_out", metavar="PATH|-",
-              help="Write the JSON result there; '-' writes only JSON to stdout.")
-@click.option("--top", type=click.IntRange(min=1), help="Rows in the table (default 10).")
 @click.option("--attribute", type=click.IntRange(min=0), metavar="K",
               help="For the K top flagged layers, measure how much of the output gap fixing each alone "
                    "removes: one extra eval pass over the sample per layer (default 5; 0: off).")
+@click.option("--baseline", metavar="RUN_JSON",
+              help="Accepted earlier run: fail only on findings that are new or worse than in it.")
 @click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS),
               help="Exit 1 for findings at least this severe (default error).")
+@click.option("--json", "json_out", metavar="PATH|-",
+              help="Write the JSON result there; '-' writes only JSON to stdout (the table goes to stderr).")
+@click.option("--markdown", "markdown_out", metavar="PATH", help="Also write Markdown there.")
+@click.option("--html", "html_out", metavar="PATH", help="Also write a self-contained HTML report there.")
+@click.option("--junit", "junit_out", metavar="PATH", help="Also write JUnit XML there (one testcase per layer).")
+@click.option("--top", type=click.IntRange(min=1), help="Rows in the table (default 10).")
 @click.option("--save", metavar="PATH",
               help="Where to keep the run for `bncheck report` (default .bncheck/last-run.json).")
-@click.option("--quiet", "-q", is_flag=True, help="No table; only errors and warnings.")
+@click.option("--quiet", "-q", is_flag=True, default=None, help="No table or progress; only errors and warnings.")
 @_handle_errors
 def run(
     checkpoint: Optional[Path],
-    arch: Optional[str],
-    arch_kwargs: Optional[str],
-    data: Optional[Path],
     config_path: Optional[Path],
-    batch_size: Optional[int],
-    num_batches: Optional[int],
-    device: Optional[str],
-    seed: Optional[int],
     trust_checkpoint: bool,
-    json_out: Optional[str],
-    top: Optional[int],
-    attribute: Optional[int],
-    fail_on: Optional[str],
-    save: Optional[str],
-    quiet: bool,
+    **flags: Any,
 ) -> None:
     """Run the model in train and eval mode on sample data and rank the BN layers
     whose running statistics diverge most from the data's.
 
     Cost: two forward passes (eval, then train with only BN layers in train mode) per
-    batch; the model and the checkpoint are never modified.
+    batch, plus one eval pass per attributed layer; the model and the checkpoint are
+    never modified.
     """
-    settings = load_settings(
-        config_path,
-        {"batch_size": batch_size, "num_batches": num_batches, "device": device,
-         "fail_on": fail_on, "top": top, "save": save, "attribute": attribute,
-         "data": {"seed": seed} if seed is not None else None},
-    )
+    settings = load_settings(config_path, _overrides(flags))
     from .loading import parse_arch_kwargs
 
-    kwargs = parse_arch_kwargs(arch_kwargs)
+    arch = settings.arch
+    kwargs = parse_arch_kwargs(flags["arch_kwargs"]) if flags["arch_kwargs"] else settings.arch_kwargs
     if checkpoint is None and arch is None:
         raise UsageError("give a CHECKPOINT file and/or --arch; see `bncheck run --help`")
+    baseline = _load_baseline(settings.baseline)
 
     import torch
 
     from .data import open_data
-    from .engine import analyze
+    from .engine import analyze, lint
     from .loading import load_model
 
     if settings.device == "cuda" and not torch.cuda.is_available():
@@ -186,46 +177,83 @@ def run(
     target = "cpu" if target == "auto" else target
 
     loaded = load_model(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint)
-    if data is None:
-        from .engine import lint
-
+    if settings.data.path is None:
         _err("note: no --data given: checking only what the checkpoint itself reveals (no statistics measured)")
         report = lint(loaded.module, settings=settings, model_info=loaded.info)
-        _finish(report, settings, json_out, quiet)
-        return
-    source = open_data(data, settings.data, settings.batch_size, settings.num_batches)
-    if loaded.info.format == "random-init":
-        _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, "
-             "which says nothing about a trained model")
-    model = loaded.module.to(target)
-    report = analyze(
-        model,
-        source.batches(),
-        settings=settings,
-        model_info=loaded.info,
-        data_source=str(data),
-    )
-    if source.skipped:  # known only once the batches were read
-        report = replace(report, data=replace(report.data, skipped=len(source.skipped)))
-    for line in source.skipped[:5]:
-        _err(f"warning: skipped unreadable file {line}")
-    if len(source.skipped) > 5:
-        _err(f"warning: ... and {len(source.skipped) - 5} more unreadable files skipped")
+    else:
+        source = open_data(Path(settings.data.path), settings.data, settings.batch_size, settings.num_batches)
+        if loaded.info.format == "random-init":
+            _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, "
+                 "which says nothing about a trained model")
+        from .render.table import progress_bar
 
-    _finish(report, settings, json_out, quiet)
+        planned = -(-source.planned_samples // settings.batch_size)
+        show = not settings.quiet and sys.stderr.isatty()
+        with progress_bar(planned, enabled=show) as advance:
+            report = analyze(
+                loaded.module.to(target),
+                source.batches(),
+                settings=settings,
+                model_info=loaded.info,
+                data_source=settings.data.path,
+                progress=advance,
+            )
+        if source.skipped:  # known only once the batches were read
+            report = replace(report, data=replace(report.data, skipped=len(source.skipped)))
+        for line in source.skipped[:5]:
+            _err(f"warning: skipped unreadable file {line}")
+        if len(source.skipped) > 5:
+            _err(f"warning: ... and {len(source.skipped) - 5} more unreadable files skipped")
+    if baseline is not None:
+        from .baseline import apply_baseline
+
+        report = apply_baseline(report, baseline, settings.baseline)
+    _finish(report, settings)
 
 
-def _finish(report: Report, settings: Settings, json_out: Optional[str], quiet: bool) -> None:
+def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    """Command-line flags in the shape of the config file; None means "not given"."""
+    outputs = {key: flags[f"{key}_out"] for key in ("json", "markdown", "html", "junit")}
+    data = {"path": flags["data"], "seed": flags["seed"]}
+    return {
+        "arch": flags["arch"], "baseline": flags["baseline"], "batch_size": flags["batch_size"],
+        "num_batches": flags["num_batches"], "device": flags["device"], "fail_on": flags["fail_on"],
+        "top": flags["top"], "save": flags["save"], "attribute": flags["attribute"], "quiet": flags["quiet"],
+        "outputs": {k: v for k, v in outputs.items() if v is not None} or None,
+        "data": {k: v for k, v in data.items() if v is not None} or None,
+    }
+
+
+def _load_baseline(path: Optional[str]) -> Optional[Report]:
+    if path is None:
+        return None
+    from . import report as report_module
+
+    return report_module.load(Path(path))
+
+
+def _write_outputs(report: Report, settings: Settings, report_json: str) -> None:
+    from .render import render
+
+    for fmt, target in (("markdown", settings.outputs.markdown), ("html", settings.outputs.html),
+                        ("junit", settings.outputs.junit)):
+        if target is not None:
+            _write_text(Path(target), render(report, fmt, top=settings.top), f"the {fmt} report")
+    if settings.outputs.json is not None and settings.outputs.json != "-":
+        _write_text(Path(settings.outputs.json), report_json, "the JSON result")
+
+
+def _finish(report: Report, settings: Settings) -> None:
     """Save, write and print the result; exit 1 when it failed."""
     from .report import dumps
 
     report_json = dumps(report)
     _save_last_run(report_json, settings)
-    if json_out is not None and json_out != "-":
-        _write_text(Path(json_out), report_json, "the JSON result")
-    if not quiet:
-        _print_report(report, settings, to_stderr=json_out == "-")
-    if json_out == "-":
+    _write_outputs(report, settings, report_json)
+    json_to_stdout = settings.outputs.json == "-"
+    if not settings.quiet:
+        _print_report(report, settings, to_stderr=json_to_stdout)
+    if json_to_stdout:
         sys.stdout.write(report_json)
         sys.stdout.flush()
     if report.verdict == "fail":
@@ -236,12 +264,26 @@ def _finish(report: Report, settings: Settings, json_out: Optional[str], quiet: 
 @click.argument("run_json", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "fmt", flag_value="json", help="Print the JSON result.")
 @click.option("--markdown", "fmt", flag_value="markdown", help="Print Markdown (PR comments, $GITHUB_STEP_SUMMARY).")
+@click.option("--html", "html_out", metavar="PATH", help="Write a self-contained HTML report there.")
+@click.option("--junit", "junit_out", metavar="PATH", help="Write JUnit XML there (one testcase per layer).")
+@click.option("--compare", "baseline", metavar="BASELINE_JSON",
+              help="Compare with an accepted run: `report --compare OLD.json NEW.json`; exit 1 on new or "
+                   "worsened findings.")
 @click.option("--top", type=click.IntRange(min=1), help="Rows in the table (default 10).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",
               help="Config whose `save` path locates the last run.")
 @_handle_errors
-def report(run_json: Optional[Path], fmt: Optional[str], top: Optional[int], config_path: Optional[Path]) -> None:
-    """Re-render a saved run (default: the last one) without running the model."""
+def report(
+    run_json: Optional[Path],
+    fmt: Optional[str],
+    html_out: Optional[str],
+    junit_out: Optional[str],
+    baseline: Optional[str],
+    top: Optional[int],
+    config_path: Optional[Path],
+) -> None:
+    """Re-render a saved run (default: the last one) without running the model or
+    importing torch. Exit 0, or with --compare, 1 when findings are new or worse."""
     from . import report as report_module
     from .render import render
 
@@ -251,13 +293,21 @@ def report(run_json: Optional[Path], fmt: Optional[str], top: Optional[int], con
             raise UsageError("no RUN_JSON given and saving is off (save: null); pass the JSON path")
         run_json = Path(settings.save)
     loaded = report_module.load(run_json)
+    if baseline is not None:
+        from .baseline import apply_baseline
+
+        loaded = apply_baseline(loaded, report_module.load(Path(baseline)), baseline)
+    for fmt_name, target in (("html", html_out), ("junit", junit_out)):
+        if target is not None:
+            _write_text(Path(target), render(loaded, fmt_name, top=settings.top), f"the {fmt_name} report")
     if fmt == "json":
         sys.stdout.write(report_module.dumps(loaded))
-        return
-    if fmt == "markdown":
+    elif fmt == "markdown":
         sys.stdout.write(render(loaded, "markdown", top=settings.top))
-        return
-    _print_report(loaded, settings, to_stderr=False)
+    elif not (html_out or junit_out):
+        _print_report(loaded, settings, to_stderr=False)
+    if baseline is not None and loaded.verdict == "fail":
+        click.get_current_context().exit(int(ExitCode.FINDINGS))
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class DataSettings:
+    path: Optional[str]
+    """Folder of images or tensor file (``--data``)."""
     resize: Optional[int]
     """Shorter image side after resizing, pixels; None keeps each image's size."""
     crop: Optional[int]
@@ -53,10 +55,25 @@ class Thresholds:
     """Per-batch noise floor above which train-mode batch statistics are unreliable."""
     dead_channel_var: float
     """Variance (before eps) at or below which a channel is dead."""
+    baseline_worsen: float
+    """Relative growth of a layer's score that makes a known finding count as worsened."""
+
+
+@dataclass(frozen=True)
+class Outputs:
+    json: Optional[str]
+    markdown: Optional[str]
+    html: Optional[str]
+    junit: Optional[str]
 
 
 @dataclass(frozen=True)
 class Settings:
+    arch: Optional[str]
+    arch_kwargs: dict
+    baseline: Optional[str]
+    quiet: bool
+    outputs: Outputs
     data: DataSettings
     batch_size: int
     num_batches: int
@@ -98,7 +115,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefi
         if key not in base:
             known = ", ".join(sorted(base))
             raise UsageError(f"unknown config key '{prefix}{key}' in {source}; known keys: {known}")
-        if isinstance(base[key], dict):
+        if isinstance(base[key], dict) and base[key]:  # a section (an empty dict is a value)
             if not isinstance(value, dict):
                 raise UsageError(f"config key '{prefix}{key}' in {source} must be a mapping")
             merged[key] = _merge(base[key], value, source, f"{prefix}{key}.")
@@ -128,6 +145,13 @@ def _choice(raw: dict, key: str, choices: tuple[str, ...], where: str = "") -> s
     return value
 
 
+def _optional_str(raw: dict, key: str, where: str) -> Optional[str]:
+    value = raw[key]
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"setting '{where}{key}' must be a string or null, got {value!r}")
+    return value
+
+
 def _floats(raw: dict, key: str, where: str) -> tuple[float, ...]:
     value = raw[key]
     if not isinstance(value, (list, tuple)) or not all(
@@ -140,6 +164,7 @@ def _floats(raw: dict, key: str, where: str) -> tuple[float, ...]:
 def _build(raw: dict[str, Any]) -> Settings:
     d = raw["data"]
     data = DataSettings(
+        path=_optional_str(d, "path", "data."),
         resize=_number(d, "resize", int, minimum=1, optional=True, where="data."),
         crop=_number(d, "crop", int, minimum=1, optional=True, where="data."),
         mean=_floats(d, "mean", "data."),
@@ -161,7 +186,18 @@ def _build(raw: dict[str, Any]) -> Settings:
     save = raw["save"]
     if save is not None and not isinstance(save, str):
         raise UsageError("setting 'save' must be a path or null")
+    outputs = Outputs(**{f.name: _optional_str(raw["outputs"], f.name, "outputs.") for f in fields(Outputs)})
+    arch_kwargs = raw["arch_kwargs"] or {}
+    if not isinstance(arch_kwargs, dict):
+        raise UsageError("setting 'arch_kwargs' must be a mapping such as {num_classes: 10}")
+    if not isinstance(raw["quiet"], bool):
+        raise UsageError("setting 'quiet' must be true or false")
     return Settings(
+        arch=_optional_str(raw, "arch", ""),
+        arch_kwargs=dict(arch_kwargs),
+        baseline=_optional_str(raw, "baseline", ""),
+        quiet=raw["quiet"],
+        outputs=outputs,
         data=data,
         batch_size=_number(raw, "batch_size", int, minimum=1, where=""),
         num_batches=_number(raw, "num_batches", int, minimum=1, where=""),

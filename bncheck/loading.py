@@ -59,6 +59,12 @@ def parse_arch_kwargs(text: Optional[str]) -> dict[str, Any]:
         raise UsageError(f"--arch-kwargs {text!r} is not valid YAML; write e.g. '{{num_classes: 10}}'") from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise UsageError(f"--arch-kwargs must be a mapping such as '{{num_classes: 10}}', got {text!r}")
+    glued = [k for k, v in value.items() if v is None and ":" in k]
+    if glued:
+        key, _, val = glued[0].partition(":")
+        raise UsageError(
+            f"--arch-kwargs {text!r}: YAML needs a space after the colon: '{{{key}: {val}}}'"
+        )
     return value
 
 

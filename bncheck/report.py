@@ -137,6 +137,32 @@ class DataInfo:
 
 
 @dataclass(frozen=True)
+class LayerChange:
+    name: str
+    before: Optional[float]
+    """Layer score in the baseline run (None: absent or not finite)."""
+    after: Optional[float]
+    """Layer score in this run."""
+    delta: Optional[float]
+    """after - before."""
+
+
+@dataclass(frozen=True)
+class BaselineComparison:
+    source: str
+    """Path of the baseline run's JSON."""
+    new: tuple[Finding, ...]
+    """Findings (by code and layer) that the baseline did not have."""
+    worsened: tuple[Finding, ...]
+    """Findings more severe than in the baseline, or on a layer whose score grew past
+    thresholds.baseline_worsen."""
+    resolved: tuple[Finding, ...]
+    """Baseline findings that are gone."""
+    changes: tuple[LayerChange, ...]
+    """Per-layer score changes, largest first."""
+
+
+@dataclass(frozen=True)
 class Report:
     model: ModelInfo
     data: DataInfo
@@ -155,6 +181,8 @@ class Report:
     torch_version: Optional[str]
     device: Optional[str]
     duration_s: Optional[float]
+    baseline: Optional[BaselineComparison] = None
+    """Comparison with an accepted baseline run; when present it decides the verdict."""
     schema: str = SCHEMA_ID
 
     def top_finding(self, layer: LayerResult) -> Optional[Finding]:
@@ -173,6 +201,11 @@ _NESTED: dict[tuple[type, str], type] = {
     (Report, "findings"): Finding,
     (LayerResult, "worst_channels"): ChannelDrift,
     (LayerResult, "findings"): Finding,
+    (Report, "baseline"): BaselineComparison,
+    (BaselineComparison, "new"): Finding,
+    (BaselineComparison, "worsened"): Finding,
+    (BaselineComparison, "resolved"): Finding,
+    (BaselineComparison, "changes"): LayerChange,
 }
 
 

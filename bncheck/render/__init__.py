@@ -17,6 +17,8 @@ RENDERERS: dict[str, str] = {
     "table": "bncheck.render.table",
     "json": "bncheck.render.json_format",
     "markdown": "bncheck.render.markdown",
+    "html": "bncheck.render.html",
+    "junit": "bncheck.render.junit",
 }
 
 

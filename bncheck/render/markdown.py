@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..report import Report
-from .summary import next_step, num, output_line, share
+from .summary import baseline_lines, next_step, num, output_line, share
 
 
 def _cell(text: str) -> str:
@@ -46,5 +46,8 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
             where = f" `{f.layer}`" if f.layer else ""
             lines.append(f"- **{f.severity}** `{f.code}`{where}: {_cell(f.message)} *{_cell(f.hint)}*")
         lines.append("")
+    comparison = baseline_lines(report)
+    if comparison:
+        lines += ["### Baseline", "", "```", *comparison, "```", ""]
     lines.append(f"**Next:** {_cell(next_step(report))}")
     return "\n".join(lines) + "\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from ..report import Report
+from ..report import SEVERITY_ORDER, Report
 
 
 def num(value: Optional[float], digits: int = 2) -> str:
@@ -19,6 +19,25 @@ def pct(value: Optional[float]) -> str:
 def share(value: Optional[float]) -> str:
     """An attribution share as a percentage, '-' when not measured."""
     return "-" if value is None or not math.isfinite(value) else f"{100 * value:.0f}%"
+
+
+def baseline_lines(report: Report, limit: int = 5) -> list[str]:
+    """Plain lines describing the comparison with a baseline run (empty without one)."""
+    comparison = report.baseline
+    if comparison is None:
+        return []
+    lines = [
+        f"baseline {comparison.source}: {len(comparison.new)} new, {len(comparison.worsened)} worsened, "
+        f"{len(comparison.resolved)} resolved findings"
+    ]
+    for label, items in (("new", comparison.new), ("worse", comparison.worsened), ("resolved", comparison.resolved)):
+        for f in items[:limit]:
+            lines.append(f"  {label:<8} {f.severity} {f.code}{' ' + f.layer if f.layer else ''}")
+    moved = [c for c in comparison.changes if c.delta is not None and abs(c.delta) >= 0.01][:limit]
+    if moved:
+        lines.append("  largest score changes: " + ", ".join(
+            f"{c.name} {num(c.before)} -> {num(c.after)}" for c in moved))
+    return lines
 
 
 def output_line(report: Report) -> str:
@@ -39,6 +58,13 @@ def next_step(report: Report) -> str:
     """One line: what to do next."""
     if report.verdict == "no-batchnorm":
         return "No BatchNorm layers: train/eval statistics cannot drift in this model."
+    if report.baseline is not None:
+        regressions = (*report.baseline.new, *report.baseline.worsened)
+        if not regressions:
+            return f"No new or worsened findings against the baseline {report.baseline.source}."
+        worst = max(regressions, key=lambda f: SEVERITY_ORDER[f.severity])
+        where = f" ({worst.layer})" if worst.layer else ""
+        return f"new or worse since the baseline: {worst.code}{where}: {worst.hint}"
     if report.data.samples == 0 and not any(f.severity == "error" for f in report.findings):
         return "No data given: only the checkpoint was checked; run with --data to measure drift."
     if report.findings:

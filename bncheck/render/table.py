@@ -4,14 +4,16 @@ table, the findings, and one line saying what to do next. The only rich importer
 from __future__ import annotations
 
 import io
-from typing import Optional
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Callable, Optional
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from ..report import LayerResult, Report
-from .summary import next_step, num, output_line, share
+from .summary import baseline_lines, next_step, num, output_line, share
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "no-batchnorm": "bold cyan"}
@@ -89,6 +91,10 @@ def build(report: Report, top: int) -> list:
         )
     if report.findings:
         parts.append(Text(""))
+    for line in baseline_lines(report):
+        parts.append(Text(line))
+    if report.baseline is not None:
+        parts.append(Text(""))
     parts.append(Text.assemble(("next: ", "bold"), next_step(report)))
     return parts
 
@@ -108,3 +114,19 @@ def render(report: Report, *, top: int = 10, width: Optional[int] = None, color:
     for part in build(report, top):
         console.print(part)
     return buffer.getvalue()
+
+
+@contextmanager
+def progress_bar(total: Optional[int], *, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr while batches run; a no-op callback when disabled
+    (not a TTY, or --quiet)."""
+    if not enabled:
+        yield lambda _done: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("batches"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("batches", total=total)
+        yield lambda done: progress.update(task, completed=done)

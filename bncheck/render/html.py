@@ -1,0 +1,187 @@
+"""One self-contained HTML page (no scripts, no CDN): verdict banner, the score of every
+layer through network depth as an inline SVG plot (threshold lines, first divergent layer
+marked), the ranked table, each finding with its hint, and the run's metadata."""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from typing import Optional
+
+from ..report import LayerResult, Report
+from .summary import baseline_lines, next_step, num, output_line, share
+
+COLORS = {"pass": "#1a7f37", "fail": "#cf222e", "no-batchnorm": "#0969da"}
+SEVERITY_COLORS = {"error": "#cf222e", "warning": "#9a6700", "info": "#0969da"}
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1f2328;background:#fff}
+main{max-width:1100px;margin:0 auto;padding:0 24px 48px}
+.banner{color:#fff;padding:18px 24px;font-size:22px;font-weight:600}
+.banner small{font-weight:400;font-size:14px;opacity:.9;display:block;margin-top:4px}
+h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:12px 0}
+dt{color:#59636e}dd{margin:0;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;width:100%;font-size:13px;font-variant-numeric:tabular-nums}
+th,td{border-bottom:1px solid #d8dee4;padding:4px 8px;text-align:right}
+th{background:#f6f8fa;position:sticky;top:0}
+td.name,th.name,td.code,th.code{text-align:left}
+td.name{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;word-break:break-all}
+.finding{border-left:4px solid;padding:6px 12px;margin:8px 0;background:#f6f8fa}
+.finding .hint{color:#59636e;margin-top:4px}
+.next{font-size:15px;background:#fff8c5;padding:10px 14px;border-radius:6px}
+svg text{font-family:system-ui,sans-serif;font-size:11px;fill:#59636e}
+.legend span{display:inline-block;margin-right:16px;font-size:13px}
+.swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px;border-radius:2px}
+"""
+
+
+def _log(value: float, low: float) -> float:
+    return math.log10(max(value, low))
+
+
+def depth_plot(report: Report, width: int = 1040, height: int = 320) -> str:
+    """Inline SVG: train-pass score (root cause) and eval-pass score (deployment) per layer
+    in execution order, on a log scale, with the error/warning thresholds and the first
+    divergent layer."""
+    layers = sorted((la for la in report.layers if la.depth is not None), key=lambda la: la.depth or 0)
+    if not layers:
+        return "<p>No BN layer was reached by the data, so there is nothing to plot.</p>"
+    t = report.thresholds
+    values = [v for la in layers for v in (la.score, la.eval_score) if v is not None and v > 0]
+    values += [t.get("stale_error", 0.5), t.get("stale_warning", 0.25)]
+    low = 10 ** math.floor(math.log10(max(min(values), 1e-3)))
+    high = 10 ** math.ceil(math.log10(max(values)))
+    if high <= low:
+        high = low * 10
+    left, right, top, bottom = 56, 16, 16, 44
+    plot_w, plot_h = width - left - right, height - top - bottom
+    count = len(layers)
+
+    def x(i: int) -> float:
+        return left + (plot_w * (i + 0.5) / count)
+
+    def y(v: float) -> float:
+        span = _log(high, low) - _log(low, low)
+        return top + plot_h * (1 - (_log(v, low) - _log(low, low)) / span)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
+             f'role="img" aria-label="layer score through depth">']
+    parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#d0d7de"/>')
+    exponent = round(math.log10(low))
+    while 10**exponent <= high * 1.0001:
+        v = 10.0**exponent
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eaeef2"/>')
+        parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+        exponent += 1
+    for key, color, label in (("stale_error", "#cf222e", "error"), ("stale_warning", "#bf8700", "warning")):
+        if key in t:
+            yy = y(t[key])
+            parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="{color}" '
+                         f'stroke-dasharray="6 4"/>')
+            parts.append(f'<text x="{left + plot_w - 4}" y="{yy - 4:.1f}" text-anchor="end" '
+                         f'style="fill:{color}">{label} threshold {t[key]:g}</text>')
+    if report.first_divergent_layer:
+        index = next((i for i, la in enumerate(layers) if la.name == report.first_divergent_layer), None)
+        if index is not None:
+            xx = x(index)
+            parts.append(f'<line x1="{xx:.1f}" x2="{xx:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#8250df" '
+                         f'stroke-width="2"/>')
+            anchor = "start" if index < count / 2 else "end"
+            dx = 4 if anchor == "start" else -4
+            parts.append(f'<text x="{xx + dx:.1f}" y="{top + 12}" text-anchor="{anchor}" style="fill:#8250df">'
+                         f'first divergent: {escape(report.first_divergent_layer)}</text>')
+    for attr, color in (("eval_score", "#0969da"), ("score", "#cf222e")):
+        points = [(x(i), y(getattr(la, attr))) for i, la in enumerate(layers)
+                  if getattr(la, attr) is not None]
+        if len(points) > 1:
+            path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5" '
+                         f'stroke-opacity="0.8"/>')
+        radius = 3 if count <= 80 else 2
+        for (px, py), la in zip(points, [la for la in layers if getattr(la, attr) is not None]):
+            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{radius}" fill="{color}">'
+                         f'<title>{escape(la.name)}: {attr.replace("_", " ")} {num(getattr(la, attr), 3)}</title>'
+                         f'</circle>')
+    for i, la in enumerate(layers):
+        if la.score is None and any(f.code == "non-finite-stats" for f in la.findings):
+            parts.append(f'<text x="{x(i):.1f}" y="{top + 24}" text-anchor="middle" '
+                         f'style="fill:#cf222e;font-weight:700">NaN<title>{escape(la.name)}</title></text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">'
+                 f'BN layers in execution order (first {escape(layers[0].name)} … last {escape(layers[-1].name)})'
+                 f'</text>')
+    parts.append(f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">'
+                 f'score (log scale)</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _row(layer: LayerResult, report: Report) -> str:
+    finding = report.top_finding(layer)
+    code = ""
+    if finding:
+        code = f'<span style="color:{SEVERITY_COLORS[finding.severity]}">{escape(finding.code)}</span>'
+    score = num(layer.score)
+    if layer.score is None and any(f.code == "non-finite-stats" for f in layer.findings):
+        score = '<b style="color:#cf222e">NaN</b>'
+    cells = [
+        str(layer.rank), f'<td class="name">{escape(layer.name or "(root)")}</td>', escape(layer.type),
+        str(layer.channels), score, num(layer.drift_to_noise, 1), num(layer.mean_shift), num(layer.scale_ratio),
+        num(layer.eval_score), share(layer.attribution), f'<td class="code">{code}</td>',
+    ]
+    return "<tr>" + "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def _meta(report: Report) -> str:
+    m, d = report.model, report.data
+    rows: list[tuple[str, Optional[str]]] = [
+        ("checkpoint", m.checkpoint), ("architecture", m.arch), ("format", m.format),
+        ("sha256", m.sha256), ("BN layers", str(m.bn_layers)),
+        ("data", d.source), ("samples", f"{d.samples} ({d.batches} batches of {d.batch_size})"),
+        ("skipped files", str(d.skipped) if d.skipped else None),
+        ("fail on", report.fail_on), ("device", report.device),
+        ("bncheck / torch", f"{report.bncheck_version} / {report.torch_version}"),
+        ("duration", f"{report.duration_s:.1f} s" if report.duration_s is not None else None),
+        ("thresholds", ", ".join(f"{k} {v:g}" for k, v in report.thresholds.items())),
+    ]
+    return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows if v) + "</dl>"
+
+
+def render(report: Report, *, top: int = 50, **_options: object) -> str:
+    color = COLORS.get(report.verdict, "#59636e")
+    title = f"bncheck: {report.verdict.upper()}"
+    subject = report.model.checkpoint or report.model.arch or "in-memory model"
+    findings = "".join(
+        f'<div class="finding" style="border-color:{SEVERITY_COLORS[f.severity]}">'
+        f'<b style="color:{SEVERITY_COLORS[f.severity]}">{escape(f.severity)}</b> <code>{escape(f.code)}</code>'
+        f'{" <code>" + escape(f.layer) + "</code>" if f.layer else ""}: {escape(f.message)}'
+        f'<div class="hint">{escape(f.hint)}</div></div>'
+        for f in report.findings
+    ) or "<p>No findings.</p>"
+    shown = report.layers[:top]
+    more = len(report.layers) - len(shown)
+    table = (
+        '<table><thead><tr><th>#</th><th class="name">layer</th><th>type</th><th>ch</th><th>score</th>'
+        '<th>×noise</th><th>mean shift</th><th>scale ratio</th><th>eval score</th><th>fix</th>'
+        '<th class="code">finding</th></tr></thead><tbody>'
+        + "".join(_row(layer, report) for layer in shown)
+        + "</tbody></table>"
+        + (f"<p>… {more} more layers in the JSON result.</p>" if more > 0 else "")
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{escape(title)} — {escape(subject)}</title><style>{CSS}</style></head>
+<body><div class="banner" style="background:{color}">{escape(title)}
+<small>{escape(subject)} · {escape(output_line(report))}</small></div>
+<main>
+<p class="next"><b>Next:</b> {escape(next_step(report))}</p>
+<h2>Score through depth</h2>
+<div class="legend"><span><i class="swatch" style="background:#cf222e"></i>train-mode pass (root cause)</span>
+<span><i class="swatch" style="background:#0969da"></i>eval-mode pass (deployment impact)</span>
+<span><i class="swatch" style="background:#8250df"></i>first divergent layer</span></div>
+{depth_plot(report)}
+<h2>Findings</h2>{findings}
+{"<h2>Baseline</h2><pre>" + escape(chr(10).join(baseline_lines(report))) + "</pre>" if report.baseline else ""}
+<h2>Layers, most divergent first</h2>{table}
+<h2>Run</h2>{_meta(report)}
+</main></body></html>
+"""

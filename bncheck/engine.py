@@ -420,6 +420,21 @@ def _rank_key(item: tuple[LayerFacts, _Scores]) -> tuple:
     return (2, 0.0, facts.depth if facts.depth is not None else 10**9)
 
 
+def _discover(
+    model: nn.Module, settings: Settings, model_info: Optional[ModelInfo]
+) -> tuple[list[BNLayer], set[str], ModelInfo]:
+    """The BN layers, the names the ``ignore`` globs leave out, and the model info with the
+    layer count. Ignored layers still switch modes and run (the model must behave as in
+    training); they are only left out of ranking and findings."""
+    layers = find_bn_layers(model)
+    ignored = {
+        layer.name for layer in layers
+        if any(fnmatch.fnmatchcase(layer.name, glob) for glob in settings.ignore)
+    }
+    info = replace(model_info or ModelInfo(None, None, "in-memory", None, 0), bn_layers=len(layers))
+    return layers, ignored, info
+
+
 def analyze(
     model: nn.Module,
     batches: Iterable[Any],
@@ -440,16 +455,7 @@ def analyze(
     """
     started = time.perf_counter()
     settings = settings or load_settings()
-    # Ignored layers still switch modes and run (the model must behave as in training);
-    # they are only left out of ranking and findings.
-    layers = find_bn_layers(model)
-    ignored = {
-        layer.name for layer in layers
-        if any(fnmatch.fnmatchcase(layer.name, glob) for glob in settings.ignore)
-    }
-    model_info = replace(
-        model_info or ModelInfo(None, None, "in-memory", None, 0), bn_layers=len(layers)
-    )
+    layers, ignored, model_info = _discover(model, settings, model_info)
     device, float_dtype = _model_placement(model)
     before = fingerprint(model)
     runs = [_LayerRun(layer, layer.module.training) for layer in layers]
@@ -558,12 +564,7 @@ def lint(
     mode, tracking disabled, never-updated, non-finite or near-zero running statistics."""
     started = time.perf_counter()
     settings = settings or load_settings()
-    layers = find_bn_layers(model)
-    ignored = {
-        layer.name for layer in layers
-        if any(fnmatch.fnmatchcase(layer.name, glob) for glob in settings.ignore)
-    }
-    model_info = replace(model_info or ModelInfo(None, None, "in-memory", None, 0), bn_layers=len(layers))
+    layers, ignored, model_info = _discover(model, settings, model_info)
     runs = [_LayerRun(layer, layer.module.training) for layer in layers]
     device, _ = _model_placement(model)
     data_info = DataInfo(None, 0, 0, 0, False, 0)

@@ -111,14 +111,18 @@ def _load_file_attr(path_text: str, attr: str, spec: str) -> Callable:
     return _attr(module, attr, spec)
 
 
+def _unknown_model(spec: str, source: str, name: str, available: list[str]) -> InputError:
+    close = difflib.get_close_matches(name, sorted(available), n=3)
+    suggestion = f"; did you mean {', '.join(f'{source}:{c}' for c in close)}?" if close else ""
+    return InputError(f"--arch {spec}: {source} has no model {name!r}{suggestion}")
+
+
 def _torchvision_builder(name: str, spec: str) -> Callable:
     import torchvision.models as tvm
 
-    available = set(tvm.list_models())
+    available = tvm.list_models()
     if name not in available:
-        close = difflib.get_close_matches(name, sorted(available), n=3)
-        suggestion = f"; did you mean {', '.join('torchvision:' + c for c in close)}?" if close else ""
-        raise InputError(f"--arch {spec}: torchvision has no model {name!r}{suggestion}")
+        raise _unknown_model(spec, "torchvision", name, available)
 
     def build(**kwargs: Any) -> nn.Module:
         kwargs.setdefault("weights", None)  # never download
@@ -133,9 +137,7 @@ def _timm_builder(name: str, spec: str) -> Callable:
     except ImportError:
         raise InputError(f"--arch {spec} needs timm: pip install timm") from None
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        suggestion = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
-        raise InputError(f"--arch {spec}: timm has no model {name!r}{suggestion}")
+        raise _unknown_model(spec, "timm", name, timm.list_models())
 
     def build(**kwargs: Any) -> nn.Module:
         kwargs.setdefault("pretrained", False)  # never download

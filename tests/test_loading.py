@@ -130,3 +130,24 @@ def test_timm_without_timm_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_timm)
     with pytest.raises(InputError, match="pip install timm"):
         load_model(None, "timm:resnet18")
+
+
+def test_timm_models_and_their_bn_variants() -> None:
+    timm = pytest.importorskip("timm")
+    from timm.layers import freeze_batch_norm_2d
+
+    from bncheck.discovery import find_bn_layers
+
+    loaded = load_model(None, "timm:efficientnet_b0", {"num_classes": 4})
+    model = loaded.module
+    layers = find_bn_layers(model)
+    assert len(layers) == 49 and {(la.type_name, la.kind) for la in layers} == {("BatchNormAct2d", "batchnorm")}
+    calibrate(model, [torch.randn(8, 3, 32, 32) for _ in range(4)])
+    with torch.no_grad():
+        model.bn1.running_mean += 3 * model.bn1.running_var.sqrt()
+    report = analyze(model, [torch.randn(8, 3, 32, 32) for _ in range(3)])
+    assert report.layers[0].name == "bn1" and report.verdict == "fail"
+    frozen = freeze_batch_norm_2d(timm.create_model("resnet18", pretrained=False, num_classes=4))
+    assert {(la.type_name, la.kind) for la in find_bn_layers(frozen)} == {("FrozenBatchNorm2d", "frozen")}
+    with pytest.raises(InputError, match="did you mean timm:resnet18"):
+        load_model(None, "timm:resnet19")

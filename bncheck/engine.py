@@ -49,6 +49,9 @@ from .report import (
 )
 
 WORST_CHANNELS = 5
+Progress = Callable[[str, int, Optional[int]], None]
+"""``progress(stage, done, total)``: stage ``batches`` (total unknown to the engine) or
+``attribution`` (one step per eval batch of the attribution passes)."""
 
 
 # Above this ratio of squared mean to variance, E[x^2] - mean^2 in float32 loses more than
@@ -257,6 +260,12 @@ def _forward(model: nn.Module, inputs: Any, mode: str) -> Any:
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         shapes = [tuple(t.shape) for t in _tensors(inputs)]
+        integer = next((t.dtype for t in _tensors(inputs) if not (t.is_floating_point() or t.is_complex())), None)
+        if integer is not None and ("type" in first_line.lower() or "dtype" in first_line.lower()):
+            first_line += (
+                f" (the data is {integer}: tensor files are fed to the model as stored; save them as float, "
+                "normalized as in training)"
+            )
         if "Expected more than 1 value per channel" in first_line:
             raise InputError(
                 f"a BN layer got a single value per channel in train mode (input shape {shapes}); "
@@ -443,7 +452,7 @@ def analyze(
     model_info: Optional[ModelInfo] = None,
     data_source: Optional[str] = None,
     skipped_files: int = 0,
-    progress: Optional[Callable[[int], None]] = None,
+    progress: Optional[Progress] = None,
 ) -> Report:
     """Compare every BN layer's running statistics with the statistics of ``batches``.
 
@@ -491,7 +500,7 @@ def analyze(
                 largest_batch = max(largest_batch, n)
                 batches_seen += 1
                 if progress is not None:
-                    progress(batches_seen)
+                    progress("batches", batches_seen, None)
     finally:
         after = fingerprint(model)
     if after != before:
@@ -512,9 +521,11 @@ def analyze(
     if not flagged or not gap:
         return report
     by_name = {run.layer.name: run for run in runs}
-    attribution = {
-        name: _attribute(model, layers, by_name[name], keep, gap, before) for name in flagged
-    }
+    attribution = {}
+    for index, name in enumerate(flagged):
+        if progress is not None:
+            progress("attribution", index * len(keep), len(flagged) * len(keep))
+        attribution[name] = _attribute(model, layers, by_name[name], keep, gap, before)
     return _build_report(runs, ignored, settings, model_info, data_info, output, str(device), started,
                          has_data=True, attribution=attribution)
 

@@ -117,16 +117,21 @@ def render(report: Report, *, top: int = 10, width: Optional[int] = None, color:
 
 
 @contextmanager
-def progress_bar(total: Optional[int], *, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr while batches run; a no-op callback when disabled
-    (not a TTY, or --quiet)."""
+def progress_bar(total: Optional[int], *, enabled: bool) -> Iterator[Callable[[str, int, Optional[int]], None]]:
+    """A progress bar on stderr for the batches, then the attribution passes; a no-op
+    callback when disabled (stderr not a terminal, or --quiet)."""
     if not enabled:
-        yield lambda _done: None
+        yield lambda _stage, _done, _total: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    with Progress(TextColumn("batches"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("batches", total=total)
-        yield lambda done: progress.update(task, completed=done)
+
+        def update(stage: str, done: int, stage_total: Optional[int]) -> None:
+            progress.update(task, description=stage, completed=done,
+                            total=stage_total if stage_total is not None else total)
+
+        yield update

@@ -114,6 +114,8 @@ class _Collector:
     def add(self, run: _LayerRun, means: Tensor, variances: Tensor, per_group: int) -> None:
         attr = self.mode
         moments = getattr(run, attr)
+        if means.device.type not in ("cpu", "cuda"):  # e.g. MPS has no float64: pool on the host
+            means, variances = means.cpu(), variances.cpu()
         if moments is None:
             moments = ChannelMoments(means.shape[1], device=means.device)
             setattr(run, attr, moments)
@@ -246,7 +248,7 @@ def _to_device(value: Any, device: torch.device, float_dtype: Optional[torch.dty
     if isinstance(value, dict):
         return {k: _to_device(v, device, float_dtype) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device, float_dtype) for v in value)
+        return _rebuild(value, [_to_device(v, device, float_dtype) for v in value])
     return value
 
 
@@ -276,6 +278,24 @@ def _forward(model: nn.Module, inputs: Any, mode: str) -> Any:
             f"{shapes[0] if len(shapes) == 1 else shapes}: {first_line}; check that the data "
             "matches the model (size, channels, transforms, --arch-kwargs)"
         ) from None
+
+
+def _to_host(value: Any) -> Any:
+    """Detached CPU copies of every tensor in a (nested) value."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return _rebuild(value, [_to_host(v) for v in value])
+    return value
+
+
+def _rebuild(sequence: Any, items: list) -> Any:
+    """A list, tuple or namedtuple of the same type holding ``items``."""
+    if hasattr(sequence, "_fields"):
+        return type(sequence)(*items)
+    return type(sequence)(items)
 
 
 def _model_placement(model: nn.Module) -> tuple[torch.device, Optional[torch.dtype]]:
@@ -494,7 +514,9 @@ def analyze(
                 snapshot.restore_buffers()
                 tally.add(out_train, out_eval, labels)
                 if keep is not None:
-                    keep.append((inputs, labels, out_train))
+                    # on the host: attribution re-reads them once per layer, and accelerator
+                    # memory is for the model
+                    keep.append((_to_host(inputs), labels, _to_host(out_train)))
                 any_labels = any_labels or labels is not None
                 samples += n
                 largest_batch = max(largest_batch, n)
@@ -559,8 +581,10 @@ def _attribute(
             set_bn_train_mode(model, layers, bn_training=False)
             layer.running_mean.copy_(moments.mean.to(layer.running_mean))
             layer.running_var.copy_(moments.var.to(layer.running_var))
+            device, float_dtype = _model_placement(model)
             for inputs, labels, out_train in kept:
-                tally.add(out_train, _forward(model, inputs, "eval"), labels)
+                out_eval = _forward(model, _to_device(inputs, device, float_dtype), "eval")
+                tally.add(out_train, _to_host(out_eval), labels)
     finally:
         if fingerprint(model) != fingerprint_before:
             raise InternalError("the model changed during attribution; please report this bug")

@@ -87,12 +87,10 @@ def _write_text(path: Path, text: str, what: str) -> None:
 def _save_last_run(report_json: str, settings: Settings) -> None:
     if settings.save is None:
         return
-    path = Path(settings.save)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report_json, encoding="utf-8")
-    except OSError as exc:
-        _err(f"warning: could not save the run to {path} ({exc.strerror}); `bncheck report` will not see it")
+        _write_text(Path(settings.save), report_json, "the run")
+    except UsageError as exc:  # the result still prints; only `bncheck report` misses it
+        _err(f"warning: {exc}; `bncheck report` will not see this run")
 
 
 def _print_report(report: Report, settings: Settings, to_stderr: bool) -> None:

@@ -650,9 +650,10 @@ def _build_report(
         for run in runs
         if run.eval is not None and run.layer.running_mean is not None
     }
+    layer_by_name = {run.layer.name: run.layer for run in runs}
     layer_results = []
     for rank, (facts, s) in enumerate(scored, start=1):
-        layer = next(r.layer for r in runs if r.layer.name == facts.name)
+        layer = layer_by_name[facts.name]
         ev = eval_scores.get(facts.name)
         layer_results.append(
             LayerResult(

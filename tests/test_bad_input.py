@@ -275,7 +275,7 @@ def test_unwritable_save_dir_still_prints(root: Path, tmp_path: Path, monkeypatc
                                       "--save", f"{root}/blocked/last-run.json"])
     assert result.exit_code in (0, 1), stderr_of(result)
     assert "bncheck" in result.stdout
-    assert "warning: could not save the run" in stderr_of(result)
+    assert "warning: cannot write the run to" in stderr_of(result)
 
 
 def test_unexpected_exception_is_exit_4_with_debug_hint(root: Path, tmp_path: Path, monkeypatch) -> None:

@@ -214,17 +214,28 @@ def _torch_load(path: Path, trusted: bool) -> Any:
                 "if you trust the file, or save model.state_dict() instead"
             ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        reason = detail.group(1).strip() if detail else text.splitlines()[0][:200]
-        raise InputError(
-            f"{path} is not a readable PyTorch checkpoint ({reason[:200]}); check that the file is "
-            "complete and was written by torch.save"
-        ) from None
+        raise _unreadable(path, detail.group(1) if detail else text) from None
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise InputError(
-            f"{path} is not a readable PyTorch checkpoint ({first}); check that the file is "
-            "complete and was written by torch.save"
-        ) from None
+        raise _unreadable(path, str(exc) or type(exc).__name__) from None
+
+
+def _unreadable(path: Path, reason: str) -> InputError:
+    """One line for a file torch.load cannot read: what it looks like, and torch's reason
+    cut to its first sentence."""
+    with path.open("rb") as fh:
+        head = fh.read(512)
+    try:
+        looks_like_text = all(ch.isprintable() or ch in "\r\n\t" for ch in head.decode("utf-8"))
+    except UnicodeDecodeError:  # binary (or text cut mid-character: then the generic message)
+        looks_like_text = False
+    if looks_like_text:
+        return InputError(f"{path} is a text file, not a PyTorch checkpoint; pass the file written by torch.save")
+    first = (reason.strip().splitlines() or [""])[0]
+    first = re.split(r"(?<=[a-z])\. ", first)[0].rstrip(".")[:120]
+    return InputError(
+        f"{path} is not a readable PyTorch checkpoint ({first}); check that the file is complete "
+        "(not truncated by a download or copy) and was written by torch.save"
+    )
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -140,7 +140,7 @@ CASES = [
     Case("truncated zip", lambda r: ["run", f"{r}/truncated.pt", *TINY(r), *DATA(r)], 3,
          ("truncated.pt", "not a readable PyTorch checkpoint")),
     Case("random bytes", lambda r: ["run", f"{r}/random.pt", *TINY(r), *DATA(r)], 3, ("random.pt", "not a readable")),
-    Case("text file", lambda r: ["run", f"{r}/notes.pt", *TINY(r), *DATA(r)], 3, ("notes.pt", "not a readable")),
+    Case("text file", lambda r: ["run", f"{r}/notes.pt", *TINY(r), *DATA(r)], 3, ("notes.pt", "text file")),
     Case("state_dict of another architecture", lambda r: ["run", f"{r}/other_arch.pt", *TINY(r), *DATA(r)], 3,
          ("other_arch.pt", "does not fit", "missing", "--arch")),
     Case("wrong num_classes", lambda r: ["run", f"{r}/seven_classes.pt", *TINY(r), *DATA(r)], 3,

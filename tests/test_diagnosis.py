@@ -142,3 +142,23 @@ def test_frozen_batchnorm_model(batches) -> None:
     assert {f.code for f in report.findings} == {"frozen-bn"}
     assert not codes(report)
     assert report.output.top1_agreement == 1.0  # no train mode: both passes agree
+
+
+def test_dead_running_variance_blows_up(batches) -> None:
+    model = trained()
+    bn = model.stage2[0].branch2[1]
+    with torch.no_grad():
+        bn.running_var[:3] = 0.0  # e.g. a tool that zeroed "unused" channels
+    report = analyze(model, batches)
+    layer = next(la for la in report.layers if la.name == "stage2.0.branch2.1")
+    codes_here = {f.code for f in layer.findings}
+    assert "dead-channels" in codes_here and layer.rank == 1
+    finding = next(f for f in layer.findings if f.code == "dead-channels")
+    assert finding.message.startswith("3 of 24 channels")
+
+
+def test_healthy_at_batch_size_8_and_32_has_no_drift() -> None:
+    for batch_size, num_batches in ((8, 8), (32, 4)):
+        report = analyze(trained(), sample(batch_size=batch_size, num_batches=num_batches))
+        assert report.verdict == "pass" and not codes(report)
+        assert not any(f.code == "stale-running-stats" for f in report.findings)

@@ -55,6 +55,10 @@ class Thresholds:
     """Per-batch noise floor above which train-mode batch statistics are unreliable."""
     dead_channel_var: float
     """Variance (before eps) at or below which a channel is dead."""
+    eps_low: float
+    """Lint: a layer eps below this is unusual."""
+    eps_high: float
+    """Lint: a layer eps above this is unusual."""
     baseline_worsen: float
     """Relative growth of a layer's score that makes a known finding count as worsened."""
 

@@ -53,6 +53,8 @@ class LayerFacts:
     """The module was in train mode when the run started (how it was saved)."""
     attribution: Optional[float] = None
     """Share of the output gap that fixing this layer alone removes (None: not measured)."""
+    eps: float = 1e-5
+    """The layer's eps."""
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
@@ -206,6 +208,22 @@ def _lint_findings(f: LayerFacts, t: Thresholds) -> list[Finding]:
             "pseudo-frozen", "warning", f.name,
             f"{why}; if it trained in train mode, eval mode uses statistics from before that training.",
             "Run bncheck with --data to measure it; keep frozen BN layers in eval mode while fine-tuning.",
+        ))
+    if f.momentum is None and f.kind == "batchnorm" and not f.default_buffers:
+        out.append(Finding(
+            "stale-running-stats", "info", f.name,
+            "momentum=None: the running stats are a cumulative average over every batch seen since the "
+            "start of training, early weights included.",
+            "Run bncheck with --data to measure whether that matters; recalibrate after training "
+            "(torch.optim.swa_utils.update_bn) if it does.",
+        ))
+    if not t.eps_low <= f.eps <= t.eps_high:
+        out.append(Finding(
+            "unusual-eps", "warning", f.name,
+            f"eps={f.eps:g} is outside {t.eps_low:g}..{t.eps_high:g}: "
+            + ("eval mode barely damps low-variance channels." if f.eps < t.eps_low
+               else "it dominates the variance of quiet channels, so normalization is weaker than it looks."),
+            "Check that eps was not changed by a conversion tool or a config typo (PyTorch's default is 1e-5).",
         ))
     if f.dead_running and not f.default_buffers:
         out.append(Finding(

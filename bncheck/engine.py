@@ -436,6 +436,7 @@ def _facts(run: _LayerRun, s: _Scores, batch_size: int, dead_var: float) -> Laye
         dead_running=int((rv <= dead_var).sum()) if rv is not None else 0,
         affine_frozen=bool(affine) and not any(p.requires_grad for p in affine),
         saved_training=run.saved_training,
+        eps=layer.eps,
     )
 
 

@@ -162,3 +162,9 @@ def test_healthy_at_batch_size_8_and_32_has_no_drift() -> None:
         report = analyze(trained(), sample(batch_size=batch_size, num_batches=num_batches))
         assert report.verdict == "pass" and not codes(report)
         assert not any(f.code == "stale-running-stats" for f in report.findings)
+
+
+def test_truly_stale_layer_is_flagged_at_batch_size_8() -> None:
+    report = analyze(trained("pseudo_frozen"), sample(batch_size=8, num_batches=8))
+    assert report.layers[0].name == "conv1.1"
+    assert ("stale-running-stats", "conv1.1") in codes(report)

@@ -245,6 +245,7 @@ def test_lint_without_data_reads_the_checkpoint_alone() -> None:
     model.bn2.running_mean.fill_(0.1)
     model.bn2.num_batches_tracked.fill_(5)
     model.bn3.running_var[:3] = 0.0  # dead channels
+    model.bn3.eps = 0.5  # a conversion tool's typo
     model.bn3.running_mean.fill_(0.2)
     model.bn3.num_batches_tracked.fill_(5)
     before = state_copy(model)
@@ -252,9 +253,14 @@ def test_lint_without_data_reads_the_checkpoint_alone() -> None:
     assert_identical(model, before)
     codes = {(f.layer, f.code) for f in report.findings}
     assert ("bn1", "pseudo-frozen") in codes and ("bn2", "pseudo-frozen") in codes
-    assert ("bn3", "dead-channels") in codes
+    assert ("bn3", "dead-channels") in codes and ("bn3", "unusual-eps") in codes
     assert report.data.samples == 0 and report.output.kind == "none"
     assert all(layer.score is None for layer in report.layers)
     assert report.verdict == "pass"  # warnings only: nothing measured yet
     fresh = lint(TinyNet())
     assert {f.code for f in fresh.findings} == {"never-updated"}
+    cumulative = TinyNet()
+    cumulative.bn2.momentum = None
+    cumulative.bn2.running_mean.fill_(0.5)
+    found = {(f.layer, f.code, f.severity) for f in lint(cumulative).findings}
+    assert ("bn2", "stale-running-stats", "info") in found

@@ -252,6 +252,18 @@ def _to_device(value: Any, device: torch.device, float_dtype: Optional[torch.dty
     return value
 
 
+def _export_hint(model: nn.Module) -> str:
+    """For torch.export programs: the input shape they were exported with (often baked in)."""
+    example = getattr(model, "example_inputs", None)
+    shapes = [tuple(t.shape) for t in _tensors(example)] if example is not None else []
+    if not shapes or not shapes[0]:
+        return ""
+    return (
+        f"; the program was exported with input shape {shapes[0]} and may only accept that batch size "
+        f"(try --batch-size {shapes[0][0]}, or re-export with dynamic shapes)"
+    )
+
+
 def _forward(model: nn.Module, inputs: Any, mode: str) -> Any:
     try:
         if isinstance(inputs, dict):
@@ -276,7 +288,7 @@ def _forward(model: nn.Module, inputs: Any, mode: str) -> Any:
         raise InputError(
             f"the model's {mode}-mode forward pass failed on input of shape "
             f"{shapes[0] if len(shapes) == 1 else shapes}: {first_line}; check that the data "
-            "matches the model (size, channels, transforms, --arch-kwargs)"
+            f"matches the model (size, channels, transforms, --arch-kwargs){_export_hint(model)}"
         ) from None
 
 

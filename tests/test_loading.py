@@ -83,6 +83,22 @@ def test_exported_program_runs_both_modes(tmp_path, stale_tiny) -> None:
     assert torch.equal(graph_buffers["bn2.running_mean"], stale_tiny.bn2.running_mean)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_exported_program_with_baked_batch_size_says_so(tmp_path) -> None:
+    class Flat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyNet()
+
+        def forward(self, x):
+            return self.net(x).view(16, -1)
+
+    torch.export.save(torch.export.export(Flat().eval(), (torch.randn(16, 3, 12, 12),)), tmp_path / "f.pt2")
+    loaded = load_model(tmp_path / "f.pt2")
+    with pytest.raises(InputError, match=r"exported with input shape \(16, 3, 12, 12\).*--batch-size 16"):
+        analyze(loaded.module, [torch.randn(8, 3, 12, 12)] * 2)
+
+
 def test_npz_with_key_and_labels(tmp_path) -> None:
     x = np.random.default_rng(0).normal(size=(8, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "d.npz", images=x, other=x * 2, labels=np.arange(8) % 5)

@@ -109,19 +109,27 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "batches are large and drawn like the training batches.",
         )
         return out
-    never_updated = f.default_buffers or f.num_batches_tracked == 0
+    never_updated = f.default_buffers
     if never_updated:
-        why = (
-            "running_mean is all 0 and running_var all 1"
-            if f.default_buffers
-            else "num_batches_tracked is 0"
-        )
+        count = f.num_batches_tracked
+        tracked = "" if count in (None, 0) else f" (though num_batches_tracked is {count})"
         add(
             "never-updated",
             "error" if _stale_severity(f, t) else "warning",
-            f"{why}: the running stats were never updated from data (score {_fmt(f.score)}).",
+            f"running_mean is all 0 and running_var all 1{tracked}: the running stats were never updated "
+            f"from data (score {_fmt(f.score)}).",
             "Run forward passes in train mode over training data to calibrate them "
             "(torch.optim.swa_utils.update_bn), or check that the checkpoint holds the buffers.",
+        )
+    elif f.num_batches_tracked == 0 and f.kind == "batchnorm":
+        # Real statistics with a zero counter: written by a converter or tool (or an old
+        # checkpoint without the counter), not by train-mode updates. Judged by the data.
+        add(
+            "never-updated",
+            "info",
+            "num_batches_tracked is 0 but the running stats are not at their defaults: they were set by a "
+            "conversion or tool, not by training updates; they are checked against the data like any other.",
+            "Nothing to do unless the layer is also flagged; keep the counter when converting checkpoints.",
         )
     if f.kind == "frozen":
         checked = (

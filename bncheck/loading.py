@@ -339,7 +339,10 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path:
         for k, v in state.items()
         if k in expected and isinstance(expected[k], Tensor) and tuple(v.shape) != tuple(expected[k].shape)
     ]
-    missing = [k for k in expected if k not in state]
+    # Checkpoints from before PyTorch 0.4.1, and many converted ones, lack num_batches_tracked;
+    # it only counts updates, so it stays at the model's value (reported as never-updated
+    # only when it is 0 and the statistics also look untouched).
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     wrong_kind = [
         (k, v.dtype, expected[k].dtype) for k, v in state.items()
@@ -371,7 +374,10 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path:
             f"{path} does not fit --arch {spec} ({matched} of {len(expected)} keys match; "
             f"{'; '.join(parts)}); check --arch and --arch-kwargs"
         )
-    model.load_state_dict(state, strict=True)
+    result = model.load_state_dict(state, strict=False)
+    left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if left or result.unexpected_keys:  # the checks above should have caught these
+        raise InputError(f"{path} does not fit --arch {spec}: {_summarize(left + list(result.unexpected_keys))}")
 
 
 def load_model(

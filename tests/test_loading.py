@@ -57,6 +57,18 @@ def test_state_dict_layouts(tmp_path, stale_tiny, arch, wrap) -> None:
     assert not loaded.module.training
 
 
+def test_checkpoint_without_num_batches_tracked(tmp_path, stale_tiny, arch) -> None:
+    state = {k: v for k, v in stale_tiny.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "old.pt")
+    loaded = load_model(tmp_path / "old.pt", arch)
+    assert torch.equal(loaded.module.bn2.running_mean, stale_tiny.bn2.running_mean)
+    report = analyze(loaded.module, make_batches())
+    assert report.layers[0].name == "bn2"
+    # a zero counter with real statistics is noted, not called never-updated
+    assert {(f.code, f.severity) for f in report.findings if f.code == "never-updated"} == {("never-updated", "info")}
+    assert ("stale-running-stats", "bn2") in {(f.code, f.layer) for f in report.findings}
+
+
 def test_safetensors_checkpoint(tmp_path, stale_tiny, arch) -> None:
     from safetensors.torch import save_file
 

@@ -32,7 +32,6 @@ Batch = tuple[Tensor, Optional[Tensor]]
 class DataSource:
     """Batches for ``analyze`` plus what the report says about them."""
 
-    description: str
     batches: Callable[[], Iterator[Batch]]
     planned_samples: int
     skipped: list[str]
@@ -134,7 +133,6 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: in
             )
 
     return DataSource(
-        description=f"{root} ({len(files)} images{', class subfolders' if labels else ''})",
         batches=batches,
         planned_samples=min(wanted, len(files)),
         skipped=skipped,
@@ -224,7 +222,6 @@ def tensor_file(path: Path, batch_size: int, num_batches: int, key: Optional[str
             yield inputs[start:stop], labels[start:stop] if labels is not None else None
 
     return DataSource(
-        description=f"{path}{f':{key}' if key else ''} (tensor {list(inputs.shape)}, {inputs.dtype})",
         batches=batches,
         planned_samples=min(total, batch_size * num_batches),
         skipped=[],

@@ -25,15 +25,12 @@ class LayerFacts:
     depth: Optional[int]
     score: Optional[float]
     """Train-pass score; None when not measurable or not finite (see the flags below)."""
-    mean_shift: Optional[float]
     max_abs_mean_shift: Optional[float]
-    noise_floor: Optional[float]
     drift_to_noise: Optional[float]
     batch_noise: Optional[float]
     batch_size: int
     momentum: Optional[float]
     track_running_stats: bool
-    called: bool
     nonfinite_running: int
     """Channels whose running mean or var is NaN/Inf."""
     nonfinite_batch: int

@@ -185,6 +185,11 @@ class Report:
     """Comparison with an accepted baseline run; when present it decides the verdict."""
     schema: str = SCHEMA_ID
 
+    @staticmethod
+    def non_finite(layer: LayerResult) -> bool:
+        """The layer's score is null because its statistics hold NaN/Inf (not merely unmeasured)."""
+        return layer.score is None and any(f.code == "non-finite-stats" for f in layer.findings)
+
     def top_finding(self, layer: LayerResult) -> Optional[Finding]:
         return max(layer.findings, key=lambda f: SEVERITY_ORDER[f.severity], default=None)
 

@@ -103,7 +103,7 @@ def depth_plot(report: Report, width: int = 1040, height: int = 320) -> str:
                          f'<title>{escape(la.name)}: {attr.replace("_", " ")} {num(getattr(la, attr), 3)}</title>'
                          f'</circle>')
     for i, la in enumerate(layers):
-        if la.score is None and any(f.code == "non-finite-stats" for f in la.findings):
+        if report.non_finite(la):
             parts.append(f'<text x="{x(i):.1f}" y="{top + 24}" text-anchor="middle" '
                          f'style="fill:#cf222e;font-weight:700">NaN<title>{escape(la.name)}</title></text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">'
@@ -120,9 +120,7 @@ def _row(layer: LayerResult, report: Report) -> str:
     code = ""
     if finding:
         code = f'<span style="color:{SEVERITY_COLORS[finding.severity]}">{escape(finding.code)}</span>'
-    score = num(layer.score)
-    if layer.score is None and any(f.code == "non-finite-stats" for f in layer.findings):
-        score = '<b style="color:#cf222e">NaN</b>'
+    score = '<b style="color:#cf222e">NaN</b>' if report.non_finite(layer) else num(layer.score)
     cells = [
         str(layer.rank), f'<td class="name">{escape(layer.name or "(root)")}</td>', escape(layer.type),
         str(layer.channels), score, num(layer.drift_to_noise, 1), num(layer.mean_shift), num(layer.scale_ratio),

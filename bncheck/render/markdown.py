@@ -31,8 +31,7 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
         ]
         for layer in report.layers[:top]:
             finding = report.top_finding(layer)
-            broken = any(f.code == "non-finite-stats" for f in layer.findings)
-            score = "NaN" if layer.score is None and broken else num(layer.score)
+            score = "NaN" if report.non_finite(layer) else num(layer.score)
             lines.append(
                 f"| {layer.rank} | `{_cell(layer.name)}` | {layer.type} | {layer.channels} | {score} | "
                 f"{num(layer.drift_to_noise, 1)} | {num(layer.mean_shift)} | {num(layer.scale_ratio)} | "

@@ -22,7 +22,7 @@ VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "no-batchnorm": "bold
 def _score_text(layer: LayerResult, report: Report) -> Text:
     finding = report.top_finding(layer)
     if layer.score is None:
-        broken = any(f.code == "non-finite-stats" for f in layer.findings)
+        broken = report.non_finite(layer)
         return Text("NaN" if broken else "-", style="bold red" if broken else "dim")
     style = SEVERITY_STYLE.get(finding.severity, "") if finding and finding.severity != "info" else ""
     return Text(num(layer.score), style=style)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
-from .report import SEVERITY_ORDER, BaselineComparison, Finding, LayerChange, Report
+from .report import SEVERITY_ORDER, BaselineComparison, Finding, LayerChange, Report, fails_gate
 
 
 def _key(finding: Finding) -> tuple[str, Optional[str]]:
@@ -56,9 +56,5 @@ def apply_baseline(current: Report, baseline: Report, source: str) -> Report:
     comparison = compare(baseline, current, source, worsen)
     verdict = current.verdict
     if verdict != "no-batchnorm":
-        gate = current.fail_on
-        failing = gate != "never" and any(
-            SEVERITY_ORDER[f.severity] >= SEVERITY_ORDER[gate] for f in (*comparison.new, *comparison.worsened)
-        )
-        verdict = "fail" if failing else "pass"
+        verdict = "fail" if fails_gate((*comparison.new, *comparison.worsened), current.fail_on) else "pass"
     return replace(current, baseline=comparison, verdict=verdict)

@@ -46,6 +46,7 @@ from .report import (
     ModelInfo,
     OutputDivergence,
     Report,
+    fails_gate,
 )
 
 WORST_CHANNELS = 5
@@ -708,9 +709,7 @@ def _build_report(
     all_findings.sort(key=lambda f: -SEVERITY_ORDER[f.severity])
     if not runs:
         verdict = "no-batchnorm"
-    elif settings.fail_on != "never" and any(
-        SEVERITY_ORDER[f.severity] >= SEVERITY_ORDER[settings.fail_on] for f in all_findings
-    ):
+    elif fails_gate(all_findings, settings.fail_on):
         verdict = "fail"
     else:
         verdict = "pass"

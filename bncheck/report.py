@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -212,6 +213,11 @@ _NESTED: dict[tuple[type, str], type] = {
     (BaselineComparison, "resolved"): Finding,
     (BaselineComparison, "changes"): LayerChange,
 }
+
+
+def fails_gate(findings: Iterable[Finding], fail_on: str) -> bool:
+    """Whether any finding is at least as severe as ``fail_on`` (``never`` never fails)."""
+    return fail_on != "never" and any(SEVERITY_ORDER[f.severity] >= SEVERITY_ORDER[fail_on] for f in findings)
 
 
 def _plain(value: Any) -> Any:

@@ -230,13 +230,19 @@ def _load_baseline(path: Optional[str]) -> Optional[Report]:
     return report_module.load(Path(path))
 
 
-def _write_outputs(report: Report, settings: Settings, report_json: str) -> None:
+def _write_formats(report: Report, targets: dict[str, Optional[str]], top: int) -> None:
+    """Render ``report`` into each format whose target path is given."""
     from .render import render
 
-    for fmt, target in (("markdown", settings.outputs.markdown), ("html", settings.outputs.html),
-                        ("junit", settings.outputs.junit)):
+    for fmt, target in targets.items():
         if target is not None:
-            _write_text(Path(target), render(report, fmt, top=settings.top), f"the {fmt} report")
+            _write_text(Path(target), render(report, fmt, top=top), f"the {fmt} report")
+
+
+def _write_outputs(report: Report, settings: Settings, report_json: str) -> None:
+    outputs = settings.outputs
+    _write_formats(report, {"markdown": outputs.markdown, "html": outputs.html, "junit": outputs.junit},
+                   settings.top)
     if settings.outputs.json is not None and settings.outputs.json != "-":
         _write_text(Path(settings.outputs.json), report_json, "the JSON result")
 
@@ -295,9 +301,7 @@ def report(
         from .baseline import apply_baseline
 
         loaded = apply_baseline(loaded, report_module.load(Path(baseline)), baseline)
-    for fmt_name, target in (("html", html_out), ("junit", junit_out)):
-        if target is not None:
-            _write_text(Path(target), render(loaded, fmt_name, top=settings.top), f"the {fmt_name} report")
+    _write_formats(loaded, {"html": html_out, "junit": junit_out}, settings.top)
     if fmt == "json":
         sys.stdout.write(report_module.dumps(loaded))
     elif fmt == "markdown":

@@ -19,12 +19,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 aten = torch.ops.aten
-# target -> (index of `training` arg or None, index of momentum, index of eps, returns a tuple)
-_BN_OPS: dict[Any, tuple[Optional[int], int, int, bool]] = {
-    aten.batch_norm.default: (5, 6, 7, False),
-    aten.native_batch_norm.default: (5, 6, 7, True),
-    aten._native_batch_norm_legit.default: (5, 6, 7, True),
-    aten._native_batch_norm_legit_no_training.default: (None, 5, 6, True),
+# target -> (index of the momentum arg, index of the eps arg, whether it returns (out, mean, rstd))
+_BN_OPS: dict[Any, tuple[int, int, bool]] = {
+    aten.batch_norm.default: (6, 7, False),
+    aten.native_batch_norm.default: (6, 7, True),
+    aten._native_batch_norm_legit.default: (6, 7, True),
+    aten._native_batch_norm_legit_no_training.default: (5, 6, True),
 }
 
 
@@ -50,16 +50,13 @@ class ExportedProgramModule(nn.Module):
         self.exported_graph = graph_module
         self.example_inputs = example_inputs
         self._bn_for_node: dict[Any, ExportedBatchNorm] = {}
-        self._tuple_result: dict[Any, bool] = {}
         for node in graph_module.graph.nodes:
             spec = _BN_OPS.get(node.target) if node.op == "call_function" else None
-            if spec is None:
-                continue
-            self._bn_for_node[node] = self._make_bn(graph_module, node, spec)
-            self._tuple_result[node] = spec[3]
+            if spec is not None:
+                self._bn_for_node[node] = self._make_bn(graph_module, node, spec)
 
     def _make_bn(self, gm: nn.Module, node: Any, spec: tuple) -> ExportedBatchNorm:
-        _, momentum_at, eps_at, _ = spec
+        momentum_at, eps_at, _ = spec
         args = list(node.args)
         names = [_attr_name(a) for a in args[1:5]]  # weight, bias, running_mean, running_var
         weight, bias, running_mean, running_var = (_fetch(gm, n) for n in names)
@@ -108,7 +105,7 @@ class ExportedProgramModule(nn.Module):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _Interpreter(self.exported_graph, self._bn_for_node, self._tuple_result).run(*args, **kwargs)
+        return _Interpreter(self.exported_graph, self._bn_for_node).run(*args, **kwargs)
 
 
 def _original_type(node: Any) -> str:
@@ -139,10 +136,9 @@ def _as_parameter(t: Tensor) -> nn.Parameter:
 
 
 class _Interpreter(torch.fx.Interpreter):
-    def __init__(self, gm: nn.Module, bn_for_node: dict, tuple_result: dict) -> None:
+    def __init__(self, gm: nn.Module, bn_for_node: dict) -> None:
         super().__init__(gm)
         self._bn_for_node = bn_for_node
-        self._tuple_result = tuple_result
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
@@ -158,7 +154,7 @@ class _Interpreter(torch.fx.Interpreter):
         with self._set_current_node(n):
             args, _ = self.fetch_args_kwargs_from_env(n)
         out = bn(args[0])
-        if self._tuple_result[n]:
+        if _BN_OPS[n.target][2]:  # the op's (out, save_mean, save_rstd); consumers read [0]
             empty = out.new_empty(0)
             return out, empty, empty
         return out

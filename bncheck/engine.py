@@ -555,10 +555,14 @@ def analyze(
         return report
     by_name = {run.layer.name: run for run in runs}
     attribution = {}
-    for index, name in enumerate(flagged):
-        if progress is not None:
-            progress("attribution", index * len(keep), len(flagged) * len(keep))
-        attribution[name] = _attribute(model, layers, by_name[name], keep, gap, before)
+    try:
+        for index, name in enumerate(flagged):
+            if progress is not None:
+                progress("attribution", index * len(keep), len(flagged) * len(keep))
+            attribution[name] = _attribute(model, layers, by_name[name], keep, gap, device, float_dtype)
+    finally:  # one check for all attribution passes
+        if fingerprint(model) != before:
+            raise InternalError("the model changed during attribution; please report this bug")
     return _build_report(runs, ignored, settings, model_info, data_info, output, str(device), started,
                          has_data=True, attribution=attribution)
 
@@ -576,7 +580,8 @@ def _attribute(
     run: _LayerRun,
     kept: list[tuple[Any, Optional[Tensor], Any]],
     gap: float,
-    fingerprint_before: str,
+    device: torch.device,
+    float_dtype: Optional[torch.dtype],
 ) -> Optional[float]:
     """Share of the output gap removed by fixing this one layer: one eval-mode pass over the
     sample with the layer's running statistics replaced by the population statistics its
@@ -587,18 +592,13 @@ def _attribute(
     if moments is None or layer.running_mean is None or layer.scripted:
         return None
     tally = _OutputTally()
-    try:
-        with torch.no_grad(), preserved_state(model):
-            set_bn_train_mode(model, layers, bn_training=False)
-            layer.running_mean.copy_(moments.mean.to(layer.running_mean))
-            layer.running_var.copy_(moments.var.to(layer.running_var))
-            device, float_dtype = _model_placement(model)
-            for inputs, labels, out_train in kept:
-                out_eval = _forward(model, _to_device(inputs, device, float_dtype), "eval")
-                tally.add(out_train, _to_host(out_eval), labels)
-    finally:
-        if fingerprint(model) != fingerprint_before:
-            raise InternalError("the model changed during attribution; please report this bug")
+    with torch.no_grad(), preserved_state(model):
+        set_bn_train_mode(model, layers, bn_training=False)
+        layer.running_mean.copy_(moments.mean.to(layer.running_mean))
+        layer.running_var.copy_(moments.var.to(layer.running_var))
+        for inputs, labels, out_train in kept:
+            out_eval = _forward(model, _to_device(inputs, device, float_dtype), "eval")
+            tally.add(out_train, _to_host(out_eval), labels)
     fixed = _gap(tally.result())
     return 1.0 - (fixed or 0.0) / gap
 

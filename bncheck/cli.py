@@ -42,7 +42,7 @@ def _handle_errors(command: Callable) -> Callable:
         except BncheckError as exc:
             if debug:
                 traceback.print_exc()
-            _err(f"error: {exc}")
+            _err(f"error: {exc.for_cli()}")
             ctx.exit(int(exc.exit_code))
         except KeyboardInterrupt:
             _err("interrupted; the model and files were not changed")
@@ -165,48 +165,60 @@ def run(
 
     import torch
 
+    from .checkpoint import open_checkpoint
     from .data import open_data
-    from .engine import analyze, lint
-    from .loading import load_model
+    from .engine import lint
 
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but CUDA is not available here; use --device cpu")
     target = "cuda" if settings.device == "auto" and torch.cuda.is_available() else settings.device
     target = "cpu" if target == "auto" else target
 
-    loaded = load_model(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint)
+    loaded = open_checkpoint(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint)
     if settings.data.path is None:
         _err("note: no --data given: checking only what the checkpoint itself reveals (no statistics measured)")
-        report = lint(loaded.module, settings=settings, model_info=loaded.info)
+        report = lint(loaded.module, thresholds=settings.thresholds, ignore=settings.ignore, fail_on=settings.fail_on)
+        report = _with_sources(report, loaded.info, None, 0)
     else:
         source = open_data(Path(settings.data.path), settings.data, settings.batch_size, settings.num_batches)
         if loaded.info.format == "random-init":
             _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, "
                  "which says nothing about a trained model")
-        from .render.table import progress_bar
-
-        planned = -(-source.planned_samples // settings.batch_size)
-        show = not settings.quiet and sys.stderr.isatty()
-        with progress_bar(planned, enabled=show) as advance:
-            report = analyze(
-                loaded.module.to(target),
-                source.batches(),
-                settings=settings,
-                model_info=loaded.info,
-                data_source=settings.data.path,
-                progress=advance,
-            )
-        if source.skipped:  # known only once the batches were read
-            report = replace(report, data=replace(report.data, skipped=len(source.skipped)))
-        for line in source.skipped[:5]:
-            _err(f"warning: skipped unreadable file {line}")
-        if len(source.skipped) > 5:
-            _err(f"warning: ... and {len(source.skipped) - 5} more unreadable files skipped")
+        report = _diagnose(loaded.module.to(target), source, settings)
+        report = _with_sources(report, loaded.info, settings.data.path, len(source.skipped))
+        _warn_skipped(source.skipped)
     if baseline is not None:
         from .baseline import apply_baseline
 
         report = apply_baseline(report, baseline, settings.baseline)
     _finish(report, settings)
+
+
+def _diagnose(model: Any, source: Any, settings: Settings) -> Report:
+    """``analyze`` over a data source, with a progress bar on a terminal."""
+    from .engine import analyze
+    from .render.table import progress_bar
+
+    planned = -(-source.planned_samples // settings.batch_size)
+    show = not settings.quiet and sys.stderr.isatty()
+    with progress_bar(planned, enabled=show) as advance:
+        return analyze(
+            model, source.batches(), batch_size=settings.batch_size, thresholds=settings.thresholds,
+            attribute=settings.attribute, ignore=settings.ignore, fail_on=settings.fail_on, progress=advance,
+        )
+
+
+def _with_sources(report: Report, info: Any, data_source: Optional[str], skipped: int) -> Report:
+    """The report with the checkpoint's and the data's provenance (the engine knows neither)."""
+    model = replace(info, bn_layers=report.model.bn_layers)
+    return replace(report, model=model, data=replace(report.data, source=data_source, skipped=skipped))
+
+
+def _warn_skipped(skipped: list[str]) -> None:
+    for line in skipped[:5]:
+        _err(f"warning: skipped unreadable file {line}")
+    if len(skipped) > 5:
+        _err(f"warning: ... and {len(skipped) - 5} more unreadable files skipped")
 
 
 def _overrides(flags: dict[str, Any]) -> dict[str, Any]:

@@ -226,3 +226,30 @@ def load_settings(
         given = {k: v for k, v in overrides.items() if v is not None}
         raw = _merge(raw, given, "command-line flags")
     return _build(raw)
+
+
+_DEFAULTS: Optional[Settings] = None
+
+
+def default_settings() -> Settings:
+    """The packaged defaults (read once)."""
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        _DEFAULTS = load_settings()
+    return _DEFAULTS
+
+
+def resolve_thresholds(value: Any) -> Thresholds:
+    """A ``Thresholds``, or the defaults overridden key by key by a mapping (unknown keys
+    and non-numbers are errors, as in a config file)."""
+    if isinstance(value, Thresholds):
+        return value
+    defaults = default_settings().thresholds
+    if value is None:
+        return defaults
+    if not isinstance(value, Mapping):
+        raise UsageError(f"thresholds must be a Thresholds or a mapping such as {{'stale_error': 0.5}}, not {value!r}")
+    raw = _merge({f.name: getattr(defaults, f.name) for f in fields(Thresholds)}, value, "thresholds")
+    return Thresholds(
+        **{f.name: _number(raw, f.name, float, minimum=0.0, where="thresholds.") for f in fields(Thresholds)}
+    )

@@ -3,11 +3,34 @@
 Exit codes tell findings from failures: 0 no finding at or above ``--fail-on``,
 1 findings, 2 usage error, 3 input error (file, checkpoint, data, architecture),
 4 internal error (a bug in bncheck).
+
+Messages name what the caller can change. The same error reaches Python callers and
+command-line users, so a message refers to a setting as ``$name`` (``$batch_size``,
+``$data``): ``str(error)`` spells it as the Python argument (``batch_size``), and
+``error.for_cli()`` as the flag (``--batch-size``).
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
+from string import Template
+
+# Python argument -> command-line flag, for every setting an error message may name.
+FLAGS = {
+    "data": "--data",
+    "batch_size": "--batch-size",
+    "num_batches": "--num-batches",
+    "num_samples": "--num-samples",
+    "arch": "--arch",
+    "arch_kwargs": "--arch-kwargs",
+    "trust_checkpoint": "--trust-checkpoint",
+    "device": "--device",
+    "layers": "--layers",
+    "out": "--out",
+    "force": "--force",
+    "attribute": "--attribute",
+    "fail_on": "--fail-on",
+}
 
 
 class ExitCode(IntEnum):
@@ -18,14 +41,37 @@ class ExitCode(IntEnum):
     INTERNAL = 4
 
 
+class _Names(dict):
+    """Leaves unknown ``$words`` (and a lone ``$``) as they were."""
+
+    def __missing__(self, key: str) -> str:
+        return "$" + key
+
+
+def spell(template: str, *, cli: bool) -> str:
+    names = _Names({name: (flag if cli else name) for name, flag in FLAGS.items()})
+    return Template(template).safe_substitute(names)
+
+
 class BncheckError(Exception):
     """An error the user can fix; ``str(err)`` is one line naming the problem and the fix."""
 
     exit_code: ExitCode = ExitCode.INTERNAL
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.template = message
 
-class UsageError(BncheckError):
-    """Flags or config that cannot work together (exit 2)."""
+    def __str__(self) -> str:
+        return spell(self.template, cli=False)
+
+    def for_cli(self) -> str:
+        """The message with settings spelled as command-line flags."""
+        return spell(self.template, cli=True)
+
+
+class UsageError(BncheckError, ValueError):
+    """Flags, arguments or config that cannot work together (exit 2)."""
 
     exit_code = ExitCode.USAGE
 

@@ -1,4 +1,5 @@
-"""Checkpoints and architectures -> an ``nn.Module`` ready to analyze.
+"""Architectures and state_dicts: build a model from ``--arch``, find the weights and their key
+prefix in a checkpoint's contents, and load them with a one-line error for every mismatch.
 
 Parse, build, execute: everything here runs before the first forward pass, and every
 failure is an ``InputError``/``UsageError`` with one line naming the problem and the fix.
@@ -11,32 +12,21 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
-import pickle
 import re
 import sys
 import warnings
-import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 from torch import Tensor, nn
 
 from .errors import InputError, UsageError
-from .report import ModelInfo
 
 # Keys under which training code nests the weights, most specific first.
 # Prefix names preferred when several prefixes fit the architecture equally well.
 PREFERRED_PREFIXES = ("module", "model", "_orig_mod", "net", "student", "backbone", "ema", "model_ema", "teacher")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "ema", "model_ema", "net", "module", "weights")
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    module: nn.Module
-    info: ModelInfo
 
 
 def sha256_of(path: Path) -> str:
@@ -56,14 +46,14 @@ def parse_arch_kwargs(text: Optional[str]) -> dict[str, Any]:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
-        raise UsageError(f"--arch-kwargs {text!r} is not valid YAML; write e.g. '{{num_classes: 10}}'") from None
+        raise UsageError(f"$arch_kwargs {text!r} is not valid YAML; write e.g. '{{num_classes: 10}}'") from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise UsageError(f"--arch-kwargs must be a mapping such as '{{num_classes: 10}}', got {text!r}")
+        raise UsageError(f"$arch_kwargs must be a mapping such as '{{num_classes: 10}}', got {text!r}")
     glued = [k for k, v in value.items() if v is None and ":" in k]
     if glued:
         key, _, val = glued[0].partition(":")
         raise UsageError(
-            f"--arch-kwargs {text!r}: YAML needs a space after the colon: '{{{key}: {val}}}'"
+            f"$arch_kwargs {text!r}: YAML needs a space after the colon: '{{{key}: {val}}}'"
         )
     return value
 
@@ -73,10 +63,10 @@ def _load_attr(module_name: str, attr: str, spec: str) -> Callable:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InputError(
-            f"--arch {spec}: cannot import {module_name} ({exc}); check the module path and PYTHONPATH"
+            f"$arch {spec}: cannot import {module_name} ({exc}); check the module path and PYTHONPATH"
         ) from None
     except Exception as exc:  # a user module that fails while importing
-        raise InputError(f"--arch {spec}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
+        raise InputError(f"$arch {spec}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
     return _attr(module, attr, spec)
 
 
@@ -84,28 +74,28 @@ def _attr(module: Any, attr: str, spec: str) -> Callable:
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise InputError(f"--arch {spec}: {getattr(module, '__name__', module)} has no attribute {attr!r}")
+            raise InputError(f"$arch {spec}: {getattr(module, '__name__', module)} has no attribute {attr!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise InputError(f"--arch {spec}: {attr} is not callable")
+        raise InputError(f"$arch {spec}: {attr} is not callable")
     return target
 
 
 def _load_file_attr(path_text: str, attr: str, spec: str) -> Callable:
     path = Path(path_text)
     if not path.is_file():
-        raise InputError(f"--arch {spec}: file {path} does not exist")
+        raise InputError(f"$arch {spec}: file {path} does not exist")
     name = f"bncheck_user_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
-        raise InputError(f"--arch {spec}: cannot import {path} as Python")
+        raise InputError(f"$arch {spec}: cannot import {path} as Python")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     sys.path.insert(0, str(path.resolve().parent))
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:
-        raise InputError(f"--arch {spec}: running {path} raised {type(exc).__name__}: {exc}") from None
+        raise InputError(f"$arch {spec}: running {path} raised {type(exc).__name__}: {exc}") from None
     finally:
         sys.path.remove(str(path.resolve().parent))
     return _attr(module, attr, spec)
@@ -114,7 +104,7 @@ def _load_file_attr(path_text: str, attr: str, spec: str) -> Callable:
 def _unknown_model(spec: str, source: str, name: str, available: list[str]) -> InputError:
     close = difflib.get_close_matches(name, sorted(available), n=3)
     suggestion = f"; did you mean {', '.join(f'{source}:{c}' for c in close)}?" if close else ""
-    return InputError(f"--arch {spec}: {source} has no model {name!r}{suggestion}")
+    return InputError(f"$arch {spec}: {source} has no model {name!r}{suggestion}")
 
 
 def _torchvision_builder(name: str, spec: str) -> Callable:
@@ -135,7 +125,7 @@ def _timm_builder(name: str, spec: str) -> Callable:
     try:
         import timm
     except ImportError:
-        raise InputError(f"--arch {spec} needs timm: pip install timm") from None
+        raise InputError(f"$arch {spec} needs timm: pip install timm") from None
     if not timm.is_model(name):
         raise _unknown_model(spec, "timm", name, timm.list_models())
 
@@ -151,7 +141,7 @@ def resolve_arch(spec: str) -> Callable[..., nn.Module]:
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
         raise UsageError(
-            f"--arch {spec!r} is not SOURCE:NAME; use torchvision:resnet18, timm:NAME, "
+            f"$arch {spec!r} is not SOURCE:NAME; use torchvision:resnet18, timm:NAME, "
             "package.module:build or path/to/file.py:build"
         )
     if source == "torchvision":
@@ -170,93 +160,12 @@ def build_arch(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
             warnings.simplefilter("ignore")
             model = builder(**kwargs)
     except TypeError as exc:
-        raise InputError(f"--arch {spec}: the builder rejected --arch-kwargs {dict(kwargs)}: {exc}") from None
+        raise InputError(f"$arch {spec}: the builder rejected $arch_kwargs {dict(kwargs)}: {exc}") from None
     except Exception as exc:
-        raise InputError(f"--arch {spec}: building the model raised {type(exc).__name__}: {exc}") from None
+        raise InputError(f"$arch {spec}: building the model raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise InputError(f"--arch {spec} returned {type(model).__name__}, not a torch.nn.Module")
+        raise InputError(f"$arch {spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def _zip_names(path: Path) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return []
-
-
-def _is_torchscript(names: list[str]) -> bool:
-    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
-def _is_exported_program(names: list[str]) -> bool:
-    return any(n.endswith("/archive_format") for n in names) and any(
-        n.endswith(".json") and ("/models/" in n or "serialized_exported_program" in n) for n in names
-    )
-
-
-def _torch_load(path: Path, trusted: bool) -> Any:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=not trusted)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", text)
-        with path.open("rb") as fh:
-            plain_pickle = fh.read(2) in {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}
-        if found or plain_pickle or "Unsupported class" in text:
-            what = f" (it references {found.group(1)})" if found else ""
-            raise InputError(
-                f"{path} holds pickled Python objects{what}, e.g. a whole model saved with "
-                "torch.save(model); loading it executes code: rerun with --trust-checkpoint "
-                "if you trust the file, or save model.state_dict() instead"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        raise _unreadable(path, detail.group(1) if detail else text) from None
-    except Exception as exc:
-        raise _unreadable(path, str(exc) or type(exc).__name__) from None
-
-
-def _unreadable(path: Path, reason: str) -> InputError:
-    """One line for a file torch.load cannot read: what it looks like, and torch's reason
-    cut to its first sentence."""
-    with path.open("rb") as fh:
-        head = fh.read(512)
-    try:
-        looks_like_text = all(ch.isprintable() or ch in "\r\n\t" for ch in head.decode("utf-8"))
-    except UnicodeDecodeError:  # binary (or text cut mid-character: then the generic message)
-        looks_like_text = False
-    if looks_like_text:
-        return InputError(f"{path} is a text file, not a PyTorch checkpoint; pass the file written by torch.save")
-    first = (reason.strip().splitlines() or [""])[0]
-    first = re.split(r"(?<=[a-z])\. ", first)[0].rstrip(".")[:120]
-    return InputError(
-        f"{path} is not a readable PyTorch checkpoint ({first}); check that the file is complete "
-        "(not truncated by a download or copy) and was written by torch.save"
-    )
-
-
-def _is_safetensors(path: Path) -> bool:
-    """A ``.safetensors`` file: 8-byte little-endian header length, then a JSON header."""
-    if path.suffix.lower() == ".safetensors":
-        return True
-    with path.open("rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise InputError(f"{path} is a safetensors file; install the reader: pip install safetensors") from None
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise InputError(f"{path} is not a readable safetensors file ({first}); re-save it with safetensors") from None
 
 
 def _looks_like_state_dict(value: Any) -> bool:
@@ -268,25 +177,24 @@ def _looks_like_state_dict(value: Any) -> bool:
     )
 
 
-def extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+def locate_state_dict(obj: Any, path: Path) -> tuple[dict[str, Tensor], tuple[str, ...]]:
     """Find the weights in whatever the training code saved: a state_dict, or one nested
-    under a known key (Lightning ``state_dict``, ``model_state_dict``, ``ema``, ...)."""
+    under a known key (Lightning ``state_dict``, ``model_state_dict``, ``ema``, ...).
+    Returns the tensors and the keys that lead to their mapping inside ``obj`` (``()`` for
+    ``obj`` itself), so a writer can put new tensors back in the same place."""
     if _looks_like_state_dict(obj):
-        return dict(obj)
+        return dict(obj), ()
     if isinstance(obj, Mapping):
         for key in NESTED_KEYS:
-            if key in obj:
-                inner = obj[key]
-                if isinstance(inner, nn.Module):
-                    return inner.state_dict()
-                if isinstance(inner, Mapping):
-                    try:
-                        return extract_state_dict(inner, path)
-                    except InputError:
-                        continue
+            if key in obj and isinstance(obj[key], Mapping):
+                try:
+                    state, inner = locate_state_dict(obj[key], path)
+                except InputError:
+                    continue
+                return state, (key, *inner)
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
         if tensors and len(tensors) >= len(obj) / 2:
-            return tensors
+            return tensors, ()
         keys = ", ".join(sorted(map(str, obj))[:8])
         raise InputError(
             f"{path} holds a dict without model weights under a known key (found: {keys}); "
@@ -295,8 +203,8 @@ def extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     raise InputError(f"{path} holds a {type(obj).__name__}, not model weights or a module")
 
 
-def _strip_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
-    """Find the key prefix under which the architecture's weights sit and drop it.
+def find_prefix(state: Mapping[str, Tensor], expected: set[str]) -> str:
+    """The key prefix under which the architecture's weights sit (``""`` for none).
 
     Wrappers add prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile,
     ``model.`` from Lightning, any mix of them), and a training checkpoint may hold other
@@ -322,8 +230,8 @@ def _strip_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, T
 
     best = max(sorted(candidates, key=preference), key=matches)
     if not best or matches(best) <= matches(""):
-        return state
-    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
+        return ""
+    return best
 
 
 def _summarize(keys: list[str], limit: int = 5) -> str:
@@ -331,9 +239,12 @@ def _summarize(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path: Path) -> None:
+def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path: Path) -> str:
+    """Load ``state`` (under whatever prefix fits) into ``model``; returns that prefix.
+    Any mismatch is an InputError naming the keys and the likely fix."""
     expected = model.state_dict()
-    state = _strip_prefixes(state, set(expected))
+    prefix = find_prefix(state, set(expected))
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     mismatched = [
         (k, tuple(v.shape), tuple(expected[k].shape))
         for k, v in state.items()
@@ -351,16 +262,16 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path:
     if wrong_kind:
         key, got, want = wrong_kind[0]
         raise InputError(
-            f"{path} stores {len(wrong_kind)} tensors in a dtype --arch {spec} cannot take (first: {key} is "
+            f"{path} stores {len(wrong_kind)} tensors in a dtype $arch {spec} cannot take (first: {key} is "
             f"{got}, the model uses {want}); export the weights unquantized"
         )
     if mismatched:
         key, got, want = mismatched[0]
         hint = ""
         if key.endswith(".weight") and len(got) == 2 and len(want) == 2 and got[1] == want[1]:
-            hint = f"; try --arch-kwargs '{{num_classes: {got[0]}}}'"
+            hint = f"; try $arch_kwargs '{{num_classes: {got[0]}}}'"
         raise InputError(
-            f"{path} does not fit --arch {spec}: {len(mismatched)} tensors have other shapes "
+            f"{path} does not fit $arch {spec}: {len(mismatched)} tensors have other shapes "
             f"(first: {key} is {list(got)} in the file, {list(want)} in the model){hint}"
         )
     if missing or unexpected:
@@ -371,84 +282,13 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path:
         if unexpected:
             parts.append(f"unexpected {_summarize(unexpected)}")
         raise InputError(
-            f"{path} does not fit --arch {spec} ({matched} of {len(expected)} keys match; "
-            f"{'; '.join(parts)}); check --arch and --arch-kwargs"
+            f"{path} does not fit $arch {spec} ({matched} of {len(expected)} keys match; "
+            f"{'; '.join(parts)}); check $arch and $arch_kwargs"
         )
     result = model.load_state_dict(state, strict=False)
     left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if left or result.unexpected_keys:  # the checks above should have caught these
-        raise InputError(f"{path} does not fit --arch {spec}: {_summarize(left + list(result.unexpected_keys))}")
-
-
-def load_model(
-    checkpoint: Optional[Path],
-    arch: Optional[str] = None,
-    arch_kwargs: Optional[Mapping[str, Any]] = None,
-    *,
-    trust_checkpoint: bool = False,
-) -> LoadedModel:
-    """Open a checkpoint (and/or build ``arch``) and return a model in the mode it was saved."""
-    arch_kwargs = dict(arch_kwargs or {})
-    if checkpoint is None:
-        if arch is None:
-            raise UsageError("give a CHECKPOINT, an --arch, or both")
-        model = build_arch(arch, arch_kwargs)
-        return LoadedModel(model, ModelInfo(None, arch, "random-init", None, 0))
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise InputError(f"checkpoint {path} does not exist; check the path")
-    if path.is_dir():
-        raise InputError(f"checkpoint {path} is a directory; pass the checkpoint file inside it")
-    try:
-        size = path.stat().st_size
-        digest = sha256_of(path)
-    except OSError as exc:
-        raise InputError(f"cannot read checkpoint {path}: {exc.strerror}") from None
-    if size == 0:
-        raise InputError(f"checkpoint {path} is empty (0 bytes); re-save or re-download it")
-
-    names = _zip_names(path)
-    if _is_torchscript(names):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise InputError(f"{path} is a TorchScript archive that failed to load ({first})") from None
-        return LoadedModel(model, ModelInfo(str(checkpoint), arch, "torchscript", digest, 0))
-    if _is_exported_program(names):
-        from .exported import load_exported
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = load_exported(str(path))
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise InputError(
-                f"{path} is a torch.export archive that failed to load ({first}); check that it "
-                "was saved with torch.export.save by a compatible torch version"
-            ) from None
-        return LoadedModel(model, ModelInfo(str(checkpoint), arch, "exported-program", digest, 0))
-
-    obj = _read_safetensors(path) if _is_safetensors(path) else _torch_load(path, trust_checkpoint)
-    if isinstance(obj, nn.Module):
-        return LoadedModel(obj, ModelInfo(str(checkpoint), arch, "pickled-module", digest, 0))
-    if isinstance(obj, Mapping):
-        for key in NESTED_KEYS:
-            if isinstance(obj.get(key), nn.Module) and arch is None:
-                return LoadedModel(obj[key], ModelInfo(str(checkpoint), None, "pickled-module", digest, 0))
-    state = extract_state_dict(obj, path)
-    if arch is None:
-        raise UsageError(
-            f"{path} holds only weights (a state_dict of {len(state)} tensors); say which model "
-            "they belong to with --arch, e.g. --arch torchvision:resnet18 --arch-kwargs '{num_classes: 10}'"
-        )
-    model = build_arch(arch, arch_kwargs)
-    load_state_into(model, state, arch, path)
-    model.eval()
-    return LoadedModel(model, ModelInfo(str(checkpoint), arch, "state_dict", digest, 0))
+        raise InputError(f"{path} does not fit $arch {spec}: {_summarize(left + list(result.unexpected_keys))}")
+    return prefix
 
 

@@ -11,7 +11,6 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from bncheck.capture import fingerprint
-from bncheck.config import load_settings
 from bncheck.discovery import find_bn_layers
 from bncheck.engine import analyze
 from bncheck.errors import InputError
@@ -204,26 +203,28 @@ def test_torchscript_model_recovers_batch_stats_from_buffers(batches) -> None:
 def test_ignore_globs_and_no_batchnorm(tiny, batches) -> None:
     with torch.no_grad():
         tiny.bn2.running_mean += 10.0
-    settings = load_settings(overrides={"ignore": ["bn2"]})
-    report = analyze(tiny, batches, settings=settings)
+    report = analyze(tiny, batches, ignore=["bn2"])
     assert "bn2" not in [layer.name for layer in report.layers] and report.verdict == "pass"
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     report = analyze(plain, batches)
     assert report.verdict == "no-batchnorm" and report.layers == () and report.model.bn_layers == 0
 
 
-def test_dict_outputs_use_relative_l2(tiny, batches) -> None:
+def test_dict_outputs_use_relative_l2_and_logits_count_as_classifier(tiny, batches) -> None:
     class Wrapper(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, key: str) -> None:
             super().__init__()
-            self.net = tiny
+            self.net, self.key = tiny, key
 
         def forward(self, x):
-            return {"logits": self.net(x), "aux": [self.net(x) * 2]}
+            return {self.key: self.net(x), "aux": [self.net(x) * 2]}
 
-    report = analyze(Wrapper(), batches)
+    report = analyze(Wrapper("scores"), batches)
     assert report.output.kind == "tensor" and report.output.relative_l2 is not None
     assert report.output.top1_agreement is None
+    # transformers-style outputs: the logits are what a classifier's user compares
+    report = analyze(Wrapper("logits"), batches)
+    assert report.output.kind == "classifier" and report.output.top1_agreement > 0.8
 
 
 def test_labels_give_train_and_eval_accuracy(tiny, batches) -> None:

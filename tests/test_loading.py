@@ -10,12 +10,12 @@ import torch
 from click.testing import CliRunner
 from conftest import SAMPLES, TinyNet, calibrate, make_batches
 
+from bncheck.checkpoint import open_checkpoint as load_model
 from bncheck.cli import cli
 from bncheck.config import load_settings
 from bncheck.data import open_data
 from bncheck.engine import analyze
 from bncheck.errors import InputError
-from bncheck.loading import load_model
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_exported_program_with_baked_batch_size_says_so(tmp_path) -> None:
 
     torch.export.save(torch.export.export(Flat().eval(), (torch.randn(16, 3, 12, 12),)), tmp_path / "f.pt2")
     loaded = load_model(tmp_path / "f.pt2")
-    with pytest.raises(InputError, match=r"exported with input shape \(16, 3, 12, 12\).*--batch-size 16"):
+    with pytest.raises(InputError, match=r"exported with input shape \(16, 3, 12, 12\).*batch_size=16"):
         analyze(loaded.module, [torch.randn(8, 3, 12, 12)] * 2)
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bncheck.engine import per_sample_stats
+from bncheck.collect import per_sample_stats
 from bncheck.metrics import (
     ChannelMoments,
     channel_weights,

@@ -1,0 +1,47 @@
+"""Causal attribution: how much of the train/eval output gap one layer's stale statistics
+cause, measured by fixing that layer alone and re-running the eval-mode pass."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .batches import forward, to_device, to_host
+from .capture import preserved_state, set_bn_train_mode
+from .collect import LayerStats
+from .discovery import BNLayer
+from .outputs import OutputTally, output_gap
+
+Kept = list[tuple[Any, Optional[Tensor], Any]]
+"""The sample as ``(inputs, labels, train-mode outputs)`` per batch, on the host."""
+
+
+def attribute_layer(
+    model: nn.Module,
+    layers: list[BNLayer],
+    entry: LayerStats,
+    kept: Kept,
+    gap: float,
+    device: torch.device,
+    float_dtype: Optional[torch.dtype],
+) -> Optional[float]:
+    """Share of the output gap removed by fixing this one layer: one eval-mode pass over the
+    sample with the layer's running statistics replaced by the population statistics its
+    input had in the train-mode pass (what recalibrating it would do). 1 = the gap closes;
+    0 = no effect; negative = fixing it alone makes the outputs diverge more."""
+    moments = entry.train
+    layer = entry.layer
+    if moments is None or layer.running_mean is None or layer.scripted:
+        return None
+    tally = OutputTally()
+    with torch.no_grad(), preserved_state(model):
+        set_bn_train_mode(model, layers, bn_training=False)
+        layer.running_mean.copy_(moments.mean.to(layer.running_mean))
+        layer.running_var.copy_(moments.var.to(layer.running_var))
+        for inputs, labels, out_train in kept:
+            out_eval = forward(model, to_device(inputs, device, float_dtype), "eval")
+            tally.add(out_train, to_host(out_eval), labels)
+    fixed = output_gap(tally.result())
+    return 1.0 - (fixed or 0.0) / gap

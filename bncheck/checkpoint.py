@@ -1,0 +1,364 @@
+"""A checkpoint file read into one object that remembers its container and can write
+itself back with new BatchNorm buffers.
+
+Each format is a small reader/writer with one interface (``Format``): ``sniff`` says
+whether a file is of this format, ``read`` builds the model and keeps what a writer needs
+(the nesting of a state_dict, its key prefix and every other entry, safetensors metadata,
+the TorchScript module, the exported program), and ``write`` puts the model's current BN
+buffers into that container and saves it in the same format. ``open_checkpoint`` tries
+the formats in ``FORMATS`` order. Reading never writes; ``Checkpoint.write`` refuses the
+input's own path and goes through a temporary file and an atomic rename.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .discovery import find_bn_layers
+from .errors import InputError, UsageError
+from .files import atomic_write, check_output_path
+from .loading import NESTED_KEYS, build_arch, load_state_into, locate_state_dict, sha256_of
+from .report import ModelInfo
+
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass
+class Probe:
+    """What every format's ``sniff`` may look at, read once."""
+
+    path: Path
+    zip_names: list[str]
+    head: bytes
+    size: int
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model and everything needed to save it again in its own format."""
+
+    module: nn.Module
+    info: ModelInfo
+    path: Optional[Path] = None
+    """The file it was read from (None: built from ``--arch`` alone)."""
+    handler: Optional[Format] = None
+    container: Any = None
+    """What the format keeps for writing: the object torch.load returned, the safetensors
+    tensors, the exported program, ..."""
+    locator: tuple[str, ...] = ()
+    """Keys leading from the container to the state_dict mapping (``("state_dict",)``)."""
+    prefix: str = ""
+    """Key prefix of the model's weights inside that mapping (``"module."``)."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    """safetensors header metadata, kept as is."""
+
+    @property
+    def format(self) -> str:
+        return self.info.format
+
+    def bn_buffer_keys(self) -> list[str]:
+        """The model's state_dict keys of every BN buffer (``layer1.0.bn1.running_mean``)."""
+        keys = []
+        for layer in find_bn_layers(self.module):
+            for name in BN_BUFFERS:
+                if layer.buffer(name) is not None:
+                    keys.append(f"{layer.name}.{name}" if layer.name else name)
+        return keys
+
+    def write(self, out: Path, *, force: bool = False) -> None:
+        """Save the model with its current BN buffers to ``out`` in the input's format:
+        everything else in the file is kept as read. Never the input path; an existing
+        ``out`` only with ``force``; atomic (a crash leaves no partial file)."""
+        if self.handler is None or self.path is None:
+            raise UsageError("a model built from $arch alone has no checkpoint format to write; give a checkpoint")
+        out = Path(out)
+        check_output_path(out, self.path, force=force)
+        atomic_write(out, lambda tmp: self.handler.write(self, tmp))
+
+
+def _buffers_by_key(module: nn.Module, keys: list[str]) -> dict[str, Tensor]:
+    state = module.state_dict()
+    return {key: state[key] for key in keys if key in state}
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
+class Format:
+    """One checkpoint format: recognise, read, write back."""
+
+    name: ClassVar[str]
+
+    def sniff(self, probe: Probe) -> bool:
+        raise NotImplementedError
+
+    def read(self, probe: Probe, arch: Optional[str], arch_kwargs: dict, trusted: bool, digest: str) -> Checkpoint:
+        raise NotImplementedError
+
+    def write(self, checkpoint: Checkpoint, tmp: Path) -> None:
+        raise NotImplementedError
+
+
+class TorchScriptFormat(Format):
+    """``torch.jit.save`` archives. Their buffers are mutable: load, update, save."""
+
+    name = "torchscript"
+
+    def sniff(self, probe: Probe) -> bool:
+        names = probe.zip_names
+        return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+    def read(self, probe: Probe, arch: Optional[str], arch_kwargs: dict, trusted: bool, digest: str) -> Checkpoint:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = torch.jit.load(str(probe.path), map_location="cpu")
+        except Exception as exc:
+            raise InputError(
+                f"{probe.path} is a TorchScript archive that failed to load ({_first_line(exc)})"
+            ) from None
+        info = ModelInfo(str(probe.path), arch, self.name, digest, 0)
+        return Checkpoint(model, info, probe.path, self)
+
+    def write(self, checkpoint: Checkpoint, tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jit.save is deprecated in torch 2.14, still the format's writer
+            torch.jit.save(checkpoint.module, str(tmp))
+
+
+class ExportedProgramFormat(Format):
+    """``torch.export.save`` archives (``.pt2``): BN buffers live in the program's state_dict."""
+
+    name = "exported-program"
+
+    def sniff(self, probe: Probe) -> bool:
+        names = probe.zip_names
+        return any(n.endswith("/archive_format") for n in names) and any(
+            n.endswith(".json") and ("/models/" in n or "serialized_exported_program" in n) for n in names
+        )
+
+    def read(self, probe: Probe, arch: Optional[str], arch_kwargs: dict, trusted: bool, digest: str) -> Checkpoint:
+        from .exported import ExportedProgramModule
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.load(str(probe.path))
+                model = ExportedProgramModule(program.module(), getattr(program, "example_inputs", None))
+        except Exception as exc:
+            raise InputError(
+                f"{probe.path} is a torch.export archive that failed to load ({_first_line(exc)}); check that it "
+                "was saved with torch.export.save by a compatible torch version"
+            ) from None
+        info = ModelInfo(str(probe.path), arch, self.name, digest, 0)
+        return Checkpoint(model, info, probe.path, self, container=program)
+
+    def write(self, checkpoint: Checkpoint, tmp: Path) -> None:
+        program = checkpoint.container
+        graph = checkpoint.module.exported_graph
+        live = dict(graph.named_buffers())
+        with torch.no_grad():
+            for store in (program.state_dict, program.constants):
+                for key, tensor in store.items():
+                    if key.rsplit(".", 1)[-1] in BN_BUFFERS and key in live and live[key] is not tensor:
+                        tensor.copy_(live[key])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.export.save(program, str(tmp))
+
+
+class SafetensorsFormat(Format):
+    """``.safetensors`` weights (a flat state_dict); header metadata is kept."""
+
+    name = "safetensors"
+
+    def sniff(self, probe: Probe) -> bool:
+        if probe.path.suffix.lower() == ".safetensors":
+            return True
+        head = probe.head
+        return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < probe.size
+
+    def read(self, probe: Probe, arch: Optional[str], arch_kwargs: dict, trusted: bool, digest: str) -> Checkpoint:
+        path = probe.path
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise InputError(f"{path} is a safetensors file; install the reader: pip install safetensors") from None
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as reader:
+                metadata = dict(reader.metadata() or {})
+                state = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 - not a dict
+        except Exception as exc:
+            raise InputError(
+                f"{path} is not a readable safetensors file ({_first_line(exc)}); re-save it with safetensors"
+            ) from None
+        model, prefix = _model_from_state(state, path, arch, arch_kwargs)
+        info = ModelInfo(str(path), arch, self.name, digest, 0)
+        return Checkpoint(model, info, path, self, container=state, prefix=prefix, metadata=metadata)
+
+    def write(self, checkpoint: Checkpoint, tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = dict(checkpoint.container)
+        _put_buffers(tensors, checkpoint)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=checkpoint.metadata or None)
+
+
+class TorchPickleFormat(Format):
+    """Everything ``torch.save`` writes: a state_dict (plain, nested under ``state_dict``/
+    ``model``/``ema``/..., Lightning ``.ckpt`` with its other entries, any key prefix) or,
+    only when trusted, a pickled module (alone or inside a dict)."""
+
+    name = "state_dict"
+
+    def sniff(self, probe: Probe) -> bool:
+        return True  # the fallback: torch.load says what it is
+
+    def read(self, probe: Probe, arch: Optional[str], arch_kwargs: dict, trusted: bool, digest: str) -> Checkpoint:
+        path = probe.path
+        obj = _torch_load(path, trusted)
+        if isinstance(obj, nn.Module):
+            return Checkpoint(obj, ModelInfo(str(path), arch, "pickled-module", digest, 0), path, self, container=obj)
+        if isinstance(obj, Mapping) and arch is None:
+            for key in NESTED_KEYS:
+                if isinstance(obj.get(key), nn.Module):
+                    info = ModelInfo(str(path), None, "pickled-module", digest, 0)
+                    return Checkpoint(obj[key], info, path, self, container=obj)
+        state, locator = locate_state_dict(obj, path)
+        model, prefix = _model_from_state(state, path, arch, arch_kwargs)
+        info = ModelInfo(str(path), arch, self.name, digest, 0)
+        return Checkpoint(model, info, path, self, container=obj, locator=locator, prefix=prefix)
+
+    def write(self, checkpoint: Checkpoint, tmp: Path) -> None:
+        # The container holds the very module object that was analysed (pickled-module) or
+        # the state_dict mapping the weights came from: put the new buffers there.
+        if checkpoint.format == "state_dict":
+            mapping = checkpoint.container
+            for key in checkpoint.locator:
+                mapping = mapping[key]
+            _put_buffers(mapping, checkpoint)
+        torch.save(checkpoint.container, str(tmp))
+
+
+FORMATS: tuple[Format, ...] = (TorchScriptFormat(), ExportedProgramFormat(), SafetensorsFormat(), TorchPickleFormat())
+
+
+def _put_buffers(mapping: Any, checkpoint: Checkpoint) -> None:
+    """Replace each BN buffer the file already stores with the model's current value, in
+    the file's dtype; keys the file never had (e.g. ``num_batches_tracked`` in an old
+    checkpoint) stay absent, so the layout is unchanged."""
+    for key, value in _buffers_by_key(checkpoint.module, checkpoint.bn_buffer_keys()).items():
+        stored_key = checkpoint.prefix + key
+        if stored_key in mapping and isinstance(mapping[stored_key], Tensor):
+            old = mapping[stored_key]
+            mapping[stored_key] = value.detach().to(device=old.device, dtype=old.dtype).clone()
+
+
+def _model_from_state(
+    state: dict[str, Tensor], path: Path, arch: Optional[str], arch_kwargs: dict
+) -> tuple[nn.Module, str]:
+    if arch is None:
+        raise UsageError(
+            f"{path} holds only weights (a state_dict of {len(state)} tensors); say which model "
+            "they belong to with $arch, e.g. $arch torchvision:resnet18 $arch_kwargs '{num_classes: 10}'"
+        )
+    model = build_arch(arch, arch_kwargs)
+    prefix = load_state_into(model, state, arch, path)
+    model.eval()
+    return model, prefix
+
+
+def _torch_load(path: Path, trusted: bool) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", text)
+        with path.open("rb") as fh:
+            plain_pickle = fh.read(2) in {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}
+        if found or plain_pickle or "Unsupported class" in text:
+            what = f" (it references {found.group(1)})" if found else ""
+            raise InputError(
+                f"{path} holds pickled Python objects{what}, e.g. a whole model saved with "
+                "torch.save(model); loading it executes code: rerun with $trust_checkpoint "
+                "if you trust the file, or save model.state_dict() instead"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        raise _unreadable(path, detail.group(1) if detail else text) from None
+    except Exception as exc:
+        raise _unreadable(path, str(exc) or type(exc).__name__) from None
+
+
+def _unreadable(path: Path, reason: str) -> InputError:
+    """One line for a file torch.load cannot read: what it looks like, and torch's reason
+    cut to its first sentence."""
+    with path.open("rb") as fh:
+        head = fh.read(512)
+    try:
+        looks_like_text = all(ch.isprintable() or ch in "\r\n\t" for ch in head.decode("utf-8"))
+    except UnicodeDecodeError:  # binary (or text cut mid-character: then the generic message)
+        looks_like_text = False
+    if looks_like_text:
+        return InputError(f"{path} is a text file, not a PyTorch checkpoint; pass the file written by torch.save")
+    first = (reason.strip().splitlines() or [""])[0]
+    first = re.split(r"(?<=[a-z])\. ", first)[0].rstrip(".")[:120]
+    return InputError(
+        f"{path} is not a readable PyTorch checkpoint ({first}); check that the file is complete "
+        "(not truncated by a download or copy) and was written by torch.save"
+    )
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return []
+
+
+def open_checkpoint(
+    checkpoint: Optional[Path],
+    arch: Optional[str] = None,
+    arch_kwargs: Optional[Mapping[str, Any]] = None,
+    *,
+    trust_checkpoint: bool = False,
+) -> Checkpoint:
+    """Open a checkpoint (and/or build ``arch``); the model is in the mode it was saved in
+    (a state_dict's model in eval mode)."""
+    arch_kwargs = dict(arch_kwargs or {})
+    if checkpoint is None:
+        if arch is None:
+            raise UsageError("give a checkpoint, an $arch, or both")
+        model = build_arch(arch, arch_kwargs)
+        return Checkpoint(model, ModelInfo(None, arch, "random-init", None, 0))
+    path = Path(checkpoint)
+    if not path.exists():
+        raise InputError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        raise InputError(f"checkpoint {path} is a directory; pass the checkpoint file inside it")
+    try:
+        size = path.stat().st_size
+        digest = sha256_of(path)
+        with path.open("rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:
+        raise InputError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    if size == 0:
+        raise InputError(f"checkpoint {path} is empty (0 bytes); re-save or re-download it")
+    probe = Probe(path, _zip_names(path), head, size)
+    handler = next(fmt for fmt in FORMATS if fmt.sniff(probe))
+    loaded = handler.read(probe, arch, arch_kwargs, trust_checkpoint, digest)
+    return replace(loaded, info=replace(loaded.info, checkpoint=str(checkpoint)))

@@ -1,0 +1,170 @@
+"""The statistics pass: run a model over batches with a hook on every BN layer and pool,
+per layer and per mode, the per-channel statistics of the layer's input.
+
+One job, reused by ``analyze`` (an eval-mode and a train-mode forward per batch),
+``recalibrate`` (train mode only) and a distributed all-reduce (the pooled
+``ChannelMoments`` are plain sums). The model is left as it was: every buffer and
+``training`` flag is restored (buffers after each train-mode forward, so batch ``k`` never
+sees the running-stat updates of batch ``k-1``), and hooks are removed, even on error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .batches import batch_len, forward
+from .capture import StateSnapshot, input_hooks, preserved_state, set_bn_train_mode
+from .discovery import BNLayer
+from .metrics import ChannelMoments
+
+# Above this ratio of squared mean to variance, E[x^2] - mean^2 in float32 loses more than
+# ~0.1% of the variance to cancellation; such inputs take the exact (slower) path.
+_CANCELLATION_RATIO = 1e4
+
+
+def per_sample_stats(x: Tensor, *, precise: bool = False) -> tuple[Tensor, Tensor, int]:
+    """Mean and biased variance of each sample's channel over its positions: ``[N, C]`` each,
+    plus positions per sample. An ``[N, C]`` input has one value per sample (variance 0).
+
+    Fast path: the mean and ``||x||`` per row are plain reductions that run at memory speed
+    (``torch.var_mean``'s Welford pass is ~15x slower on CPU); the variance is then
+    ``||x||^2 / n - mean^2``. Rows whose mean dwarfs their spread would lose precision to
+    cancellation, so then the exact two-pass ``var_mean`` is used. ``precise=True`` always
+    takes the exact path (recalibration writes these numbers into a checkpoint, so it pays
+    for ~1e-7 relative accuracy instead of ~1e-3 in the worst case). Reduced in float32
+    (float64 stays float64); pooled in float64 by ``ChannelMoments``.
+    """
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    if x.dim() == 2:
+        return x, torch.zeros_like(x), 1
+    n, c = x.shape[0], x.shape[1]
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        rows, dim = x.permute(0, 2, 3, 1).reshape(n, -1, c), 1  # reduce without a copy
+    else:
+        rows, dim = x.reshape(n, c, -1), 2
+    positions = rows.shape[dim]
+    if precise:
+        var, mean = torch.var_mean(rows, dim=dim, correction=0)
+        return mean, var, positions
+    mean = rows.mean(dim)
+    second = torch.linalg.vector_norm(rows, dim=dim) ** 2 / positions
+    var = (second - mean**2).clamp_min_(0.0)
+    if bool((mean**2 > _CANCELLATION_RATIO * var).any()):
+        var, mean = torch.var_mean(rows, dim=dim, correction=0)
+    return mean, var, positions
+
+
+@dataclass
+class LayerStats:
+    """What the passes learned about one BN layer."""
+
+    layer: BNLayer
+    saved_training: bool
+    """The module's ``training`` flag when the run started (how it was saved)."""
+    train: Optional[ChannelMoments] = None
+    """Pooled statistics of the layer's input in the train-mode pass."""
+    eval: Optional[ChannelMoments] = None
+    """Pooled statistics of the layer's input in the eval-mode pass."""
+    depth: Optional[int] = None
+    """Order of the layer's first call (0 = first BN the input reaches); None: never called."""
+    train_calls: int = 0
+    """Train-mode calls pooled (more than the batches when a module runs several times per forward)."""
+    scripted_before: Optional[tuple[Tensor, Tensor, int]] = None
+
+
+class StatisticsPass:
+    """Hook target and driver: ``forward(inputs, mode)`` runs the model in ``eval`` (every
+    module in eval) or ``train`` (only BN layers in train mode) and pools each BN input into
+    that mode's moments."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[BNLayer], snapshot: StateSnapshot, precise: bool) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.stats = [LayerStats(layer, layer.module.training) for layer in layers]
+        self._snapshot = snapshot
+        self._precise = precise
+        self._mode = "eval"
+        self._next_depth = 0
+        for entry in self.stats:
+            if entry.layer.scripted and entry.layer.track_running_stats:
+                entry.scripted_before = _scripted_before(entry.layer)
+
+    def forward(self, inputs: Any, mode: str) -> Any:
+        self._mode = mode
+        set_bn_train_mode(self.model, self.layers, bn_training=mode == "train")
+        out = forward(self.model, inputs, mode)
+        if mode == "train":
+            n = batch_len(inputs)
+            for entry in self.stats:
+                if entry.scripted_before is not None:
+                    self._recover_scripted(entry, n)
+            self._snapshot.restore_buffers()
+        return out
+
+    def _mark_called(self, entry: LayerStats) -> None:
+        if entry.depth is None:
+            entry.depth = self._next_depth
+            self._next_depth += 1
+        if self._mode == "train":
+            entry.train_calls += 1
+
+    def _add(self, entry: LayerStats, means: Tensor, variances: Tensor, per_group: int) -> None:
+        if means.device.type not in ("cpu", "cuda"):  # e.g. MPS has no float64: pool on the host
+            means, variances = means.cpu(), variances.cpu()
+        moments = getattr(entry, self._mode)
+        if moments is None:
+            moments = ChannelMoments(means.shape[1], device=means.device)
+            setattr(entry, self._mode, moments)
+        moments.add_groups(means, variances, per_group)
+
+    def __call__(self, index: int, x: Tensor) -> None:
+        entry = self.stats[index]
+        self._mark_called(entry)
+        if x.dim() < 2 or x.shape[0] == 0:
+            return
+        self._add(entry, *per_sample_stats(x, precise=self._precise))
+
+    def _recover_scripted(self, entry: LayerStats, batch_size: int) -> None:
+        """Batch statistics of a TorchScript BN layer from its buffer update (no hooks there):
+        ``mu_B = (r_new - (1 - m) r_old) / m``, same for the (unbiased) variance. The number of
+        values per channel is unknown inside the graph, so the variance is left unbiased
+        (an over-estimate by n/(n-1): under 1% once n = N*H*W > 100)."""
+        layer = entry.layer
+        mean_old, var_old, tracked_old = entry.scripted_before
+        momentum = layer.momentum
+        if momentum is None:
+            momentum = 1.0 / (tracked_old + 1)
+        mean_new, var_new = layer.running_mean.detach(), layer.running_var.detach()
+        if momentum <= 0.0 or torch.equal(mean_new, mean_old) and torch.equal(var_new, var_old):
+            return  # momentum 0 (or the layer was not called): the update carries no statistics
+        self._mark_called(entry)
+        batch_mean = (mean_new.double() - (1.0 - momentum) * mean_old.double()) / momentum
+        batch_var = (var_new.double() - (1.0 - momentum) * var_old.double()) / momentum
+        self._add(entry, batch_mean[None], batch_var.clamp_min(0.0)[None], max(batch_size, 1))
+
+
+def _scripted_before(layer: BNLayer) -> tuple[Tensor, Tensor, int]:
+    tracked = layer.buffer("num_batches_tracked")
+    return (
+        layer.running_mean.detach().clone(),
+        layer.running_var.detach().clone(),
+        int(tracked) if tracked is not None else 0,
+    )
+
+
+@contextmanager
+def statistics_pass(model: nn.Module, layers: Sequence[BNLayer], *, precise: bool = False) -> Iterator[StatisticsPass]:
+    """Hooks on ``layers`` and a snapshot of ``model``; on exit (also on error) the hooks
+    are removed and every buffer and mode flag is restored."""
+    with torch.no_grad(), preserved_state(model) as snapshot:
+        collector = StatisticsPass(model, layers, snapshot, precise)
+        with input_hooks(layers, collector):
+            yield collector

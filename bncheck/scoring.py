@@ -1,0 +1,266 @@
+"""Per-layer numbers from pooled statistics, and the ``Report`` built from them.
+
+``score_layer`` turns one layer's pooled input moments and its running statistics into
+the dimensionless scores of ``metrics``; ``layer_facts`` adds what the module itself says
+(momentum, buffers, affine); ``build_report`` diagnoses, ranks and decides the verdict.
+Pure functions of what the passes measured: no forward passes here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import __version__
+from .collect import LayerStats
+from .config import Thresholds
+from .diagnose import LayerFacts, layer_findings, model_findings
+from .discovery import BNLayer
+from .metrics import (
+    ChannelMoments,
+    channel_weights,
+    gaussian_kl,
+    mean_shift,
+    noise_floor,
+    normalization_error,
+    scale_ratio,
+    weighted_geometric_mean,
+    weighted_rms,
+)
+from .report import (
+    SEVERITY_ORDER,
+    ChannelDrift,
+    DataInfo,
+    Finding,
+    LayerResult,
+    ModelInfo,
+    OutputDivergence,
+    Report,
+    fails_gate,
+)
+
+WORST_CHANNELS = 5
+
+
+@dataclass(frozen=True)
+class _Scores:
+    score: Optional[float]
+    mean_shift: Optional[float]
+    max_abs_mean_shift: Optional[float]
+    scale_ratio: Optional[float]
+    kl: Optional[float]
+    max_error: Optional[float]
+    noise_floor: Optional[float]
+    drift_to_noise: Optional[float]
+    batch_noise: Optional[float]
+    worst: tuple[ChannelDrift, ...]
+    nonfinite_batch: int
+    dead_blowup: int
+    dead_both: int
+
+
+def _finite(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
+def score_layer(layer: BNLayer, moments: ChannelMoments, dead_var: float) -> _Scores:
+    running_mean = layer.running_mean.detach().to(moments.device, torch.float64)
+    running_var = layer.running_var.detach().to(moments.device, torch.float64)
+    eps = layer.eps
+    weights = channel_weights(layer.weight, moments.channels, running_mean)
+    a = scale_ratio(moments.var, running_var, eps)
+    b = mean_shift(moments.mean, running_mean, running_var, eps)
+    e = normalization_error(a, b)
+    kl = gaussian_kl(a, b)
+    score = weighted_rms(e, weights)
+    floor = noise_floor(moments, running_var, eps, weights, moments.values)
+    # Batch-to-batch jitter of train mode is about batch vs population statistics, so it is
+    # measured against the pooled variance (the running stats play no part in it).
+    per_batch = noise_floor(moments, moments.var, eps, weights, moments.values / moments.batches)
+    ranked = torch.nan_to_num(e, nan=math.inf).argsort(descending=True)[:WORST_CHANNELS]
+    worst = tuple(
+        ChannelDrift(int(c), _finite(float(e[c])), _finite(float(b[c])), _finite(float(a[c])))
+        for c in ranked.tolist()
+    )
+    batch_finite = torch.isfinite(moments.mean) & torch.isfinite(moments.var)
+    drift = score / floor if math.isfinite(score) and math.isfinite(floor) and floor > 0 else math.nan
+    return _Scores(
+        score=_finite(score),
+        mean_shift=_finite(weighted_rms(b, weights)),
+        max_abs_mean_shift=_finite(float(b.abs().max())) if b.numel() else None,
+        scale_ratio=_finite(weighted_geometric_mean(a, weights)),
+        kl=_finite(float((weights * kl).sum() / weights.sum())),
+        max_error=_finite(float(e.max())) if e.numel() else None,
+        noise_floor=_finite(floor),
+        drift_to_noise=_finite(drift),
+        batch_noise=_finite(per_batch),
+        worst=worst,
+        nonfinite_batch=int((~batch_finite).sum()),
+        dead_blowup=int(((running_var <= dead_var) & (moments.var > 100.0 * (running_var + eps))).sum()),
+        dead_both=int(((running_var <= dead_var) & (moments.var <= dead_var)).sum()),
+    )
+
+
+_NO_SCORES = _Scores(None, None, None, None, None, None, None, None, None, (), 0, 0, 0)
+
+
+def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -> LayerFacts:
+    layer = run.layer
+    rm, rv = layer.running_mean, layer.running_var
+    nonfinite_running = 0
+    default = False
+    if rm is not None and rv is not None:
+        nonfinite_running = int((~(torch.isfinite(rm) & torch.isfinite(rv))).sum())
+        default = bool((rm == 0).all()) and bool((rv == 1).all())
+    tracked = layer.buffer("num_batches_tracked")
+    affine = [p for p in (getattr(layer.module, "weight", None), getattr(layer.module, "bias", None))
+              if isinstance(p, nn.Parameter)]
+    return LayerFacts(
+        name=layer.name,
+        type_name=layer.type_name,
+        kind=layer.kind,
+        channels=layer.channels,
+        depth=run.depth,
+        score=s.score,
+        max_abs_mean_shift=s.max_abs_mean_shift,
+        drift_to_noise=s.drift_to_noise,
+        batch_noise=s.batch_noise,
+        batch_size=batch_size,
+        momentum=layer.momentum,
+        track_running_stats=layer.track_running_stats,
+        nonfinite_running=nonfinite_running,
+        nonfinite_batch=s.nonfinite_batch,
+        default_buffers=default,
+        num_batches_tracked=int(tracked) if tracked is not None and tracked.numel() == 1 else None,
+        dead_blowup=s.dead_blowup,
+        dead_both=s.dead_both,
+        dead_running=int((rv <= dead_var).sum()) if rv is not None else 0,
+        affine_frozen=bool(affine) and not any(p.requires_grad for p in affine),
+        saved_training=run.saved_training,
+        eps=layer.eps,
+    )
+
+
+def _rank_key(item: tuple[LayerFacts, _Scores]) -> tuple:
+    facts, scores = item
+    broken = facts.nonfinite_running or facts.nonfinite_batch
+    if broken:
+        return (0, 0.0, facts.depth if facts.depth is not None else 10**9)
+    if scores.score is not None:
+        return (1, -scores.score, 0)
+    return (2, 0.0, facts.depth if facts.depth is not None else 10**9)
+
+
+def build_report(
+    runs: list[LayerStats],
+    ignored: set[str],
+    thresholds: Thresholds,
+    fail_on: str,
+    model_info: ModelInfo,
+    data_info: DataInfo,
+    output: OutputDivergence,
+    device: str,
+    started: float,
+    *,
+    has_data: bool,
+    attribution: Optional[dict[str, Optional[float]]] = None,
+) -> Report:
+    """Score, diagnose and rank the layers; decide the verdict."""
+    largest_batch = data_info.batch_size
+    scored = []
+    for run in runs:
+        if run.layer.name in ignored:
+            continue
+        if run.train is not None and run.layer.running_mean is not None:
+            scores = score_layer(run.layer, run.train, thresholds.dead_channel_var)
+        else:
+            scores = _NO_SCORES
+        facts = layer_facts(run, scores, largest_batch, thresholds.dead_channel_var)
+        if attribution and run.layer.name in attribution:
+            facts = replace(facts, attribution=attribution[run.layer.name])
+        scored.append((facts, scores))
+    scored.sort(key=_rank_key)
+
+    called = [f for f, _ in scored if f.depth is not None]
+    input_layer = min(called, key=lambda f: f.depth).name if called else None
+    findings_by_layer = {
+        f.name: layer_findings(f, thresholds, is_input_layer=f.name == input_layer, has_data=has_data)
+        for f, _ in scored
+    }
+    eval_scores = {
+        run.layer.name: score_layer(run.layer, run.eval, thresholds.dead_channel_var)
+        for run in runs
+        if run.eval is not None and run.layer.running_mean is not None
+    }
+    layer_by_name = {run.layer.name: run.layer for run in runs}
+    layer_results = []
+    for rank, (facts, s) in enumerate(scored, start=1):
+        layer = layer_by_name[facts.name]
+        ev = eval_scores.get(facts.name)
+        layer_results.append(
+            LayerResult(
+                name=facts.name,
+                type=facts.type_name,
+                channels=facts.channels,
+                rank=rank,
+                depth=facts.depth,
+                score=s.score,
+                mean_shift=s.mean_shift,
+                scale_ratio=s.scale_ratio,
+                kl=s.kl,
+                max_error=s.max_error,
+                noise_floor=s.noise_floor,
+                drift_to_noise=s.drift_to_noise,
+                batch_noise=s.batch_noise,
+                eval_score=ev.score if ev else None,
+                attribution=facts.attribution,
+                momentum=facts.momentum,
+                eps=layer.eps,
+                track_running_stats=facts.track_running_stats,
+                worst_channels=s.worst,
+                findings=tuple(findings_by_layer[facts.name]),
+            )
+        )
+
+    first_divergent = None
+    for facts, _ in sorted(((f, s) for f, s in scored if f.depth is not None), key=lambda fs: fs[0].depth):
+        ev = eval_scores.get(facts.name)
+        if ev is None:
+            continue
+        diverged = ev.score is None or (
+            ev.score >= thresholds.divergence
+            and (ev.drift_to_noise is None or ev.drift_to_noise >= thresholds.drift_to_noise)
+        )
+        if diverged:
+            first_divergent = facts.name
+            break
+
+    all_findings: list[Finding] = [f for r in layer_results for f in r.findings]
+    all_findings += model_findings([f for f, _ in scored], thresholds)
+    all_findings.sort(key=lambda f: -SEVERITY_ORDER[f.severity])
+    if not runs:
+        verdict = "no-batchnorm"
+    elif fails_gate(all_findings, fail_on):
+        verdict = "fail"
+    else:
+        verdict = "pass"
+    return Report(
+        model=model_info,
+        data=data_info,
+        verdict=verdict,
+        fail_on=fail_on,
+        output=output,
+        first_divergent_layer=first_divergent,
+        layers=tuple(layer_results),
+        findings=tuple(all_findings),
+        thresholds={k: float(v) for k, v in asdict(thresholds).items()},
+        bncheck_version=__version__,
+        torch_version=torch.__version__,
+        device=device,
+        duration_s=round(time.perf_counter() - started, 3),
+    )

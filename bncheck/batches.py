@@ -200,3 +200,36 @@ def batch_bounds(total: int, batch_size: int) -> list[tuple[int, int]]:
         (start, _), _last = bounds[-2], bounds.pop()
         bounds[-1] = (start, total)
     return bounds
+
+
+class OnDevice:
+    """Moves the model to ``device`` for the run and back afterwards (parameters are moved in
+    place, so the caller's references and optimizer stay valid and the values bit-identical)."""
+
+    def __init__(self, model: nn.Module, device: Any) -> None:
+        self.model = model
+        self.home, _ = model_placement(model)
+        self.target = self.home if device is None else _resolve_device(device)
+
+    def __enter__(self) -> torch.device:
+        if self.target != self.home:
+            self.model.to(self.target)
+        return self.target
+
+    def __exit__(self, *exc: object) -> None:
+        if self.target != self.home:
+            self.model.to(self.home)
+
+
+def _resolve_device(device: Any) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"$device {device!r} is not a device; use 'cpu', 'cuda', 'cuda:1' or 'auto'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("$device cuda, but CUDA is not available here; use $device=cpu")
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved

@@ -277,6 +277,124 @@ def _finish(report: Report, settings: Settings) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=click.Path(path_type=Path, dir_okay=True))
+@click.option("--arch", metavar="SPEC", help="Model builder, as for `bncheck run` (needed for a state_dict).")
+@click.option("--arch-kwargs", metavar="YAML", help="Keyword arguments for --arch, e.g. '{num_classes: 10}'.")
+@click.option("--data", metavar="PATH", help="Folder of images or tensor file whose statistics the BN layers get.")
+@click.option("--out", "out", metavar="NEW", type=click.Path(path_type=Path),
+              help="Where to write the recalibrated checkpoint (same format as the input; never the input).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",
+              help="Settings that differ from configs/default.yaml; flags override it.")
+@click.option("--layers", multiple=True, metavar="GLOB",
+              help="Recalibrate only BN layers matching this glob (repeatable; default: all).")
+@click.option("--num-samples", type=click.IntRange(min=2), metavar="N",
+              help="Use the first N samples of the deterministic shuffle (default: every sample in --data).")
+@click.option("--batch-size", type=click.IntRange(min=2), help="Samples per forward pass (default 32).")
+@click.option("--num-batches", type=click.IntRange(min=1),
+              help="Batches in the before/after diagnosis (default 4).")
+@click.option("--device", type=click.Choice(DEVICES), help="Where to run (default auto: cuda when available).")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed of the image shuffle (default 0).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow full pickled models (torch.save(model)); loading them executes code from the file.")
+@click.option("--dry-run", is_flag=True, help="Compute and show before -> after; write nothing.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing --out, and write even when bncheck would refuse (loudly).")
+@click.option("--json", "json_out", metavar="PATH|-",
+              help="Write the fix result (schema bncheck/fix/v1) there; '-' writes only JSON to stdout.")
+@click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS),
+              help="Exit 1 when findings at least this severe remain after the fix (default error).")
+@click.option("--quiet", "-q", is_flag=True, default=None, help="Only the one-line outcome and warnings.")
+@_handle_errors
+def fix(
+    checkpoint: Path,
+    out: Optional[Path],
+    config_path: Optional[Path],
+    layers: tuple[str, ...],
+    num_samples: Optional[int],
+    trust_checkpoint: bool,
+    dry_run: bool,
+    force: bool,
+    **flags: Any,
+) -> None:
+    """Recalibrate BN running statistics to the exact population statistics of --data,
+    verify the result (before -> after per layer and for the outputs) and write --out in
+    the input's format.
+
+    \b
+    Refuses (exit 1, nothing written) when the data looks wrongly preprocessed
+    (input-distribution) or, with labels, when eval-mode accuracy would drop.
+    Exit 0: written and the fixed model passes the gate; 1: refused, or findings at or
+    above --fail-on remain; 2: usage; 3: input error (also an existing --out without
+    --force, or --out equal to the input); 4: internal error.
+    """
+    flags.update(json_out=flags["json_out"], markdown_out=None, html_out=None, junit_out=None, baseline=None,
+                 top=None, save=None, attribute=None)
+    settings = load_settings(config_path, _overrides(flags))
+    from .files import check_output_path
+    from .loading import parse_arch_kwargs
+
+    if settings.data.path is None:
+        raise UsageError("fix needs --data: the samples whose statistics the BN layers should hold")
+    if out is None and not dry_run:
+        raise UsageError("give --out NEW for the recalibrated checkpoint, or --dry-run to only see before -> after")
+    if out is not None:
+        check_output_path(out, checkpoint, force=force)
+    kwargs = parse_arch_kwargs(flags["arch_kwargs"]) if flags["arch_kwargs"] else settings.arch_kwargs
+
+    import torch
+
+    from .checkpoint import open_checkpoint
+    from .data import open_data
+    from .fixing import run_fix
+
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available here; use --device cpu")
+    target = "cuda" if settings.device == "auto" and torch.cuda.is_available() else settings.device
+    target = "cpu" if target == "auto" else target
+    loaded = open_checkpoint(checkpoint, settings.arch, kwargs, trust_checkpoint=trust_checkpoint)
+    loaded.module.to(target)
+    path = Path(settings.data.path)
+    every = None if num_samples is None else -(-num_samples // settings.batch_size)
+    recal_source = open_data(path, settings.data, settings.batch_size, every)
+    verify_source = open_data(path, settings.data, settings.batch_size, settings.num_batches)
+    result = run_fix(
+        loaded, recal_source.batches(), verify_source.batches, out=out, layers=list(layers) or None,
+        num_samples=num_samples, batch_size=settings.batch_size, thresholds=settings.thresholds, attribute=0,
+        ignore=settings.ignore, fail_on=settings.fail_on, dry_run=dry_run, force=force,
+    )
+    info = loaded.info
+    result = replace(
+        result,
+        before=_with_sources(result.before, info, settings.data.path, len(verify_source.skipped)),
+        after=_with_sources(result.after, info, settings.data.path, len(verify_source.skipped))
+        if result.after is not None else None,
+    )
+    _warn_skipped(sorted(set(recal_source.skipped + verify_source.skipped)))
+    _finish_fix(result, settings)
+
+
+def _finish_fix(result: Any, settings: Settings) -> None:
+    from .render.table import render_fix
+    from .report import dumps_fix
+
+    json_to_stdout = settings.outputs.json == "-"
+    if settings.outputs.json is not None and not json_to_stdout:
+        _write_text(Path(settings.outputs.json), dumps_fix(result), "the fix result")
+    if not settings.quiet:
+        stream = sys.stderr if json_to_stdout else sys.stdout
+        click.echo(render_fix(result, color=stream.isatty()), nl=False, err=json_to_stdout)
+    else:
+        for warning in result.warnings:
+            _err(f"warning: {warning}")
+        _err(f"bncheck fix: {result.outcome}" + (f" ({result.reasons[0]})" if result.reasons else ""))
+    if json_to_stdout:
+        sys.stdout.write(dumps_fix(result))
+        sys.stdout.flush()
+    if result.verdict == "fail":
+        click.get_current_context().exit(int(ExitCode.FINDINGS))
+
+
+@cli.command(context_settings=CONTEXT)
 @click.argument("run_json", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "fmt", flag_value="json", help="Print the JSON result.")
 @click.option("--markdown", "fmt", flag_value="markdown", help="Print Markdown (PR comments, $GITHUB_STEP_SUMMARY).")

@@ -8,6 +8,7 @@ first batches mix classes instead of holding one class folder.
 
 from __future__ import annotations
 
+import itertools
 import random
 import warnings
 from collections.abc import Iterator
@@ -18,13 +19,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from .batches import INPUT_KEYS, LABEL_KEYS, batch_bounds
 from .config import DataSettings
 from .errors import InputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 TENSOR_EXTENSIONS = {".pt", ".pth", ".npy", ".npz"}
-INPUT_KEYS = ("inputs", "input", "images", "x", "data")
-LABEL_KEYS = ("labels", "targets", "y", "label")
 Batch = tuple[Tensor, Optional[Tensor]]
 
 
@@ -83,7 +83,7 @@ def _image_tensor(path: Path, cfg: DataSettings) -> Tensor:
     return TF.normalize(tensor, list(mean), list(std))
 
 
-def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: int) -> DataSource:
+def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Optional[int]) -> DataSource:
     files = _image_files(root)
     if not files:
         raise InputError(
@@ -92,13 +92,13 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: in
         )
     labels = _labels_for(root, files)
     random.Random(cfg.seed).shuffle(files)
-    wanted = batch_size * num_batches
+    wanted = len(files) if num_batches is None else batch_size * num_batches
     skipped: list[str] = []
 
     def batches() -> Iterator[Batch]:
         queue = iter(files)
         yielded = 0
-        for _ in range(num_batches):
+        for _ in itertools.count() if num_batches is None else range(num_batches):
             images: list[Tensor] = []
             targets: list[int] = []
             for path in queue:
@@ -196,7 +196,7 @@ def _load_tensor_file(path: Path, key: Optional[str] = None) -> tuple[Tensor, Op
     )
 
 
-def tensor_file(path: Path, batch_size: int, num_batches: int, key: Optional[str] = None) -> DataSource:
+def tensor_file(path: Path, batch_size: int, num_batches: Optional[int], key: Optional[str] = None) -> DataSource:
     inputs, labels = _load_tensor_file(path, key)
     if inputs.dim() < 2:
         raise InputError(
@@ -208,27 +208,26 @@ def tensor_file(path: Path, batch_size: int, num_batches: int, key: Optional[str
     total = inputs.shape[0]
     if total < 2:
         raise InputError(f"{path} holds {total} sample; train-mode BN needs at least 2")
-    used = inputs[: batch_size * num_batches]
+    wanted = total if num_batches is None else min(total, batch_size * num_batches)
+    used = inputs[:wanted]
     if used.is_floating_point() or used.is_complex():
         bad = int((~torch.isfinite(used)).sum())
         if bad:
             raise InputError(f"{path} contains {bad} NaN/Inf values in the samples used; clean the data first")
 
     def batches() -> Iterator[Batch]:
-        for start in range(0, min(total, batch_size * num_batches), batch_size):
-            stop = min(start + batch_size, total)
-            if stop - start < 2:
-                break
+        for start, stop in batch_bounds(wanted, batch_size):
             yield inputs[start:stop], labels[start:stop] if labels is not None else None
 
     return DataSource(
         batches=batches,
-        planned_samples=min(total, batch_size * num_batches),
+        planned_samples=wanted,
         skipped=[],
     )
 
 
-def open_data(path: Path, cfg: DataSettings, batch_size: int, num_batches: int) -> DataSource:
+def open_data(path: Path, cfg: DataSettings, batch_size: int, num_batches: Optional[int]) -> DataSource:
+    """Batches from a folder of images or a tensor file; ``num_batches=None`` uses every sample."""
     path = Path(path)
     text = str(path)
     if not path.exists() and ":" in text:

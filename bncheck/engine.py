@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .attribution import Kept, attribute_layer
-from .batches import batch_len, iter_batches, model_placement, split_batch, to_device, to_host
+from .batches import OnDevice, batch_len, iter_batches, model_placement, split_batch, to_device, to_host
 from .capture import fingerprint
 from .collect import LayerStats, statistics_pass
 from .config import FAIL_ON_LEVELS, Thresholds, resolve_thresholds
@@ -53,39 +53,6 @@ def _check_fail_on(fail_on: str) -> None:
 
 def _in_memory(layers: list[BNLayer]) -> ModelInfo:
     return ModelInfo(checkpoint=None, arch=None, format="in-memory", sha256=None, bn_layers=len(layers))
-
-
-class _OnDevice:
-    """Moves the model to ``device`` for the run and back afterwards (parameters are moved in
-    place, so the caller's references and optimizer stay valid and the values bit-identical)."""
-
-    def __init__(self, model: nn.Module, device: Any) -> None:
-        self.model = model
-        self.home, _ = model_placement(model)
-        self.target = self.home if device is None else _resolve_device(device)
-
-    def __enter__(self) -> torch.device:
-        if self.target != self.home:
-            self.model.to(self.target)
-        return self.target
-
-    def __exit__(self, *exc: object) -> None:
-        if self.target != self.home:
-            self.model.to(self.home)
-
-
-def _resolve_device(device: Any) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UsageError(f"$device {device!r} is not a device; use 'cpu', 'cuda', 'cuda:1' or 'auto'") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("$device cuda, but CUDA is not available here; use $device=cpu")
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", torch.cuda.current_device())
-    return resolved
 
 
 def analyze(
@@ -138,7 +105,7 @@ def analyze(
         raise UsageError(f"$attribute must be a non-negative integer, got {attribute!r}")
     batches = iter_batches(data, batch_size=batch_size, num_batches=num_batches)
     layers, ignored = _discover(model, ignore)
-    with _OnDevice(model, device) as target:
+    with OnDevice(model, device) as target:
         return _analyze(model, layers, ignored, batches, resolved, attribute, fail_on, progress, target, started)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -283,6 +283,97 @@ def load(path: Path) -> Report:
     return from_dict(data)
 
 
-def schema_path() -> Path:
-    return Path(__file__).with_name("schema") / "run-v1.json"
+def schema_path(kind: str = "run") -> Path:
+    """The packaged JSON Schema of a ``run`` result or a ``fix`` result."""
+    return Path(__file__).with_name("schema") / f"{kind}-v1.json"
+
+
+FIX_SCHEMA_ID = "bncheck/fix/v1"
+
+
+@dataclass(frozen=True)
+class LayerFix:
+    name: str
+    """Qualified module name."""
+    score_before: Optional[float]
+    """Layer score before recalibration (None: not measured or not finite)."""
+    score_after: Optional[float]
+    """Layer score after recalibration, on the same sample."""
+    finding_before: Optional[str]
+    """Most severe finding code before, if any."""
+    finding_after: Optional[str]
+    """Most severe finding code after, if any."""
+    recalibrated: bool
+    """Whether this layer's running statistics were replaced."""
+    values: Optional[int] = None
+    """Values per channel the new statistics pool."""
+    standard_error: Optional[float] = None
+    """Expected error of the new statistics from sampling alone, in output stds."""
+    mean_change: Optional[float] = None
+    """RMS change of the running mean, in old running stds."""
+    var_ratio: Optional[float] = None
+    """Typical new / old running variance."""
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FixReport:
+    """``bncheck fix``: what was recalibrated, the diagnosis before and after, and the decision."""
+
+    outcome: str
+    """``written``, ``dry-run`` (computed, not written) or ``refused`` (nothing written)."""
+    out: Optional[str]
+    """The file written (or that would be written)."""
+    reasons: tuple[str, ...]
+    """Why it was refused, or what ``--force`` overrode."""
+    warnings: tuple[str, ...]
+    """Caveats: small sample, accuracy not verifiable without labels, ..."""
+    samples: int
+    """Samples whose statistics were pooled."""
+    batches: int
+    layers: tuple[LayerFix, ...]
+    """Every BN layer, in the order of the before-report's ranking."""
+    skipped: tuple[SkippedLayer, ...]
+    """BN layers left unchanged, and why."""
+    before: Report
+    after: Optional[Report]
+    """The diagnosis of the recalibrated model (None when nothing was recalibrated)."""
+    remaining: tuple[Finding, ...]
+    """Findings of the recalibrated model at or above fail_on."""
+    verdict: str
+    """``pass``: written (or writable) and the fixed model passes the gate; ``fail`` otherwise."""
+    schema: str = FIX_SCHEMA_ID
+
+
+_NESTED.update({
+    (FixReport, "layers"): LayerFix,
+    (FixReport, "skipped"): SkippedLayer,
+    (FixReport, "remaining"): Finding,
+})
+
+
+def fix_to_dict(fix: FixReport) -> dict[str, Any]:
+    body = _plain(asdict(fix))
+    body.pop("schema")
+    body["before"] = to_dict(fix.before)
+    body["after"] = to_dict(fix.after) if fix.after is not None else None
+    return {"schema": FIX_SCHEMA_ID, **body}
+
+
+def dumps_fix(fix: FixReport) -> str:
+    return json.dumps(fix_to_dict(fix), indent=2, allow_nan=False) + "\n"
+
+
+def fix_from_dict(data: dict[str, Any]) -> FixReport:
+    if not isinstance(data, dict) or data.get("schema") != FIX_SCHEMA_ID:
+        raise InputError(f"not a bncheck fix result (expected schema {FIX_SCHEMA_ID!r})")
+    body = dict(data)
+    before, after = body.pop("before"), body.pop("after")
+    fix = _build(FixReport, body | {"before": None, "after": None})
+    return replace(fix, before=from_dict(before), after=from_dict(after) if after is not None else None)
 

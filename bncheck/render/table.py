@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Callable, Optional
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..report import LayerResult, Report
+from ..report import FixReport, LayerResult, Report
 from .summary import baseline_lines, next_step, num, output_line, share
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -135,3 +136,72 @@ def progress_bar(total: Optional[int], *, enabled: bool) -> Iterator[Callable[[s
                             total=stage_total if stage_total is not None else total)
 
         yield update
+
+
+OUTCOME_STYLE = {"written": "bold green", "dry-run": "bold cyan", "refused": "bold red"}
+
+
+def _arrow(before: Optional[float], after: Optional[float]) -> str:
+    return f"{num(before)} -> {num(after)}"
+
+
+def build_fix(fix: FixReport, top: int = 15) -> list:
+    before, after = fix.before, fix.after
+    parts: list = []
+    where = f" {fix.out}" if fix.out and fix.outcome != "refused" else ""
+    parts.append(Text.assemble(("bncheck fix ", "bold"), (fix.outcome.upper(), OUTCOME_STYLE[fix.outcome]), where))
+    parts.append(Text(f"model  {before.model.checkpoint or 'in-memory'}  ({before.model.format}, "
+                      f"{before.model.bn_layers} BN layers)"))
+    recalibrated = sum(1 for layer in fix.layers if layer.recalibrated)
+    parts.append(Text(f"stats  {recalibrated} layers recalibrated on {fix.samples} samples "
+                      f"({fix.batches} batches; exact population statistics)"))
+    parts.append(Text(f"before {output_line(before)}"))
+    if after is not None:
+        parts.append(Text(f"after  {output_line(after)}"))
+    parts.append(Text(""))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for name, justify in (("layer", "left"), ("score before -> after", "right"), ("finding before -> after", "left"),
+                          ("std err", "right")):
+        table.add_column(name, justify=justify)
+    for layer in fix.layers[:top]:
+        findings = f"{layer.finding_before or '-'} -> {layer.finding_after or '-'}"
+        table.add_row(layer.name, _arrow(layer.score_before, layer.score_after), findings,
+                      num(layer.standard_error, 3) if layer.recalibrated else "kept")
+    parts.append(table)
+    if len(fix.layers) > top:
+        parts.append(Text(f"... {len(fix.layers) - top} more layers (--json for all)", style="dim"))
+    for skipped in fix.skipped[:5]:
+        parts.append(Text(f"kept    {skipped.name}: {skipped.reason}", style="dim"))
+    if len(fix.skipped) > 5:
+        parts.append(Text(f"kept    ... and {len(fix.skipped) - 5} more layers", style="dim"))
+    for reason in fix.reasons:
+        style = "bold red" if fix.outcome == "refused" else "yellow"
+        parts.append(Text.assemble(("refused " if fix.outcome == "refused" else "forced  ", style), reason))
+    for warning in fix.warnings:
+        parts.append(Text.assemble(("warning ", "yellow"), warning))
+    for finding in fix.remaining[:5]:
+        at = f" {finding.layer}" if finding.layer else ""
+        parts.append(Text.assemble((f"remains {finding.severity} ", SEVERITY_STYLE[finding.severity]),
+                                   (finding.code, "bold"), f"{at}: {finding.message}"))
+    parts.append(Text(""))
+    parts.append(Text.assemble(("next: ", "bold"), _fix_next(fix)))
+    return parts
+
+
+def _fix_next(fix: FixReport) -> str:
+    if fix.outcome == "refused":
+        return "Nothing was written. Address the reason above (or pass --force if you are sure)."
+    if fix.outcome == "dry-run":
+        return "Nothing was written (--dry-run); rerun with --out NEW to write the recalibrated checkpoint."
+    if fix.remaining:
+        return f"Written, but findings remain: bncheck run {fix.out} ... to see them."
+    return f"Written; check held-out accuracy of {fix.out} before deploying."
+
+
+def render_fix(fix: FixReport, *, top: int = 15, width: Optional[int] = None, color: bool = False) -> str:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width or 120, force_terminal=color, no_color=not color,
+                      highlight=False, emoji=False, soft_wrap=False)
+    for part in build_fix(fix, top):
+        console.print(part)
+    return buffer.getvalue()

@@ -1,0 +1,165 @@
+"""``bncheck fix``: diagnose, recalibrate, diagnose again, then write -- or refuse.
+
+Refusals exist because recalibration can hide a bug or break a good model:
+
+* ``input-distribution`` before: the data itself looks wrongly preprocessed; new running
+  statistics would bake that into the checkpoint.
+* with labels, a lower eval-mode accuracy after than before: BN kept in eval mode on
+  purpose during a fine-tune leaves running statistics that disagree with the new data,
+  yet the layers after them learned with exactly those statistics.
+
+``force`` overrides both, and the report says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .checkpoint import Checkpoint
+from .config import Thresholds
+from .engine import analyze
+from .recalibrate import RecalibrationResult, recalibrate
+from .report import FixReport, LayerFix, Report, SkippedLayer, fails_gate
+
+# Eval-mode accuracy may drop by at most this many samples' worth before it counts as harm
+# (one flipped sample on a small labelled sample is noise, not harm).
+_HARM_SAMPLES = 1
+
+
+def _fmt_pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def run_fix(
+    checkpoint: Checkpoint,
+    recalibration_data: Iterable[Any],
+    verification_data: Callable[[], Iterable[Any]],
+    *,
+    out: Optional[Path],
+    layers: Optional[list[str]] = None,
+    num_samples: Optional[int] = None,
+    batch_size: int = 32,
+    thresholds: Optional[Thresholds] = None,
+    attribute: int = 0,
+    ignore: tuple[str, ...] = (),
+    fail_on: str = "error",
+    dry_run: bool = False,
+    force: bool = False,
+) -> FixReport:
+    """Diagnose ``checkpoint.module`` on ``verification_data()``, recalibrate it (in place:
+    the checkpoint object is bncheck's own copy) on ``recalibration_data``, diagnose again,
+    and write ``out`` unless refused or ``dry_run``."""
+    model = checkpoint.module
+    common = dict(batch_size=batch_size, thresholds=thresholds, attribute=attribute, ignore=ignore, fail_on=fail_on)
+    before = analyze(model, verification_data(), **common)
+    reasons: list[str] = []
+    warnings: list[str] = []
+    blocking: list[str] = []
+
+    bad_input = [f for f in before.findings if f.code == "input-distribution"]
+    if bad_input:
+        blocking.append(
+            f"the data looks wrongly preprocessed for this model (input-distribution on {bad_input[0].layer}): "
+            "recalibrating on it would bake that into the checkpoint; fix the preprocessing first"
+        )
+
+    result = recalibrate(model, recalibration_data, layers=layers, num_samples=num_samples,
+                         batch_size=batch_size, in_place=True)
+    after = analyze(model, verification_data(), **common) if result.layers else None
+
+    if after is not None:
+        blocking += _harm(before, after)
+        if before.output.eval_accuracy is None:
+            warnings.append(_unverified(before, after))
+    if not result.layers:
+        blocking.append("no BN layer could be recalibrated (see skipped)")
+    needed = result.samples_for_stable_statistics()
+    if needed is not None:
+        warnings.append(
+            f"{result.samples} samples are few for stable statistics: the worst layer's new statistics carry an "
+            f"expected error of {result.worst_standard_error:.3f} output stds; about {needed} samples would bring "
+            "every layer under 0.05"
+        )
+
+    if blocking and force:
+        warnings += [f"FORCED despite: {reason}" for reason in blocking]
+        reasons = [f"overridden by force: {reason}" for reason in blocking]
+        blocking = []
+    refused = bool(blocking)
+    reasons = blocking or reasons
+    if refused:
+        outcome = "refused"
+    elif dry_run:
+        outcome = "dry-run"
+    else:
+        checkpoint.write(out, force=force)
+        outcome = "written"
+    remaining = tuple(
+        f for f in (after.findings if after is not None else before.findings) if fails_gate([f], fail_on)
+    )
+    return FixReport(
+        outcome=outcome,
+        out=str(out) if out is not None else None,
+        reasons=tuple(reasons),
+        warnings=tuple(warnings),
+        samples=result.samples,
+        batches=result.batches,
+        layers=_layer_table(before, after, result),
+        skipped=tuple(SkippedLayer(name, why) for name, why in result.skipped),
+        before=before,
+        after=after,
+        remaining=remaining,
+        verdict="fail" if refused or remaining else "pass",
+    )
+
+
+def _harm(before: Report, after: Report) -> list[str]:
+    acc_before, acc_after = before.output.eval_accuracy, after.output.eval_accuracy
+    if acc_before is None or acc_after is None:
+        return []
+    labelled = max(before.data.samples, 1)
+    if acc_after < acc_before - _HARM_SAMPLES / labelled:
+        return [
+            f"recalibration lowers eval-mode accuracy on this data from {_fmt_pct(acc_before)} to "
+            f"{_fmt_pct(acc_after)}: the running statistics look deliberately kept (BN frozen in eval mode "
+            "while fine-tuning), and the layers after them rely on them; keep the checkpoint as it is"
+        ]
+    return []
+
+
+def _unverified(before: Report, after: Report) -> str:
+    agree_before, agree_after = before.output.top1_agreement, after.output.top1_agreement
+    moved = ""
+    if agree_before is not None and agree_after is not None:
+        moved = (f"; train/eval top-1 agreement went from {_fmt_pct(agree_before)} to {_fmt_pct(agree_after)}")
+    elif before.output.relative_l2 is not None and after.output.relative_l2 is not None:
+        moved = (f"; train/eval relative output difference went from {before.output.relative_l2:.3f} to "
+                 f"{after.output.relative_l2:.3f}")
+    return ("the data has no labels, so whether eval-mode accuracy improved could not be verified"
+            f"{moved}; check held-out accuracy before deploying")
+
+
+def _layer_table(before: Report, after: Optional[Report], result: RecalibrationResult) -> tuple[LayerFix, ...]:
+    after_by_name = {layer.name: layer for layer in after.layers} if after is not None else {}
+    recal = {layer.name: layer for layer in result.layers}
+    rows = []
+    for layer in before.layers:
+        later = after_by_name.get(layer.name)
+        top_before = before.top_finding(layer)
+        top_after = after.top_finding(later) if after is not None and later is not None else None
+        r = recal.get(layer.name)
+        rows.append(LayerFix(
+            name=layer.name,
+            score_before=layer.score,
+            score_after=later.score if later is not None else None,
+            finding_before=top_before.code if top_before else None,
+            finding_after=top_after.code if top_after else None,
+            recalibrated=r is not None,
+            values=r.values if r else None,
+            standard_error=r.standard_error if r else None,
+            mean_change=r.mean_change if r else None,
+            var_ratio=r.var_ratio if r else None,
+        ))
+    return tuple(rows)

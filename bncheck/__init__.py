@@ -1,22 +1,65 @@
 """bncheck: find the BatchNorm layers whose running statistics disagree with your data.
 
-Public API (imports torch lazily, so ``import bncheck`` and ``bncheck --help`` stay fast)::
+Public API (torch is imported lazily, so ``import bncheck`` and ``bncheck --help`` stay fast)::
 
-    from bncheck import analyze
-    report = analyze(model, batches)          # -> bncheck.report.Report
+    import bncheck
+    report = bncheck.analyze(model, data)            # diagnose: -> bncheck.Report
+    report = bncheck.lint(model)                     # what the buffers alone reveal
+    result = bncheck.recalibrate(model, data)        # exact population statistics, in place
+    handle = bncheck.freeze_batchnorm(model)         # BN stays in eval after model.train()
+    ckpt = bncheck.open_checkpoint("model.pt", arch="torchvision:resnet18")
+    ckpt.write("fixed.pt")                           # same format, atomic
+
+``data`` is a tensor, a ``DataLoader`` or any iterable of batches. ``bncheck.testing``
+holds ``assert_no_bn_drift`` and ``assert_bn_frozen`` for your test suite.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-__all__ = ["analyze", "__version__"]
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "analyze": "engine",
+    "lint": "engine",
+    "recalibrate": "recalibration",
+    "RecalibrationResult": "recalibration",
+    "freeze_batchnorm": "freeze",
+    "unfreeze_batchnorm": "freeze",
+    "open_checkpoint": "checkpoint",
+    "Checkpoint": "checkpoint",
+    "Report": "report",
+    "Finding": "report",
+    "LayerResult": "report",
+    "Thresholds": "config",
+    "BncheckError": "errors",
+    "UsageError": "errors",
+    "InputError": "errors",
+}
+__all__ = [
+    "BncheckError", "Checkpoint", "Finding", "InputError", "LayerResult", "RecalibrationResult", "Report",
+    "Thresholds", "UsageError", "__version__", "analyze", "freeze_batchnorm", "lint", "open_checkpoint",
+    "recalibrate", "unfreeze_batchnorm",
+]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .checkpoint import Checkpoint, open_checkpoint
+    from .config import Thresholds
+    from .engine import analyze, lint
+    from .errors import BncheckError, InputError, UsageError
+    from .freeze import freeze_batchnorm, unfreeze_batchnorm
+    from .recalibration import RecalibrationResult, recalibrate
+    from .report import Finding, LayerResult, Report
 
 
 def __getattr__(name: str) -> Any:
-    if name == "analyze":
-        from .engine import analyze
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bncheck' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
 
-        return analyze
-    raise AttributeError(f"module 'bncheck' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return __all__

@@ -191,7 +191,7 @@ def lint(
     >>> import torch, bncheck
     >>> bn = torch.nn.BatchNorm2d(3, momentum=0.0)
     >>> [f.code for f in bncheck.lint(torch.nn.Sequential(bn)).findings]
-    ['pseudo-frozen', 'never-updated']
+    ['never-updated', 'pseudo-frozen']
     """
     started = time.perf_counter()
     resolved = resolve_thresholds(thresholds)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 from .checkpoint import Checkpoint
 from .config import Thresholds
 from .engine import analyze
-from .recalibrate import RecalibrationResult, recalibrate
+from .recalibration import RecalibrationResult, recalibrate
 from .report import FixReport, LayerFix, Report, SkippedLayer, fails_gate
 
 # Eval-mode accuracy may drop by at most this many samples' worth before it counts as harm

@@ -9,6 +9,7 @@ nested (a tuple of tensors is passed as positional arguments, a dict as keywords
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
@@ -34,11 +35,13 @@ def tensors(value: Any) -> list[Tensor]:
 
 
 def split_batch(batch: Any) -> tuple[Any, Optional[Tensor]]:
-    """``(inputs, labels)`` from a tensor, an ``(inputs, labels)`` pair or a dict."""
+    """``(inputs, labels)`` from a tensor, an ``(inputs,)``/``(inputs, labels[, ...])`` sequence
+    (what a ``DataLoader`` over a ``TensorDataset`` yields) or a dict."""
     if isinstance(batch, Tensor):
         return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor):
-        labels = batch[1] if isinstance(batch[1], Tensor) else None
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3 and isinstance(batch[0], Tensor):
+        # (inputs,) from a TensorDataset, (inputs, labels), (inputs, labels, weights)
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
         return batch[0], labels
     if isinstance(batch, dict):
         for key in INPUT_KEYS:
@@ -178,10 +181,8 @@ def iter_batches(data: Any, *, batch_size: int, num_batches: Optional[int]) -> I
         raise UsageError(
             f"$data must be a tensor, a DataLoader or an iterable of batches, not {type(data).__name__}"
         )
-    for index, batch in enumerate(data):
-        if num_batches is not None and index >= num_batches:
-            return
-        yield batch
+    # islice: a DataLoader is never asked for a batch beyond the cap (no wasted decode)
+    yield from itertools.islice(data, num_batches)
 
 
 def _slices(inputs: Tensor, labels: Optional[Tensor], batch_size: int, num_batches: Optional[int]) -> Iterator:

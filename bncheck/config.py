@@ -249,7 +249,8 @@ def resolve_thresholds(value: Any) -> Thresholds:
         return defaults
     if not isinstance(value, Mapping):
         raise UsageError(f"thresholds must be a Thresholds or a mapping such as {{'stale_error': 0.5}}, not {value!r}")
-    raw = _merge({f.name: getattr(defaults, f.name) for f in fields(Thresholds)}, value, "thresholds")
+    raw = _merge({f.name: getattr(defaults, f.name) for f in fields(Thresholds)}, value, "the thresholds argument",
+                 "thresholds.")
     return Thresholds(
         **{f.name: _number(raw, f.name, float, minimum=0.0, where="thresholds.") for f in fields(Thresholds)}
     )

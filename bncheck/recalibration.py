@@ -167,7 +167,9 @@ def recalibrate(
             skipped.append((layer.name, "TorchScript layer with momentum 0: its statistics cannot be observed"))
             continue
         new_mean = moments.mean
-        new_var = _unbiased(moments.var, moments.values)
+        # TorchScript statistics come from buffer updates, already unbiased per batch (and
+        # ``values`` counts samples there, not values: no second correction)
+        new_var = moments.var if layer.scripted else _unbiased(moments.var, moments.values)
         if not (torch.isfinite(new_mean).all() and torch.isfinite(new_var).all()):
             skipped.append((layer.name, "its input holds NaN/Inf: left unchanged"))
             continue

@@ -85,7 +85,7 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "non-finite-stats",
             "error",
             f"running statistics hold NaN/Inf in {f.nonfinite_running} of {f.channels} channels.",
-            "Recalibrate the running stats on clean data (e.g. torch.optim.swa_utils.update_bn) "
+            "Recalibrate the running stats on clean data (bncheck fix) "
             "and look for the step that wrote NaN (a diverged batch, fp16 overflow).",
         )
     if f.nonfinite_batch:
@@ -115,8 +115,7 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "error" if _stale_severity(f, t) else "warning",
             f"running_mean is all 0 and running_var all 1{tracked}: the running stats were never updated "
             f"from data (score {_fmt(f.score)}).",
-            "Run forward passes in train mode over training data to calibrate them "
-            "(torch.optim.swa_utils.update_bn), or check that the checkpoint holds the buffers.",
+            "Calibrate them on training data (bncheck fix), or check that the checkpoint holds the buffers.",
         )
     elif f.num_batches_tracked == 0 and f.kind == "batchnorm":
         # Real statistics with a zero counter: written by a converter or tool (or an old
@@ -185,17 +184,19 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "error" if severity == "error" else "warning",
             f"{why}, so the running stats never followed the data that trained the layer "
             f"in train mode: {numbers}.",
-            "Keep frozen BN layers in eval mode while fine-tuning (call .eval() on them after "
-            "model.train()), then recalibrate the running stats on the fine-tuning data.",
+            "Keep frozen BN layers in eval mode while fine-tuning (bncheck.freeze_batchnorm(model) "
+            "survives model.train()), and recalibrate this checkpoint on the fine-tuning data (bncheck fix).",
         )
     else:
         add(
             "stale-running-stats",
             severity,
             f"running stats disagree with this data: {numbers}.",
-            "Recalibrate the running stats on representative data "
-            "(torch.optim.swa_utils.update_bn or a few train-mode passes with no_grad), or "
-            "check that this data matches what the model was trained on.",
+            "Two readings fit: stale statistics (the layer trained in train mode on other data) -> "
+            "recalibrate on representative data with bncheck fix, which verifies the result and refuses when "
+            "labelled eval-mode accuracy drops; or BN deliberately kept in eval mode while fine-tuning on this "
+            "data -> keep it. Tell them apart with labels (eval-mode accuracy at least train-mode accuracy "
+            "means frozen on purpose) and check this data matches what the model was trained on.",
         )
     return out
 
@@ -220,7 +221,7 @@ def _lint_findings(f: LayerFacts, t: Thresholds) -> list[Finding]:
             "momentum=None: the running stats are a cumulative average over every batch seen since the "
             "start of training, early weights included.",
             "Run bncheck with --data to measure whether that matters; recalibrate after training "
-            "(torch.optim.swa_utils.update_bn) if it does.",
+            "(bncheck fix) if it does.",
         ))
     if not t.eps_low <= f.eps <= t.eps_high:
         out.append(Finding(

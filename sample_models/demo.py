@@ -1,7 +1,8 @@
 """`make demo`: bncheck on the shipped sample models, as a user would type it.
 
 Runs the pseudo-frozen fine-tune (expected: FAIL, exit 1) and the healthy one (expected:
-PASS, exit 0), then re-renders the last run with `bncheck report`. Exits non-zero only if
+PASS, exit 0), re-renders the last run with `bncheck report`, then cures the pseudo-frozen
+model with `bncheck fix` (into .bncheck/, exit 0) and checks the result (PASS). Exits non-zero only if
 an exit code is not the expected one.
 """
 
@@ -24,6 +25,8 @@ STEPS = [
     (["run", "sample_models/pseudo_frozen.pt", *COMMON], 1),
     (["run", "sample_models/healthy.pt", *COMMON, "--top", "5"], 0),
     (["report", "--markdown", "--top", "3"], 0),
+    (["fix", "sample_models/pseudo_frozen.pt", *COMMON, "--out", ".bncheck/pseudo_frozen.fixed.pt", "--force"], 0),
+    (["run", ".bncheck/pseudo_frozen.fixed.pt", *COMMON, "--top", "3"], 0),
 ]
 
 

@@ -11,16 +11,39 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
+from .errors import UsageError
 from .report import SEVERITY_ORDER, BaselineComparison, Finding, LayerChange, Report, fails_gate
 
 
-def _key(finding: Finding) -> tuple[str, Optional[str]]:
-    return finding.code, finding.layer
+def _keyed(findings: tuple[Finding, ...]) -> dict[tuple[str, Optional[str], int], Finding]:
+    """Findings by (code, layer, occurrence): two findings with one code on one layer (NaN in
+    the running and in the batch statistics, say) stay two."""
+    seen: dict[tuple[str, Optional[str]], int] = {}
+    keyed = {}
+    for finding in findings:
+        base = (finding.code, finding.layer)
+        seen[base] = seen.get(base, 0) + 1
+        keyed[(*base, seen[base])] = finding
+    return keyed
+
+
+def check_same_model(baseline: Report, current: Report, source: str) -> None:
+    """A baseline of another model compares nothing: refuse it (a usage error) instead of
+    passing every finding as new."""
+    before = {layer.name for layer in baseline.layers}
+    after = {layer.name for layer in current.layers}
+    if before and after and not before & after:
+        raise UsageError(
+            f"baseline {source} is from another model: none of its {len(before)} BN layer names is among this "
+            f"run's {len(after)} (it has {', '.join(sorted(before)[:3])}; this run has "
+            f"{', '.join(sorted(after)[:3])}); pass a run of this model as the baseline"
+        )
 
 
 def compare(baseline: Report, current: Report, source: str, worsen: float) -> BaselineComparison:
-    before_findings = {_key(f): f for f in baseline.findings}
-    after_findings = {_key(f): f for f in current.findings}
+    check_same_model(baseline, current, source)
+    before_findings = _keyed(baseline.findings)
+    after_findings = _keyed(current.findings)
     before_scores = {layer.name: layer.score for layer in baseline.layers}
     after_scores = {layer.name: layer.score for layer in current.layers}
 

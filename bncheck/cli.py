@@ -21,6 +21,8 @@ from .config import DEVICES, FAIL_ON_LEVELS, Settings, load_settings
 from .errors import BncheckError, ExitCode, UsageError
 from .report import Report
 
+STDOUT = "-"
+"""A format's target meaning stdout (``--json -``, or a bare ``--json``)."""
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -106,6 +108,49 @@ def _print_report(report: Report, settings: Settings, to_stderr: bool) -> None:
     click.echo(render(report, "table", top=settings.top, width=width, color=color), nl=False, err=to_stderr)
 
 
+def _size(value: Optional[str], flag: str) -> Any:
+    if value is None:
+        return None
+    if value.strip().lower() in ("none", "null", "off"):
+        return _EXPLICIT_NONE
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"{flag} must be a size in pixels or 'none', got {value!r}") from None
+    if number < 1:
+        raise UsageError(f"{flag} must be at least 1, got {number}")
+    return number
+
+
+def _floats(value: Optional[str], flag: str) -> Optional[list[float]]:
+    if value is None:
+        return None
+    try:
+        numbers = [float(part) for part in value.replace(" ", ",").split(",") if part]
+    except ValueError:
+        raise UsageError(f"{flag} must be numbers separated by commas, e.g. 0.485,0.456,0.406; got {value!r}") from None
+    if not numbers:
+        raise UsageError(f"{flag} needs at least one number")
+    return numbers
+
+
+_EXPLICIT_NONE = object()
+"""A size flag given as 'none': overrides the config with null (a plain None means "not given")."""
+
+
+def _transform_options(command: Callable) -> Callable:
+    """--resize/--crop/--mean/--std, shared by run and fix."""
+    for option in reversed((
+        click.option("--resize", metavar="PX|none",
+                     help="Resize images' shorter side to PX before cropping ('none': keep their size; default 256)."),
+        click.option("--crop", metavar="PX|none", help="Centre-crop images to PX ('none': no crop; default 224)."),
+        click.option("--mean", metavar="M1,M2,M3", help="Per-channel mean to subtract (default ImageNet's)."),
+        click.option("--std", metavar="S1,S2,S3", help="Per-channel std to divide by (default ImageNet's)."),
+    )):
+        command = option(command)
+    return command
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @click.option("--arch", metavar="SPEC",
@@ -131,15 +176,17 @@ def _print_report(report: Report, settings: Settings, to_stderr: bool) -> None:
               help="Accepted earlier run: fail only on findings that are new or worse than in it.")
 @click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS),
               help="Exit 1 for findings at least this severe (default error).")
-@click.option("--json", "json_out", metavar="PATH|-",
-              help="Write the JSON result there; '-' writes only JSON to stdout (the table goes to stderr).")
-@click.option("--markdown", "markdown_out", metavar="PATH", help="Also write Markdown there.")
+@click.option("--json", "json_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,
+              help="Write the JSON result to PATH; bare or '-': only JSON on stdout (the table goes to stderr).")
+@click.option("--markdown", "markdown_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,
+              help="Write Markdown to PATH; bare or '-': Markdown on stdout (the table goes to stderr).")
 @click.option("--html", "html_out", metavar="PATH", help="Also write a self-contained HTML report there.")
 @click.option("--junit", "junit_out", metavar="PATH", help="Also write JUnit XML there (one testcase per layer).")
 @click.option("--top", type=click.IntRange(min=1), help="Rows in the table (default 10).")
 @click.option("--save", metavar="PATH",
               help="Where to keep the run for `bncheck report` (default .bncheck/last-run.json).")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No table or progress; only errors and warnings.")
+@_transform_options
 @_handle_errors
 def run(
     checkpoint: Optional[Path],
@@ -178,15 +225,15 @@ def run(
     if settings.data.path is None:
         _err("note: no --data given: checking only what the checkpoint itself reveals (no statistics measured)")
         report = lint(loaded.module, thresholds=settings.thresholds, ignore=settings.ignore, fail_on=settings.fail_on)
-        report = _with_sources(report, loaded.info, None, 0)
+        report = _with_sources(report, loaded.info)
     else:
         source = open_data(Path(settings.data.path), settings.data, settings.batch_size, settings.num_batches)
         if loaded.info.format == "random-init":
             _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, "
                  "which says nothing about a trained model")
         report = _diagnose(loaded.module.to(target), source, settings)
-        report = _with_sources(report, loaded.info, settings.data.path, len(source.skipped))
-        _warn_skipped(source.skipped)
+        report = _with_sources(report, loaded.info, settings, source, _provenance(config_path, flags))
+        _data_notes(source, settings)
     if baseline is not None:
         from .baseline import apply_baseline
 
@@ -208,23 +255,53 @@ def _diagnose(model: Any, source: Any, settings: Settings) -> Report:
         )
 
 
-def _with_sources(report: Report, info: Any, data_source: Optional[str], skipped: int) -> Report:
+def _with_sources(
+    report: Report, info: Any, settings: Optional[Settings] = None, source: Any = None,
+    provenance: Optional[dict[str, str]] = None,
+) -> Report:
     """The report with the checkpoint's and the data's provenance (the engine knows neither)."""
     model = replace(info, bn_layers=report.model.bn_layers)
-    return replace(report, model=model, data=replace(report.data, source=data_source, skipped=skipped))
+    if settings is None or source is None:
+        return replace(report, model=model)
+    data = replace(
+        report.data, source=settings.data.path, skipped=len(source.skipped), requested=source.planned_request,
+        preprocessing=source.describe(settings.data, provenance),
+    )
+    return replace(report, model=model, data=data)
 
 
-def _warn_skipped(skipped: list[str]) -> None:
+def _provenance(config_path: Optional[Path], flags: dict[str, Any]) -> dict[str, str]:
+    """Where each image transform setting came from: flag, config or default."""
+    from .config import read_user_data_keys
+
+    in_config = read_user_data_keys(config_path)
+    return {
+        key: "flag" if flags.get(key) is not None else "config" if key in in_config else "default"
+        for key in ("resize", "crop", "mean", "std", "channels")
+    }
+
+
+def _data_notes(source: Any, settings: Settings, *, skipped: Optional[list[str]] = None) -> None:
+    """Notes and warnings about how the data was read: skipped files, one class, upscaling."""
+    skipped = source.skipped if skipped is None else skipped
     for line in skipped[:5]:
         _err(f"warning: skipped unreadable file {line}")
     if len(skipped) > 5:
         _err(f"warning: ... and {len(skipped) - 5} more unreadable files skipped")
+    for note in source.notes:
+        _err(f"note: {note}")
+    upscale = source.upscale_warning(settings.data)
+    if upscale:
+        _err(f"warning: {upscale}")
 
 
 def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
     """Command-line flags in the shape of the config file; None means "not given"."""
     outputs = {key: flags[f"{key}_out"] for key in ("json", "markdown", "html", "junit")}
-    data = {"path": flags["data"], "seed": flags["seed"]}
+    data = {"path": flags["data"], "seed": flags["seed"], "resize": _size(flags.get("resize"), "--resize"),
+            "crop": _size(flags.get("crop"), "--crop"), "mean": _floats(flags.get("mean"), "--mean"),
+            "std": _floats(flags.get("std"), "--std")}
+    data = {k: (None if v is _EXPLICIT_NONE else v) for k, v in data.items() if v is not None}
     return {
         "arch": flags["arch"], "baseline": flags["baseline"], "batch_size": flags["batch_size"],
         "num_batches": flags["num_batches"], "device": flags["device"], "fail_on": flags["fail_on"],
@@ -242,35 +319,59 @@ def _load_baseline(path: Optional[str]) -> Optional[Report]:
     return report_module.load(Path(path))
 
 
-def _write_formats(report: Report, targets: dict[str, Optional[str]], top: int) -> None:
-    """Render ``report`` into each format whose target path is given."""
+def _stdout_format(targets: dict[str, Optional[str]]) -> Optional[str]:
+    """The one format that goes to stdout ('-'), if any. One rule for run and report:
+    ``--json``/``--markdown`` take a PATH, or '-' (also a bare flag) for stdout; two formats
+    cannot share stdout."""
+    to_stdout = [fmt for fmt, target in targets.items() if target == STDOUT]
+    if len(to_stdout) > 1:
+        flags = " and ".join(f"--{fmt}" for fmt in to_stdout)
+        raise UsageError(f"{flags} would both print to stdout; give all but one of them a PATH")
+    return to_stdout[0] if to_stdout else None
+
+
+def _render_text(report: Report, fmt: str, top: int) -> str:
     from .render import render
+    from .report import dumps
 
+    return dumps(report) if fmt == "json" else render(report, fmt, top=top)
+
+
+def _write_formats(report: Report, targets: dict[str, Optional[str]], top: int) -> None:
+    """Render ``report`` into each format whose target is a path (stdout is the caller's)."""
     for fmt, target in targets.items():
-        if target is not None:
-            _write_text(Path(target), render(report, fmt, top=top), f"the {fmt} report")
+        if target is not None and target != STDOUT:
+            _write_text(Path(target), _render_text(report, fmt, top), f"the {fmt} report")
 
 
-def _write_outputs(report: Report, settings: Settings, report_json: str) -> None:
-    outputs = settings.outputs
-    _write_formats(report, {"markdown": outputs.markdown, "html": outputs.html, "junit": outputs.junit},
-                   settings.top)
-    if settings.outputs.json is not None and settings.outputs.json != "-":
-        _write_text(Path(settings.outputs.json), report_json, "the JSON result")
+def _quiet_line(report: Report) -> None:
+    """--quiet still says why a gate failed: the verdict and the top finding, on stderr."""
+    if report.verdict != "fail":
+        return
+    top = report.top_finding()
+    if report.baseline is not None:
+        regressions = (*report.baseline.new, *report.baseline.worsened)
+        top = max(regressions, key=lambda f: ("info", "warning", "error").index(f.severity), default=top)
+    where = f" {top.layer}" if top is not None and top.layer else ""
+    detail = f": {top.severity} {top.code}{where}: {top.message}" if top is not None else ""
+    _err(f"bncheck FAIL ({len(report.findings)} findings){detail}")
 
 
 def _finish(report: Report, settings: Settings) -> None:
     """Save, write and print the result; exit 1 when it failed."""
     from .report import dumps
 
-    report_json = dumps(report)
-    _save_last_run(report_json, settings)
-    _write_outputs(report, settings, report_json)
-    json_to_stdout = settings.outputs.json == "-"
-    if not settings.quiet:
-        _print_report(report, settings, to_stderr=json_to_stdout)
-    if json_to_stdout:
-        sys.stdout.write(report_json)
+    outputs = settings.outputs
+    targets = {"json": outputs.json, "markdown": outputs.markdown, "html": outputs.html, "junit": outputs.junit}
+    to_stdout = _stdout_format({"json": outputs.json, "markdown": outputs.markdown})
+    _save_last_run(dumps(report), settings)
+    _write_formats(report, targets, settings.top)
+    if settings.quiet:
+        _quiet_line(report)
+    else:
+        _print_report(report, settings, to_stderr=to_stdout is not None)
+    if to_stdout is not None:
+        sys.stdout.write(_render_text(report, to_stdout, settings.top))
         sys.stdout.flush()
     if report.verdict == "fail":
         click.get_current_context().exit(int(ExitCode.FINDINGS))
@@ -304,6 +405,7 @@ def _finish(report: Report, settings: Settings) -> None:
 @click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS),
               help="Exit 1 when findings at least this severe remain after the fix (default error).")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="Only the one-line outcome and warnings.")
+@_transform_options
 @_handle_errors
 def fix(
     checkpoint: Path,
@@ -363,13 +465,14 @@ def fix(
         ignore=settings.ignore, fail_on=settings.fail_on, dry_run=dry_run, force=force,
     )
     info = loaded.info
+    provenance = _provenance(config_path, flags)
     result = replace(
         result,
-        before=_with_sources(result.before, info, settings.data.path, len(verify_source.skipped)),
-        after=_with_sources(result.after, info, settings.data.path, len(verify_source.skipped))
+        before=_with_sources(result.before, info, settings, verify_source, provenance),
+        after=_with_sources(result.after, info, settings, verify_source, provenance)
         if result.after is not None else None,
     )
-    _warn_skipped(sorted(set(recal_source.skipped + verify_source.skipped)))
+    _data_notes(verify_source, settings, skipped=sorted(set(recal_source.skipped + verify_source.skipped)))
     _finish_fix(result, settings)
 
 
@@ -396,8 +499,10 @@ def _finish_fix(result: Any, settings: Settings) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("run_json", required=False, type=click.Path(path_type=Path))
-@click.option("--json", "fmt", flag_value="json", help="Print the JSON result.")
-@click.option("--markdown", "fmt", flag_value="markdown", help="Print Markdown (PR comments, $GITHUB_STEP_SUMMARY).")
+@click.option("--json", "json_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,
+              help="The JSON result: to PATH, or bare / '-' to stdout.")
+@click.option("--markdown", "markdown_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,
+              help="Markdown (PR comments, $GITHUB_STEP_SUMMARY): to PATH, or bare / '-' to stdout.")
 @click.option("--html", "html_out", metavar="PATH", help="Write a self-contained HTML report there.")
 @click.option("--junit", "junit_out", metavar="PATH", help="Write JUnit XML there (one testcase per layer).")
 @click.option("--compare", "baseline", metavar="BASELINE_JSON",
@@ -409,7 +514,8 @@ def _finish_fix(result: Any, settings: Settings) -> None:
 @_handle_errors
 def report(
     run_json: Optional[Path],
-    fmt: Optional[str],
+    json_out: Optional[str],
+    markdown_out: Optional[str],
     html_out: Optional[str],
     junit_out: Optional[str],
     baseline: Optional[str],
@@ -417,10 +523,15 @@ def report(
     config_path: Optional[Path],
 ) -> None:
     """Re-render a saved run (default: the last one) without running the model or
-    importing torch. Exit 0, or with --compare, 1 when findings are new or worse."""
-    from . import report as report_module
-    from .render import render
+    importing torch. Exit 0, or with --compare, 1 when findings are new or worse.
 
+    \b
+    --json and --markdown work as in `run`: a PATH, or bare/'-' for stdout (one format
+    at a time on stdout); with neither, the table prints."""
+    from . import report as report_module
+
+    targets = {"json": json_out, "markdown": markdown_out, "html": html_out, "junit": junit_out}
+    to_stdout = _stdout_format(targets)
     settings = load_settings(config_path, {"top": top})
     if run_json is None:
         if settings.save is None:
@@ -431,12 +542,10 @@ def report(
         from .baseline import apply_baseline
 
         loaded = apply_baseline(loaded, report_module.load(Path(baseline)), baseline)
-    _write_formats(loaded, {"html": html_out, "junit": junit_out}, settings.top)
-    if fmt == "json":
-        sys.stdout.write(report_module.dumps(loaded))
-    elif fmt == "markdown":
-        sys.stdout.write(render(loaded, "markdown", top=settings.top))
-    elif not (html_out or junit_out):
+    _write_formats(loaded, targets, settings.top)
+    if to_stdout is not None:
+        sys.stdout.write(_render_text(loaded, to_stdout, settings.top))
+    elif not any(targets.values()):
         _print_report(loaded, settings, to_stderr=False)
     if baseline is not None and loaded.verdict == "fail":
         click.get_current_context().exit(int(ExitCode.FINDINGS))

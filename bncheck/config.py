@@ -228,6 +228,14 @@ def load_settings(
     return _build(raw)
 
 
+def read_user_data_keys(config_path: Optional[Path]) -> set[str]:
+    """The ``data`` keys a user's config file sets (for saying where a setting came from)."""
+    if config_path is None:
+        return set()
+    section = _read_yaml(Path(config_path)).get("data") or {}
+    return set(section) if isinstance(section, dict) else set()
+
+
 _DEFAULTS: Optional[Settings] = None
 
 

@@ -12,7 +12,7 @@ import itertools
 import random
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,6 +36,42 @@ class DataSource:
     planned_samples: int
     skipped: list[str]
     """Files that could not be read (filled while iterating)."""
+    planned_request: Optional[int] = None
+    """Samples asked for (batch_size x num_batches; None: all)."""
+    kind: str = "tensor"
+    """``images`` (transforms applied) or ``tensor`` (fed as stored)."""
+    notes: list[str] = field(default_factory=list)
+    """Things the user should know about how the data was read."""
+    smallest_side: Optional[int] = None
+    """Shorter side of the smallest image read, before transforms (filled while iterating)."""
+
+    def describe(self, cfg: DataSettings, sources: Optional[dict[str, str]] = None) -> str:
+        """The preprocessing applied, each setting with where it came from."""
+        if self.kind != "images":
+            return "tensor file fed to the model as stored (no transforms)"
+        src = sources or {}
+
+        def where(key: str) -> str:
+            return f" ({src[key]})" if key in src else ""
+
+        resize = f"resize shorter side to {cfg.resize}" if cfg.resize is not None else "no resize"
+        crop = f"centre-crop {cfg.crop}" if cfg.crop is not None else "no crop"
+        mean = "[" + ", ".join(f"{v:g}" for v in cfg.mean) + "]"
+        std = "[" + ", ".join(f"{v:g}" for v in cfg.std) + "]"
+        return (f"{resize}{where('resize')}, {crop}{where('crop')}, scale to 0..1, normalize mean {mean}"
+                f"{where('mean')} std {std}{where('std')}, {cfg.channels}{where('channels')}")
+
+    def upscale_warning(self, cfg: DataSettings) -> Optional[str]:
+        """A warning when transforms blew small images up (e.g. 32x32 digits resized to 256)."""
+        small = self.smallest_side
+        if self.kind != "images" or small is None:
+            return None
+        target = cfg.resize if cfg.resize is not None else cfg.crop
+        if target is None or target < 2 * small:
+            return None
+        return (f"images as small as {small} px were upscaled to {target} px ({target / small:.0f}x) by "
+                f"data.{'resize' if cfg.resize is not None else 'crop'}; if the model was trained at their own "
+                "size, pass --resize none --crop none (or the training size)")
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -49,11 +85,13 @@ def _labels_for(root: Path, files: list[Path]) -> Optional[dict[Path, int]]:
     if not tops or any(len(parts) < 2 for parts in tops):
         return None
     classes = sorted({parts[0] for parts in tops})
+    if len(classes) < 2:  # one class is no labels (often the parent folder passed by mistake)
+        return None
     index = {name: i for i, name in enumerate(classes)}
     return {p: index[parts[0]] for p, parts in zip(files, tops)}
 
 
-def _image_tensor(path: Path, cfg: DataSettings) -> Tensor:
+def _image_tensor(path: Path, cfg: DataSettings, source: Optional[DataSource] = None) -> Tensor:
     import torchvision.transforms.functional as TF
     from PIL import Image
 
@@ -64,6 +102,9 @@ def _image_tensor(path: Path, cfg: DataSettings) -> Tensor:
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 img = img.point(lambda v: v / 256).convert("L")
             img = img.convert("L" if cfg.channels == "gray" else "RGB")
+    if source is not None:
+        side = min(img.size)
+        source.smallest_side = side if source.smallest_side is None else min(source.smallest_side, side)
     if cfg.resize is not None:
         img = TF.resize(img, cfg.resize, antialias=True)
     if cfg.crop is not None:
@@ -103,7 +144,7 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Op
             targets: list[int] = []
             for path in queue:
                 try:
-                    images.append(_image_tensor(path, cfg))
+                    images.append(_image_tensor(path, cfg, source))
                 except InputError:
                     raise
                 except Exception as exc:
@@ -132,11 +173,15 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Op
                 "check that they are valid image files"
             )
 
-    return DataSource(
-        batches=batches,
-        planned_samples=min(wanted, len(files)),
-        skipped=skipped,
-    )
+    source = DataSource(batches=batches, planned_samples=min(wanted, len(files)), skipped=skipped, kind="images",
+                        planned_request=None if num_batches is None else wanted)
+    if labels is None and len({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}) == 1:
+        only = next(p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1)
+        source.notes.append(
+            f"{root} holds one subfolder ({only}/): one class is no labels, so accuracy is not reported; "
+            "pass the folder that holds one subfolder per class"
+        )
+    return source
 
 
 def _load_npz(path: Path, key: Optional[str]) -> tuple[Tensor, Optional[Tensor]]:
@@ -150,8 +195,9 @@ def _load_npz(path: Path, key: Optional[str]) -> tuple[Tensor, Optional[Tensor]]
     if key is None:
         key = next((k for k in INPUT_KEYS if k in names), names[0] if len(names) == 1 else None)
     if key not in names:
+        missing = f"has no array {key!r}; it " if key is not None else ""
         raise InputError(
-            f"{path} holds arrays {', '.join(names) or '(none)'}; pick the input with --data {path}:NAME"
+            f"{path} {missing}holds arrays {', '.join(names) or '(none)'}; pick the input with --data {path}:NAME"
         )
     try:
         inputs = torch.from_numpy(np.ascontiguousarray(archive[key]))
@@ -223,6 +269,7 @@ def tensor_file(path: Path, batch_size: int, num_batches: Optional[int], key: Op
         batches=batches,
         planned_samples=wanted,
         skipped=[],
+        planned_request=None if num_batches is None else batch_size * num_batches,
     )
 
 

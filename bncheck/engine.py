@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .attribution import Kept, attribute_layer
-from .batches import OnDevice, batch_len, iter_batches, model_placement, split_batch, to_device, to_host
+from .batches import OnDevice, batch_len, iter_batches, model_placement, split_batch, tensors, to_device, to_host
 from .capture import fingerprint
 from .collect import LayerStats, statistics_pass
 from .config import FAIL_ON_LEVELS, Thresholds, resolve_thresholds
@@ -126,6 +126,7 @@ def _analyze(
     tally = OutputTally()
     samples = batches_seen = largest_batch = 0
     any_labels = False
+    input_shape: Optional[tuple[int, ...]] = None
     keep: Optional[Kept] = [] if attribute > 0 else None
     try:
         with statistics_pass(model, layers) as stats:
@@ -133,6 +134,9 @@ def _analyze(
                 inputs, labels = split_batch(batch)
                 inputs = to_device(inputs, device, float_dtype)
                 n = batch_len(inputs)
+                if input_shape is None:
+                    first = tensors(inputs)
+                    input_shape = tuple(first[0].shape[1:]) if first else None
                 out_eval = stats.forward(inputs, "eval")
                 out_train = stats.forward(inputs, "train")
                 tally.add(out_train, out_eval, labels)
@@ -152,7 +156,7 @@ def _analyze(
         raise InternalError("the model's parameters, buffers or modes changed during the run; please report this bug")
     if batches_seen == 0:
         raise InputError("the data yielded no batches; point $data at a non-empty folder, file or iterable")
-    data_info = DataInfo(None, samples, largest_batch, batches_seen, any_labels, 0)
+    data_info = DataInfo(None, samples, largest_batch, batches_seen, any_labels, 0, input_shape=input_shape)
     output = tally.result()
 
     def report_with(attribution: Optional[dict[str, Optional[float]]] = None) -> Report:

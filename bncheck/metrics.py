@@ -156,6 +156,29 @@ class ChannelMoments:
             setattr(self, attr_mean, mean_a + delta * (n_b / total))
             setattr(self, attr_m2, m2_a + m2_b + delta**2 * (n_a * n_b / total))
 
+    def merge(self, other: ChannelMoments) -> None:
+        """Pool another accumulator of the same channels into this one (Chan's merge), as if
+        its groups had been added here: e.g. two calls of one shared BN module, or the same
+        layer's moments from another process."""
+        if other.values == 0:
+            return
+        total = self.values + other.values
+        delta = other.mean.to(self.mean) - self.mean
+        self.m2 += other.m2.to(self.m2) + delta**2 * (self.values * other.values / total)
+        self.mean += delta * (other.values / total)
+        self.values = total
+        n_a, n_b = self.groups, other.groups
+        if n_b:
+            for attr_mean, attr_m2 in (("group_mean_mean", "group_mean_m2"), ("group_sq_mean", "group_sq_m2")):
+                mean_a, m2_a = getattr(self, attr_mean), getattr(self, attr_m2)
+                mean_b, m2_b = getattr(other, attr_mean).to(mean_a), getattr(other, attr_m2).to(m2_a)
+                d = mean_b - mean_a
+                setattr(self, attr_mean, mean_a + d * (n_b / (n_a + n_b)))
+                setattr(self, attr_m2, m2_a + m2_b + d**2 * (n_a * n_b / (n_a + n_b)))
+        self.groups += n_b
+        self.batches += other.batches
+        self.group_size_values = other.group_size_values or self.group_size_values
+
     @property
     def var(self) -> Tensor:
         """Pooled biased variance per channel."""

@@ -106,6 +106,29 @@ def _selected(layers: list[BNLayer], globs: Optional[Sequence[str]]) -> tuple[li
     return chosen, skipped
 
 
+def _pool_shared_buffers(entries: list[LayerStats], skipped: list[tuple[str, str]]) -> dict[str, LayerStats]:
+    """One entry per set of running buffers. Several modules may share one tensor (a
+    ``torch.export`` program makes one module per BN call, so a BN called twice appears
+    twice): their train-mode moments pool into the first, which owns the update."""
+    owners: dict[str, LayerStats] = {}
+    first_by_buffer: dict[int, LayerStats] = {}
+    for entry in entries:
+        key = entry.layer.running_mean.data_ptr()
+        owner = first_by_buffer.get(key)
+        if owner is None:
+            first_by_buffer[key] = entry
+            owners[entry.layer.name] = entry
+            continue
+        if entry.train is not None:
+            if owner.train is None:
+                owner.train = entry.train
+            else:
+                owner.train.merge(entry.train)
+        owner.train_calls += entry.train_calls
+        skipped.append((entry.layer.name, f"shares its running buffers with {owner.layer.name} (pooled there)"))
+    return owners
+
+
 def _unbiased(var: Tensor, values: float) -> Tensor:
     return var * (values / (values - 1.0)) if values > 1 else var
 
@@ -155,9 +178,12 @@ def recalibrate(
     with OnDevice(model, device) as target:
         stats, samples, seen = _measure(model, all_layers, batches, num_samples, target)
     by_name = {entry.layer.name: entry for entry in stats}
+    owners = _pool_shared_buffers([by_name[layer.name] for layer in chosen], skipped)
     results, state, previous, targets = [], {}, {}, {}
     for layer in chosen:
-        entry = by_name[layer.name]
+        if layer.name not in owners:
+            continue
+        entry = owners[layer.name]
         moments = entry.train
         if moments is None or moments.values < 2:
             skipped.append((layer.name, "never ran in the forward pass" if entry.depth is None

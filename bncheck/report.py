@@ -135,6 +135,12 @@ class DataInfo:
     """Whether the data carried labels (class subfolders, a labels tensor)."""
     skipped: int = 0
     """Files that could not be read and were skipped."""
+    requested: Optional[int] = None
+    """Samples asked for (batch_size x num_batches); more than ``samples`` when the data ran out."""
+    input_shape: Optional[tuple[int, ...]] = None
+    """Shape of one sample as fed to the model (after transforms), e.g. [3, 224, 224]."""
+    preprocessing: Optional[str] = None
+    """The transforms applied to images and where each setting came from (default, config, flag)."""
 
 
 @dataclass(frozen=True)
@@ -191,8 +197,11 @@ class Report:
         """The layer's score is null because its statistics hold NaN/Inf (not merely unmeasured)."""
         return layer.score is None and any(f.code == "non-finite-stats" for f in layer.findings)
 
-    def top_finding(self, layer: LayerResult) -> Optional[Finding]:
-        return max(layer.findings, key=lambda f: SEVERITY_ORDER[f.severity], default=None)
+    def top_finding(self, layer: Optional[LayerResult] = None) -> Optional[Finding]:
+        """The most severe finding of ``layer``, or of the whole report when no layer is given
+        (None when there is none)."""
+        findings = self.findings if layer is None else layer.findings
+        return max(findings, key=lambda f: SEVERITY_ORDER[f.severity], default=None)
 
     @property
     def worst_severity(self) -> Optional[str]:

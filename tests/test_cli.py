@@ -84,16 +84,19 @@ def test_json_to_stdout_is_only_json_and_valid(tmp_path, cli_env, resnet_case) -
     before = tree_hashes(ckpt.parent)
     result = run_cli(
         ["run", str(ckpt), "--arch", "torchvision:resnet18", "--arch-kwargs", "{num_classes: 10}",
-         "--data", str(data), "--batch-size", "8", "--json", "-"],
+         "--data", str(data), "--batch-size", "8", "--json"],  # a bare --json means stdout
         tmp_path, cli_env,
     )
-    assert result.returncode in (0, 1), result.stderr
     doc = json.loads(result.stdout)  # nothing but JSON on stdout
+    # a freshly built resnet never updated its running stats: never-updated errors, exit 1
+    assert result.returncode == 1 and doc["verdict"] == "fail", result.stderr
+    assert {f["code"] for f in doc["findings"] if f["severity"] == "error"} >= {"never-updated"}
     jsonschema.validate(doc, SCHEMA)
     assert doc["model"]["bn_layers"] == 20 and doc["model"]["format"] == "state_dict"
     assert len(doc["model"]["sha256"]) == 64
     assert doc["data"] == {"source": str(data), "samples": 16, "batch_size": 8, "batches": 2,
-                           "labels": False, "skipped": 0}
+                           "labels": False, "skipped": 0, "requested": 32, "input_shape": [3, 64, 64],
+                           "preprocessing": "tensor file fed to the model as stored (no transforms)"}
     assert [layer["rank"] for layer in doc["layers"]] == list(range(1, 21))
     scores = [layer["score"] for layer in doc["layers"] if layer["score"] is not None]
     assert scores == sorted(scores, reverse=True)

@@ -271,6 +271,24 @@ def test_exported_program_is_written_back(tmp_path) -> None:
     assert out.shape == (16, 5)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_exported_program_with_a_bn_called_twice_pools_both_calls(tmp_path) -> None:
+    import numpy as np
+    from test_recalibration import Shared
+
+    model = Shared().eval()
+    data = torch.randn(12, 4, 6, 6)
+    torch.export.save(torch.export.export(model, (data[:6],)), tmp_path / "shared.pt2")
+    ckpt = open_checkpoint(tmp_path / "shared.pt2")
+    result = bncheck.recalibrate(ckpt.module, data, batch_size=6)
+    assert len(result.layers) == 1 and any("shares its running buffers" in why for _, why in result.skipped)
+    ckpt.write(tmp_path / "out.pt2")
+    program = torch.export.load(tmp_path / "out.pt2")
+    second = (2 * data[..., :3, :3] + 1).numpy()
+    every = np.concatenate([np.moveaxis(a, 1, -1).reshape(-1, 4) for a in (data.numpy(), second)]).astype(np.float64)
+    np.testing.assert_allclose(program.state_dict["bn.running_var"].numpy(), every.var(0, ddof=1), rtol=1e-6)
+
+
 def test_trusted_pickled_module_is_written_back(tmp_path) -> None:
     model, data = stale_tiny()
     torch.save({"model": model, "note": "full module"}, tmp_path / "full.pt")

@@ -184,3 +184,22 @@ def test_per_sample_stats_survive_cancellation() -> None:
     _, var, _ = per_sample_stats(x)
     exact = torch.var_mean(x.flatten(2).double(), dim=2, correction=0)[0]
     assert torch.allclose(var.double(), exact, rtol=1e-3)
+
+
+def test_merging_two_accumulators_equals_pooling_everything_in_one() -> None:
+    from bncheck.metrics import ChannelMoments
+
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.randn(n, 3, 5, generator=gen) * s + m for n, s, m in ((4, 1.0, 0.0), (6, 2.0, 3.0), (3, 0.5, -1))]
+    one, a, b = ChannelMoments(3), ChannelMoments(3), ChannelMoments(3)
+    for i, x in enumerate(parts):
+        mean, var = x.mean(2), x.var(2, correction=0)
+        one.add_groups(mean, var, 5)
+        (a if i < 2 else b).add_groups(mean, var, 5)
+    a.merge(b)
+    everything = torch.cat(parts).transpose(0, 1).reshape(3, -1).double()
+    torch.testing.assert_close(a.mean, everything.mean(1))
+    torch.testing.assert_close(a.var, everything.var(1, correction=0))
+    for attr in ("group_mean_mean", "group_mean_m2", "group_sq_mean", "group_sq_m2"):
+        torch.testing.assert_close(getattr(a, attr), getattr(one, attr))
+    assert (a.values, a.groups, a.batches) == (one.values, one.groups, one.batches)

@@ -9,7 +9,7 @@ from html import escape
 from typing import Optional
 
 from ..report import LayerResult, Report
-from .summary import baseline_lines, next_step, num, output_line, share
+from .summary import baseline_lines, data_line, input_line, next_step, num, output_line, share
 
 COLORS = {"pass": "#1a7f37", "fail": "#cf222e", "no-batchnorm": "#0969da"}
 SEVERITY_COLORS = {"error": "#cf222e", "warning": "#9a6700", "info": "#0969da"}
@@ -134,7 +134,7 @@ def _meta(report: Report) -> str:
     rows: list[tuple[str, Optional[str]]] = [
         ("checkpoint", m.checkpoint), ("architecture", m.arch), ("format", m.format),
         ("sha256", m.sha256), ("BN layers", str(m.bn_layers)),
-        ("data", d.source), ("samples", f"{d.samples} ({d.batches} batches of {d.batch_size})"),
+        ("data", d.source), ("samples", data_line(report)), ("input", input_line(report)),
         ("skipped files", str(d.skipped) if d.skipped else None),
         ("fail on", report.fail_on), ("device", report.device),
         ("bncheck / torch", f"{report.bncheck_version} / {report.torch_version}"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..report import Report
-from .summary import baseline_lines, next_step, num, output_line, share
+from .summary import baseline_lines, data_line, input_line, next_step, num, output_line, share
 
 
 def _cell(text: str) -> str:
@@ -17,8 +17,8 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
         "",
         f"- **Model**: `{report.model.checkpoint or report.model.arch or 'in-memory'}` "
         f"({report.model.bn_layers} BN layers)",
-        f"- **Data**: `{report.data.source}` ({report.data.samples} samples, "
-        f"{report.data.batches} x {report.data.batch_size})",
+        f"- **Data**: `{report.data.source}` ({data_line(report)})",
+        *([f"- **Input**: {input_line(report)}"] if input_line(report) else []),
         f"- **Output**: {output_line(report)}",
         f"- **First divergent layer (eval pass)**: `{report.first_divergent_layer or 'none'}`",
         "",

@@ -33,11 +33,38 @@ def baseline_lines(report: Report, limit: int = 5) -> list[str]:
     for label, items in (("new", comparison.new), ("worse", comparison.worsened), ("resolved", comparison.resolved)):
         for f in items[:limit]:
             lines.append(f"  {label:<8} {f.severity} {f.code}{' ' + f.layer if f.layer else ''}")
+        if len(items) > limit:
+            lines.append(f"  {label:<8} ... and {len(items) - limit} more")
     moved = [c for c in comparison.changes if c.delta is not None and abs(c.delta) >= 0.01][:limit]
     if moved:
         lines.append("  largest score changes: " + ", ".join(
             f"{c.name} {num(c.before)} -> {num(c.after)}" for c in moved))
     return lines
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else ("es" if word.endswith("ch") else "s"))
+
+
+def data_line(report: Report) -> str:
+    """``128 samples = 4 batches of 32``, with what fell short and what was skipped."""
+    d = report.data
+    uneven = d.batches > 1 and d.samples != d.batches * d.batch_size
+    text = f"{plural(d.samples, 'sample')} = {plural(d.batches, 'batch')} of {'up to ' if uneven else ''}{d.batch_size}"
+    if d.requested is not None and d.samples < d.requested:
+        text += f"; the data held fewer than the {d.requested} asked for"
+    if d.skipped:
+        text += f", {plural(d.skipped, 'unreadable file')} skipped"
+    return text
+
+
+def input_line(report: Report) -> Optional[str]:
+    """The shape fed to the model and the preprocessing that made it."""
+    d = report.data
+    if d.input_shape is None and d.preprocessing is None:
+        return None
+    shape = f"{list(d.input_shape)} per sample" if d.input_shape is not None else "shape unknown"
+    return f"{shape}; {d.preprocessing}" if d.preprocessing else shape
 
 
 def output_line(report: Report) -> str:

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..report import FixReport, LayerResult, Report
-from .summary import baseline_lines, next_step, num, output_line, share
+from .summary import baseline_lines, data_line, input_line, next_step, num, output_line, share
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "no-batchnorm": "bold cyan"}
@@ -40,10 +40,9 @@ def build(report: Report, top: int) -> list:
         Text(f"model  {model.checkpoint or model.arch or 'in-memory'}"
              f"{f'  [{model.arch}]' if model.checkpoint and model.arch else ''}"
              f"  ({model.format}, {model.bn_layers} BN layers)"),
-        Text(f"data   {report.data.source}  ({report.data.samples} samples = "
-             f"{report.data.batches} batches of {report.data.batch_size}"
-             f"{f', {report.data.skipped} unreadable files skipped' if report.data.skipped else ''})"
+        Text(f"data   {report.data.source}  ({data_line(report)})"
              if report.data.source else "data   none: only the checkpoint was checked (no --data)"),
+        *([Text(f"input  {input_line(report)}")] if input_line(report) else []),
         Text(f"output {output_line(report)}"),
         Text(f"first divergent layer (eval pass): {report.first_divergent_layer or 'none'}"),
     ]

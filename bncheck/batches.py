@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, first_line
 
 # One vocabulary for batch dicts, tensor-file dicts and npz archives.
 INPUT_KEYS = ("inputs", "input", "images", "image", "x", "data", "pixel_values")
@@ -125,23 +125,22 @@ def forward(model: nn.Module, inputs: Any, mode: str) -> Any:
             return model(*inputs)
         return model(inputs)
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        first_line = first_line.replace("$", "$$")  # the template escape for settings' names
+        detail = first_line(exc, 300)
         shapes = [tuple(t.shape) for t in tensors(inputs)]
         integer = next((t.dtype for t in tensors(inputs) if not (t.is_floating_point() or t.is_complex())), None)
-        if integer is not None and ("type" in first_line.lower() or "dtype" in first_line.lower()):
-            first_line += (
+        if integer is not None and ("type" in detail.lower() or "dtype" in detail.lower()):
+            detail += (
                 f" (the data is {integer}: tensor files are fed to the model as stored; save them as float, "
                 "normalized as in training)"
             )
-        if "Expected more than 1 value per channel" in first_line:
+        if "Expected more than 1 value per channel" in detail:
             raise InputError(
                 f"a BN layer got a single value per channel in train mode (input shape {shapes}); "
                 "use $batch_size=2 or more"
             ) from None
         raise InputError(
             f"the model's {mode}-mode forward pass failed on input of shape "
-            f"{shapes[0] if len(shapes) == 1 else shapes}: {first_line}; check that the data "
+            f"{shapes[0] if len(shapes) == 1 else shapes}: {detail}; check that the data "
             f"matches the model (size, channels, transforms, $arch_kwargs){_export_hint(model)}"
         ) from None
 

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from .discovery import find_bn_layers
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, first_line
 from .files import atomic_write, check_output_path
-from .loading import NESTED_KEYS, build_arch, load_state_into, locate_state_dict, sha256_of
+from .loading import NESTED_KEYS, build_arch, guess_arch, load_state_into, locate_state_dict, sha256_of
 from .report import ModelInfo
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -91,10 +91,6 @@ def _buffers_by_key(module: nn.Module, keys: list[str]) -> dict[str, Tensor]:
     return {key: state[key] for key in keys if key in state}
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
-
-
 class Format:
     """One checkpoint format: recognise, read, write back."""
 
@@ -126,7 +122,7 @@ class TorchScriptFormat(Format):
                 model = torch.jit.load(str(probe.path), map_location="cpu")
         except Exception as exc:
             raise InputError(
-                f"{probe.path} is a TorchScript archive that failed to load ({_first_line(exc)})"
+                f"{probe.path} is a TorchScript archive that failed to load ({first_line(exc)})"
             ) from None
         info = ModelInfo(str(probe.path), arch, self.name, digest, 0)
         return Checkpoint(model, info, probe.path, self)
@@ -158,7 +154,7 @@ class ExportedProgramFormat(Format):
                 model = ExportedProgramModule(program.module(), getattr(program, "example_inputs", None))
         except Exception as exc:
             raise InputError(
-                f"{probe.path} is a torch.export archive that failed to load ({_first_line(exc)}); check that it "
+                f"{probe.path} is a torch.export archive that failed to load ({first_line(exc)}); check that it "
                 "was saved with torch.export.save by a compatible torch version"
             ) from None
         info = ModelInfo(str(probe.path), arch, self.name, digest, 0)
@@ -201,7 +197,7 @@ class SafetensorsFormat(Format):
                 state = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 - not a dict
         except Exception as exc:
             raise InputError(
-                f"{path} is not a readable safetensors file ({_first_line(exc)}); re-save it with safetensors"
+                f"{path} is not a readable safetensors file ({first_line(exc)}); re-save it with safetensors"
             ) from None
         model, prefix = _model_from_state(state, path, arch, arch_kwargs)
         info = ModelInfo(str(path), arch, self.name, digest, 0)
@@ -269,9 +265,12 @@ def _model_from_state(
     state: dict[str, Tensor], path: Path, arch: Optional[str], arch_kwargs: dict
 ) -> tuple[nn.Module, str]:
     if arch is None:
+        guess = guess_arch(state)
+        advice = (f"its keys look like {guess}" if guess
+                  else "e.g. $arch torchvision:resnet18 $arch_kwargs '{num_classes: 10}'")
         raise UsageError(
             f"{path} holds only weights (a state_dict of {len(state)} tensors); say which model "
-            "they belong to with $arch, e.g. $arch torchvision:resnet18 $arch_kwargs '{num_classes: 10}'"
+            f"they belong to with $arch: {advice}"
         )
     model = build_arch(arch, arch_kwargs)
     prefix = load_state_into(model, state, arch, path)

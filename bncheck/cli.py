@@ -18,8 +18,8 @@ import click
 
 from . import __version__
 from .config import DEVICES, FAIL_ON_LEVELS, Settings, load_settings
-from .errors import BncheckError, ExitCode, UsageError
-from .report import Report
+from .errors import BncheckError, ExitCode, UsageError, first_line
+from .report import SEVERITY_ORDER, Report
 
 STDOUT = "-"
 """A format's target meaning stdout (``--json -``, or a bare ``--json``)."""
@@ -52,7 +52,7 @@ def _handle_errors(command: Callable) -> Callable:
         except Exception as exc:  # a bug in bncheck: say so, keep the traceback for --debug
             if debug:
                 traceback.print_exc()
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            first = first_line(exc).replace("$$", "$")
             _err(
                 f"internal error: {type(exc).__name__}: {first} (this is a bncheck bug; rerun "
                 "with `bncheck --debug ...` for the traceback and report it)"
@@ -351,7 +351,7 @@ def _quiet_line(report: Report) -> None:
     top = report.top_finding()
     if report.baseline is not None:
         regressions = (*report.baseline.new, *report.baseline.worsened)
-        top = max(regressions, key=lambda f: ("info", "warning", "error").index(f.severity), default=top)
+        top = max(regressions, key=lambda f: SEVERITY_ORDER[f.severity], default=top)
     where = f" {top.layer}" if top is not None and top.layer else ""
     detail = f": {top.severity} {top.code}{where}: {top.message}" if top is not None else ""
     _err(f"bncheck FAIL ({len(report.findings)} findings){detail}")

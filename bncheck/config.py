@@ -12,10 +12,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
-SEVERITIES = ("info", "warning", "error")
 FAIL_ON_LEVELS = ("error", "warning", "never")
 CHANNEL_ORDERS = ("rgb", "bgr", "gray")
 DEVICES = ("auto", "cpu", "cuda")
@@ -99,7 +98,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist; check the --config path") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read config file {path}: {exc}") from None
+        raise UsageError(f"cannot read config file {path}: {first_line(exc)}") from None
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -165,6 +164,31 @@ def _floats(raw: dict, key: str, where: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
+def check_arch_kwargs(value: Any, what: str) -> dict[str, Any]:
+    """Keyword arguments for the architecture builder: a mapping with string keys, and no
+    ``'num_classes:10'`` key that YAML made of a missing space (same rule for flag and config)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise UsageError(f"{what} must be a mapping such as '{{num_classes: 10}}', got {value!r}")
+    glued = [k for k, v in value.items() if v is None and ":" in k]
+    if glued:
+        key, _, val = glued[0].partition(":")
+        raise UsageError(f"{what} {value!r}: YAML needs a space after the colon: '{{{key}: {val}}}'")
+    return dict(value)
+
+
+def _thresholds(t: dict[str, Any]) -> Thresholds:
+    thresholds = Thresholds(
+        **{f.name: _number(t, f.name, float, minimum=0.0, where="thresholds.") for f in fields(Thresholds)}
+    )
+    for low, high in (("stale_warning", "stale_error"), ("eps_low", "eps_high")):
+        if getattr(thresholds, low) > getattr(thresholds, high):
+            raise UsageError(
+                f"thresholds.{low} ({getattr(thresholds, low):g}) is above thresholds.{high} "
+                f"({getattr(thresholds, high):g}); swap them or raise {high}"
+            )
+    return thresholds
+
+
 def _build(raw: dict[str, Any]) -> Settings:
     d = raw["data"]
     data = DataSettings(
@@ -180,10 +204,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         raise UsageError("settings 'data.mean' and 'data.std' must have the same length")
     if any(s <= 0 for s in data.std):
         raise UsageError("setting 'data.std' must hold positive numbers")
-    t = raw["thresholds"]
-    thresholds = Thresholds(
-        **{f.name: _number(t, f.name, float, minimum=0.0, where="thresholds.") for f in fields(Thresholds)}
-    )
+    thresholds = _thresholds(raw["thresholds"])
     ignore = raw["ignore"] or []
     if not isinstance(ignore, list) or not all(isinstance(g, str) for g in ignore):
         raise UsageError("setting 'ignore' must be a list of layer-name globs")
@@ -191,9 +212,7 @@ def _build(raw: dict[str, Any]) -> Settings:
     if save is not None and not isinstance(save, str):
         raise UsageError("setting 'save' must be a path or null")
     outputs = Outputs(**{f.name: _optional_str(raw["outputs"], f.name, "outputs.") for f in fields(Outputs)})
-    arch_kwargs = raw["arch_kwargs"] or {}
-    if not isinstance(arch_kwargs, dict):
-        raise UsageError("setting 'arch_kwargs' must be a mapping such as {num_classes: 10}")
+    arch_kwargs = check_arch_kwargs(raw["arch_kwargs"] or {}, "setting 'arch_kwargs'")
     if not isinstance(raw["quiet"], bool):
         raise UsageError("setting 'quiet' must be true or false")
     return Settings(
@@ -203,7 +222,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         quiet=raw["quiet"],
         outputs=outputs,
         data=data,
-        batch_size=_number(raw, "batch_size", int, minimum=1, where=""),
+        batch_size=_number(raw, "batch_size", int, minimum=2, where=""),  # train-mode BN needs 2 samples
         num_batches=_number(raw, "num_batches", int, minimum=1, where=""),
         device=_choice(raw, "device", DEVICES),
         fail_on=_choice(raw, "fail_on", FAIL_ON_LEVELS),
@@ -259,6 +278,4 @@ def resolve_thresholds(value: Any) -> Thresholds:
         raise UsageError(f"thresholds must be a Thresholds or a mapping such as {{'stale_error': 0.5}}, not {value!r}")
     raw = _merge({f.name: getattr(defaults, f.name) for f in fields(Thresholds)}, value, "the thresholds argument",
                  "thresholds.")
-    return Thresholds(
-        **{f.name: _number(raw, f.name, float, minimum=0.0, where="thresholds.") for f in fields(Thresholds)}
-    )
+    return _thresholds(raw)

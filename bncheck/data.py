@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .batches import INPUT_KEYS, LABEL_KEYS, batch_bounds
 from .config import DataSettings
-from .errors import InputError
+from .errors import InputError, first_line
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 TENSOR_EXTENSIONS = {".pt", ".pth", ".npy", ".npz"}
@@ -148,7 +148,7 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Op
                 except InputError:
                     raise
                 except Exception as exc:
-                    skipped.append(f"{path} ({type(exc).__name__}: {str(exc)[:120]})")
+                    skipped.append(f"{path} ({type(exc).__name__}: {first_line(exc, 120)})")
                     continue
                 if labels is not None:
                     targets.append(labels[path])
@@ -191,7 +191,9 @@ def _load_npz(path: Path, key: Optional[str]) -> tuple[Tensor, Optional[Tensor]]
         archive = np.load(path, allow_pickle=False)
         names = list(archive.files)
     except Exception as exc:
-        raise InputError(f"{path} is not a readable .npz archive ({exc}); save it with numpy.savez") from None
+        raise InputError(
+            f"{path} is not a readable .npz archive ({first_line(exc)}); save it with numpy.savez"
+        ) from None
     if key is None:
         key = next((k for k in INPUT_KEYS if k in names), names[0] if len(names) == 1 else None)
     if key not in names:
@@ -204,7 +206,7 @@ def _load_npz(path: Path, key: Optional[str]) -> tuple[Tensor, Optional[Tensor]]
         label_key = next((k for k in LABEL_KEYS if k in names and k != key), None)
         labels = torch.from_numpy(np.ascontiguousarray(archive[label_key])) if label_key else None
     except Exception as exc:
-        raise InputError(f"cannot read array {key!r} from {path} ({exc})") from None
+        raise InputError(f"cannot read array {key!r} from {path} ({first_line(exc)})") from None
     return inputs, labels
 
 
@@ -218,14 +220,16 @@ def _load_tensor_file(path: Path, key: Optional[str] = None) -> tuple[Tensor, Op
         try:
             array = np.load(path, allow_pickle=False)
         except Exception as exc:
-            raise InputError(f"{path} is not a readable .npy array ({exc}); save it with numpy.save") from None
+            raise InputError(
+                f"{path} is not a readable .npy array ({first_line(exc)}); save it with numpy.save"
+            ) from None
         return torch.from_numpy(np.ascontiguousarray(array)), None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc, 160)
         raise InputError(f"{path} is not a readable tensor file ({first}); save a tensor with torch.save") from None
     if isinstance(obj, Tensor):
         return obj, None

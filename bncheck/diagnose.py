@@ -121,7 +121,7 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
         # Real statistics with a zero counter: written by a converter or tool (or an old
         # checkpoint without the counter), not by train-mode updates. Judged by the data.
         add(
-            "never-updated",
+            "counter-reset",
             "info",
             "num_batches_tracked is 0 but the running stats are not at their defaults: they were set by a "
             "conversion or tool, not by training updates; they are checked against the data like any other.",
@@ -217,7 +217,7 @@ def _lint_findings(f: LayerFacts, t: Thresholds) -> list[Finding]:
         ))
     if f.momentum is None and f.kind == "batchnorm" and not f.default_buffers:
         out.append(Finding(
-            "stale-running-stats", "info", f.name,
+            "momentum-none", "info", f.name,
             "momentum=None: the running stats are a cumulative average over every batch seen since the "
             "start of training, early weights included.",
             "Run bncheck with --data to measure whether that matters; recalibrate after training "

@@ -33,6 +33,22 @@ FLAGS = {
 }
 
 
+ERROR_DETAIL_LIMIT = 200
+"""Longest piece of a third-party error message quoted inside one of ours."""
+
+
+def first_line(error: object, limit: int = ERROR_DETAIL_LIMIT) -> str:
+    """The first non-empty line of an exception (or text), cut to ``limit`` characters, ready
+    to quote inside a one-line message (``$`` escaped for the settings template)."""
+    text = str(error).strip()
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    if not line:
+        line = type(error).__name__ if isinstance(error, BaseException) else ""
+    if len(line) > limit:
+        line = line[: limit - 3].rstrip() + "..."
+    return line.replace("$", "$$")
+
+
 class ExitCode(IntEnum):
     OK = 0
     FINDINGS = 1

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import re
 import sys
 import warnings
@@ -21,7 +22,8 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
-from .errors import InputError, UsageError
+from .config import check_arch_kwargs
+from .errors import InputError, UsageError, first_line
 
 # Keys under which training code nests the weights, most specific first.
 # Prefix names preferred when several prefixes fit the architecture equally well.
@@ -47,15 +49,7 @@ def parse_arch_kwargs(text: Optional[str]) -> dict[str, Any]:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         raise UsageError(f"$arch_kwargs {text!r} is not valid YAML; write e.g. '{{num_classes: 10}}'") from None
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise UsageError(f"$arch_kwargs must be a mapping such as '{{num_classes: 10}}', got {text!r}")
-    glued = [k for k, v in value.items() if v is None and ":" in k]
-    if glued:
-        key, _, val = glued[0].partition(":")
-        raise UsageError(
-            f"$arch_kwargs {text!r}: YAML needs a space after the colon: '{{{key}: {val}}}'"
-        )
-    return value
+    return check_arch_kwargs(value, "$arch_kwargs")
 
 
 def _load_attr(module_name: str, attr: str, spec: str) -> Callable:
@@ -63,10 +57,12 @@ def _load_attr(module_name: str, attr: str, spec: str) -> Callable:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InputError(
-            f"$arch {spec}: cannot import {module_name} ({exc}); check the module path and PYTHONPATH"
+            f"$arch {spec}: cannot import {module_name} ({first_line(exc)}); check the module path and PYTHONPATH"
         ) from None
     except Exception as exc:  # a user module that fails while importing
-        raise InputError(f"$arch {spec}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
+        raise InputError(
+            f"$arch {spec}: importing {module_name} raised {type(exc).__name__}: {first_line(exc)}"
+        ) from None
     return _attr(module, attr, spec)
 
 
@@ -95,7 +91,7 @@ def _load_file_attr(path_text: str, attr: str, spec: str) -> Callable:
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:
-        raise InputError(f"$arch {spec}: running {path} raised {type(exc).__name__}: {exc}") from None
+        raise InputError(f"$arch {spec}: running {path} raised {type(exc).__name__}: {first_line(exc)}") from None
     finally:
         sys.path.remove(str(path.resolve().parent))
     return _attr(module, attr, spec)
@@ -114,9 +110,14 @@ def _torchvision_builder(name: str, spec: str) -> Callable:
     if name not in available:
         raise _unknown_model(spec, "torchvision", name, available)
 
+    builder = tvm.get_model_builder(name)
+    # Never download: every weights argument (weights, weights_backbone, ...) defaults to None.
+    weight_args = [p for p in inspect.signature(builder).parameters if p == "weights" or p.startswith("weights_")]
+
     def build(**kwargs: Any) -> nn.Module:
-        kwargs.setdefault("weights", None)  # never download
-        return tvm.get_model(name, **kwargs)
+        for arg in weight_args or ["weights"]:
+            kwargs.setdefault(arg, None)
+        return builder(**kwargs)
 
     return build
 
@@ -160,9 +161,9 @@ def build_arch(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
             warnings.simplefilter("ignore")
             model = builder(**kwargs)
     except TypeError as exc:
-        raise InputError(f"$arch {spec}: the builder rejected $arch_kwargs {dict(kwargs)}: {exc}") from None
+        raise InputError(f"$arch {spec}: the builder rejected $arch_kwargs {dict(kwargs)}: {first_line(exc)}") from None
     except Exception as exc:
-        raise InputError(f"$arch {spec}: building the model raised {type(exc).__name__}: {exc}") from None
+        raise InputError(f"$arch {spec}: building the model raised {type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise InputError(f"$arch {spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -265,25 +266,29 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path:
             f"{path} stores {len(wrong_kind)} tensors in a dtype $arch {spec} cannot take (first: {key} is "
             f"{got}, the model uses {want}); export the weights unquantized"
         )
-    if mismatched:
-        key, got, want = mismatched[0]
-        hint = ""
-        if key.endswith(".weight") and len(got) == 2 and len(want) == 2 and got[1] == want[1]:
-            hint = f"; try $arch_kwargs '{{num_classes: {got[0]}}}'"
-        raise InputError(
-            f"{path} does not fit $arch {spec}: {len(mismatched)} tensors have other shapes "
-            f"(first: {key} is {list(got)} in the file, {list(want)} in the model){hint}"
-        )
-    if missing or unexpected:
-        matched = len(expected) - len(missing)
+    named = sum(1 for k in expected if k in state)
+    if missing or unexpected:  # the bigger problem: another architecture (shapes then say little)
         parts = []
         if missing:
             parts.append(f"missing {_summarize(missing)}")
         if unexpected:
             parts.append(f"unexpected {_summarize(unexpected)}")
+        shapes = f", {len(mismatched)} of them with other shapes" if mismatched else ""
+        guess = guess_arch(state)
+        advice = f"its keys look like {guess}" if guess else "check $arch and $arch_kwargs"
         raise InputError(
-            f"{path} does not fit $arch {spec} ({matched} of {len(expected)} keys match; "
-            f"{'; '.join(parts)}); check $arch and $arch_kwargs"
+            f"{path} does not fit $arch {spec} ({named} of {len(expected)} keys match by name{shapes}; "
+            f"{'; '.join(parts)}); {advice}"
+        )
+    if mismatched:
+        key, got, want = mismatched[0]
+        hint = ""
+        if key.endswith(".weight") and len(got) == 2 and len(want) == 2 and got[1] == want[1]:
+            hint = f"; try $arch_kwargs '{{num_classes: {got[0]}}}'"
+        count = f"{len(mismatched)} tensor has" if len(mismatched) == 1 else f"{len(mismatched)} tensors have"
+        raise InputError(
+            f"{path} does not fit $arch {spec}: all {named} keys match by name, but {count} other shapes "
+            f"(first: {key} is {list(got)} in the file, {list(want)} in the model){hint}"
         )
     result = model.load_state_dict(state, strict=False)
     left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
@@ -292,3 +297,75 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path:
     return prefix
 
 
+
+
+_RESNETS = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+    ((3, 8, 36, 3), True): "resnet152",
+}
+_SHUFFLENETS = {24: "shufflenet_v2_x0_5", 58: "shufflenet_v2_x1_0", 88: "shufflenet_v2_x1_5", 122: "shufflenet_v2_x2_0"}
+_DENSENETS = {24: "densenet121", 32: "densenet169", 48: "densenet201", 36: "densenet161"}
+_HEADS = ("fc.weight", "classifier.weight", "classifier.1.weight", "classifier.3.weight", "classifier.6.weight",
+          "head.fc.weight", "head.weight", "last_linear.weight")
+
+
+def _blocks(keys: set[str], stem: str) -> int:
+    """How many numbered children ``stem.N.`` the keys have."""
+    found = {int(m.group(1)) for k in keys if (m := re.match(re.escape(stem) + r"\.(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def guess_arch(state: Mapping[str, Tensor]) -> Optional[str]:
+    """A likely ``--arch`` (and ``--arch-kwargs``) for a state_dict, from its key names and
+    shapes: torchvision's resnet, shufflenet, densenet, mobilenet, efficientnet, regnet,
+    googlenet, inception and mnasnet families, and timm's ``conv_stem``/``blocks`` naming.
+    None when nothing fits."""
+    anchors = ("layer1.0.conv1.weight", "stage2.0.branch2.0.weight", "features.denseblock1", "conv_stem.weight",
+               "trunk_output.block1", "Mixed_5b", "inception3a", "features.0.0.weight", "layers.0.weight",
+               "conv1.weight")
+    prefix = ""
+    for key in sorted(state, key=len):
+        hit = next((a for a in anchors if a in key), None)
+        if hit is not None:
+            prefix = key[: key.index(hit)]
+            break
+    keys = {k[len(prefix):] for k in state if k.startswith(prefix)}
+    shape = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+    name, source = None, "torchvision"
+    if "layer1.0.conv1.weight" in keys:
+        counts = tuple(_blocks(keys, f"layer{i}") for i in range(1, 5))
+        bottleneck = "layer1.0.conv3.weight" in keys
+        name = _RESNETS.get((counts, bottleneck))
+        conv2 = shape.get("layer1.0.conv2.weight", (0, 0))
+        grouped = bottleneck and conv2[1] != conv2[0]  # ResNeXt: grouped 3x3 convolutions
+        if name and grouped:
+            name = {"resnet50": "resnext50_32x4d", "resnet101": "resnext101_32x8d"}.get(name, name)
+    elif "stage2.0.branch2.0.weight" in keys:
+        name = _SHUFFLENETS.get(shape["stage2.0.branch2.0.weight"][0])
+    elif any(k.startswith("features.denseblock3.") for k in keys):
+        layers = {m.group(1) for k in keys if (m := re.match(r"features\.denseblock3\.denselayer(\d+)\.", k))}
+        name = _DENSENETS.get(len(layers))
+    elif "conv_stem.weight" in keys and any(k.startswith("blocks.") for k in keys):
+        source, name = "timm", "efficientnet_b0"  # timm naming; the variant is a guess
+    elif any(k.startswith("trunk_output.") for k in keys):
+        name = "regnet_y_400mf"
+    elif any(k.startswith("Mixed_5b.") for k in keys):
+        name = "inception_v3"
+    elif any(k.startswith("inception3a.") for k in keys):
+        name = "googlenet"
+    elif any(k.startswith("features.1.0.block.") for k in keys):
+        name = "efficientnet_b0"
+    elif any(k.startswith("features.1.block.") for k in keys):
+        name = "mobilenet_v3_large" if _blocks(keys, "features") > 14 else "mobilenet_v3_small"
+    elif any(k.startswith("features.1.conv.") for k in keys):
+        name = "mobilenet_v2"
+    elif any(k.startswith("layers.") for k in keys) and "classifier.1.weight" in keys:
+        name = "mnasnet1_0"
+    if name is None:
+        return None
+    head = next((shape[h] for h in _HEADS if h in shape and len(shape[h]) == 2), None)
+    kwargs = f" $arch_kwargs '{{num_classes: {head[0]}}}'" if head and head[0] != 1000 else ""
+    return f"$arch {source}:{name}{kwargs}"

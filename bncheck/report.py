@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 SCHEMA_ID = "bncheck/run/v1"
-SEVERITY_ORDER = {"info": 0, "warning": 1, "error": 2}
+SEVERITIES = ("info", "warning", "error")
+"""Finding severities, least severe first: the one definition every module uses."""
+SEVERITY_ORDER = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 
 
 @dataclass(frozen=True)
@@ -261,14 +263,32 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def from_dict(data: dict[str, Any]) -> Report:
+def validate(data: Any, where: str = "the run result", kind: str = "run") -> None:
+    """Check a document against the packaged JSON Schema; InputError naming the first
+    problem and where it is (``layers[0].score: 'high' is not of type 'number', 'null'``)."""
+    import jsonschema
+
+    schema = json.loads(schema_path(kind).read_text(encoding="utf-8"))
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
+    if error is None:
+        return
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+    message = error.message if len(error.message) <= 160 else error.message[:157] + "..."
+    raise InputError(
+        f"{where} is not a valid bncheck/{kind}/v1 document ({path or 'top level'}: {message}); "
+        "re-create it with `bncheck run` instead of editing it"
+    )
+
+
+def from_dict(data: dict[str, Any], where: str = "the run result") -> Report:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA_ID:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise InputError(f"not a bncheck run result (schema {found!r}, expected {SCHEMA_ID!r})")
+        raise InputError(f"{where} is not a bncheck run result (schema {found!r}, expected {SCHEMA_ID!r})")
+    validate(data, where)
     try:
         return _build(Report, data)
     except TypeError as exc:
-        raise InputError(f"bncheck run result is incomplete or from another version: {exc}") from None
+        raise InputError(f"bncheck run result is incomplete or from another version: {first_line(exc)}") from None
 
 
 def dumps(report: Report) -> str:
@@ -284,12 +304,12 @@ def load(path: Path) -> Report:
             f"no saved run at {path}; run `bncheck run ...` first or pass the JSON path"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+        raise InputError(f"cannot read {path}: {first_line(exc)}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON (line {exc.lineno}); re-run `bncheck run`") from None
-    return from_dict(data)
+    return from_dict(data, str(path))
 
 
 def schema_path(kind: str = "run") -> Path:

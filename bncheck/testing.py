@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .engine import analyze
 from .freeze import is_frozen
-from .report import Report
+from .report import Report, fails_gate
 
 
 def _worst(report: Report, limit: int = 5) -> str:
@@ -46,7 +46,7 @@ def assert_no_bn_drift(
     report = analyze(model, data, fail_on=fail_on, **options)
     problems = []
     if report.verdict == "fail":
-        failing = [f for f in report.findings if _at_least(f.severity, fail_on)]
+        failing = [f for f in report.findings if fails_gate([f], fail_on)]
         codes = sorted({f.code for f in failing})
         problems.append(f"{len(failing)} finding(s) at or above {fail_on!r} ({', '.join(codes)})")
     if max_score is not None:
@@ -56,11 +56,6 @@ def assert_no_bn_drift(
     if problems:
         raise AssertionError(f"BatchNorm drift: {'; '.join(problems)}; worst layers:\n{_worst(report)}")
     return report
-
-
-def _at_least(severity: str, level: str) -> bool:
-    order = {"info": 0, "warning": 1, "error": 2, "never": 3}
-    return order[severity] >= order[level]
 
 
 def assert_bn_frozen(model: nn.Module, *, affine: bool = True) -> None:

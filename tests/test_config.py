@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bncheck.config import DEFAULT_CONFIG, load_settings
@@ -37,7 +39,12 @@ def test_precedence_defaults_then_file_then_flags(tmp_path) -> None:
         ("data:\n  chanels: rgb\n", "unknown config key 'data.chanels'"),
         ("fail_on: sometimes\n", "'fail_on' must be one of"),
         ("batch_size: two\n", "'batch_size' must be a number"),
-        ("batch_size: 0\n", "at least 1"),
+        ("batch_size: 0\n", "at least 2"),
+        ("batch_size: 1\n", "'batch_size' must be at least 2, got 1"),  # same rule as --batch-size
+        ("thresholds:\n  stale_warning: 0.8\n  stale_error: 0.4\n", "thresholds.stale_warning (0.8) is above"),
+        ("thresholds:\n  eps_low: 0.1\n  eps_high: 0.01\n", "thresholds.eps_low (0.1) is above"),
+        ("arch_kwargs:\n  num_classes:10:\n", "YAML needs a space after the colon"),
+        ("arch_kwargs: [1, 2]\n", "setting 'arch_kwargs' must be a mapping"),
         ("data: 5\n", "'data' in"),
         ("- a\n- b\n", "must hold a mapping"),
         ("data:\n  mean: [0.5]\n", "same length"),
@@ -47,7 +54,7 @@ def test_precedence_defaults_then_file_then_flags(tmp_path) -> None:
 def test_bad_configs_are_usage_errors(tmp_path, text, message) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
-    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(UsageError, match=re.escape(message)):
         load_settings(cfg)
 
 

@@ -93,8 +93,23 @@ def test_load_rejects_what_is_not_a_run(tmp_path) -> None:
         load(tmp_path / "a.json")
     with pytest.raises(InputError, match="not valid JSON"):
         load(tmp_path / "b.json")
-    with pytest.raises(InputError, match="incomplete"):
+    with pytest.raises(InputError, match="not a valid bncheck/run/v1 document .top level: 'bncheck_version' is a "
+                                         "required property"):
         from_dict({"schema": "bncheck/run/v1"})
+
+
+def test_a_hand_edited_run_is_an_input_error_naming_the_field(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from bncheck.cli import cli
+
+    doc = to_dict(make_report())
+    doc["layers"][0]["score"] = "high"
+    (tmp_path / "edited.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(cli, ["report", str(tmp_path / "edited.json")])
+    assert result.exit_code == 3
+    assert "edited.json is not a valid bncheck/run/v1 document (layers[0].score: 'high' is not of type" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_registry_lists_formats() -> None:

@@ -12,11 +12,13 @@ input's own path and goes through a temporary file and an atomic rename.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -91,6 +93,18 @@ def _buffers_by_key(module: nn.Module, keys: list[str]) -> dict[str, Tensor]:
     return {key: state[key] for key in keys if key in state}
 
 
+@contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence a library logger that prints tracebacks of errors we report in one line."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class Format:
     """One checkpoint format: recognise, read, write back."""
 
@@ -148,7 +162,7 @@ class ExportedProgramFormat(Format):
         from .exported import ExportedProgramModule
 
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_logger("torch.export"):
                 warnings.simplefilter("ignore")
                 program = torch.export.load(str(probe.path))
                 model = ExportedProgramModule(program.module(), getattr(program, "example_inputs", None))

@@ -241,6 +241,10 @@ def load_settings(
     raw = _read_yaml(DEFAULT_CONFIG)
     if config_path is not None:
         raw = _merge(raw, _read_yaml(Path(config_path)), str(config_path))
+        try:
+            _build(raw)  # name the file when a value in it is wrong
+        except UsageError as exc:
+            raise UsageError(f"{exc.template} (in {config_path})") from None
     if overrides:
         given = {k: v for k, v in overrides.items() if v is not None}
         raw = _merge(raw, given, "command-line flags")

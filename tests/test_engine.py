@@ -151,7 +151,9 @@ def test_tracking_disabled_and_momentum_none_are_handled(batches) -> None:
     assert bn2.score is None and not bn2.track_running_stats
     assert [f.code for f in bn2.findings] == ["tracking-disabled"]
     assert bn2.rank == len(report.layers)  # unmeasurable layers rank last
-    assert by_name(report, "bn3").momentum is None and by_name(report, "bn3").score is not None
+    bn3 = by_name(report, "bn3")
+    # calibrated on other batches of the same distribution: measured, and small
+    assert bn3.momentum is None and 0.0 < bn3.score < 0.25
 
 
 def test_frozen_batchnorm_lookalike_is_checked_against_data(batches) -> None:
@@ -220,7 +222,8 @@ def test_dict_outputs_use_relative_l2_and_logits_count_as_classifier(tiny, batch
             return {self.key: self.net(x), "aux": [self.net(x) * 2]}
 
     report = analyze(Wrapper("scores"), batches)
-    assert report.output.kind == "tensor" and report.output.relative_l2 is not None
+    # eval and train outputs of a calibrated model differ only by batch noise
+    assert report.output.kind == "tensor" and 0.0 < report.output.relative_l2 < 0.5
     assert report.output.top1_agreement is None
     # transformers-style outputs: the logits are what a classifier's user compares
     report = analyze(Wrapper("logits"), batches)

@@ -354,7 +354,8 @@ def _quiet_line(report: Report) -> None:
         top = max(regressions, key=lambda f: SEVERITY_ORDER[f.severity], default=top)
     where = f" {top.layer}" if top is not None and top.layer else ""
     detail = f": {top.severity} {top.code}{where}: {top.message}" if top is not None else ""
-    _err(f"bncheck FAIL ({len(report.findings)} findings){detail}")
+    count = len(report.findings)
+    _err(f"bncheck FAIL ({count} finding{'' if count == 1 else 's'}){detail}")
 
 
 def _finish(report: Report, settings: Settings) -> None:
@@ -400,8 +401,8 @@ def _finish(report: Report, settings: Settings) -> None:
 @click.option("--dry-run", is_flag=True, help="Compute and show before -> after; write nothing.")
 @click.option("--force", is_flag=True,
               help="Replace an existing --out, and write even when bncheck would refuse (loudly).")
-@click.option("--json", "json_out", metavar="PATH|-",
-              help="Write the fix result (schema bncheck/fix/v1) there; '-' writes only JSON to stdout.")
+@click.option("--json", "json_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,
+              help="Write the fix result (schema bncheck/fix/v1) to PATH; bare or '-': only JSON on stdout.")
 @click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS),
               help="Exit 1 when findings at least this severe remain after the fix (default error).")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="Only the one-line outcome and warnings.")

@@ -93,6 +93,9 @@ class StatisticsPass:
         self._precise = precise
         self._mode = "eval"
         self._next_depth = 0
+        self.batch_means: dict[int, list[tuple[Tensor, Tensor, int]]] = {}
+        """Per layer (index) and eval-mode call: mean and variance of the per-sample channel
+        means, and the number of samples."""
         for entry in self.stats:
             if entry.layer.scripted and entry.layer.track_running_stats:
                 entry.scripted_before = _scripted_before(entry.layer)
@@ -130,7 +133,16 @@ class StatisticsPass:
         self._mark_called(entry)
         if x.dim() < 2 or x.shape[0] == 0:
             return
-        self._add(entry, *per_sample_stats(x, precise=self._precise))
+        means, variances, positions = per_sample_stats(x, precise=self._precise)
+        self._add(entry, means, variances, positions)
+        if self._mode == "eval" and means.shape[0] >= 2:
+            # per layer and batch: how batch means spread tells whether batches were drawn
+            # alike (a batch of one class differs from the others far beyond sampling). The
+            # eval pass, because in train mode every BN re-centres each batch and hides it
+            # from the layers after; kept on the device, a [C] pair per call
+            self.batch_means.setdefault(index, []).append(
+                (means.double().mean(0), means.double().var(0, correction=1), int(means.shape[0]))
+            )
 
     def _recover_scripted(self, entry: LayerStats, batch_size: int) -> None:
         """Batch statistics of a TorchScript BN layer from its buffer update (no hooks there):

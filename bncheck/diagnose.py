@@ -52,6 +52,8 @@ class LayerFacts:
     """Share of the output gap that fixing this layer alone removes (None: not measured)."""
     eps: float = 1e-5
     """The layer's eps."""
+    scripted: bool = False
+    """A TorchScript layer: no hooks, batch statistics only from its buffer update."""
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
@@ -79,6 +81,27 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
 
     def add(code: str, severity: str, message: str, hint: str) -> None:
         out.append(Finding(code, severity, f.name, message, hint))
+
+    if has_data and f.depth is None and not f.scripted:
+        # Declared but never called (an unused head, a branch this input never takes): its
+        # buffers play no part in the outputs, so nothing else about them matters.
+        add(
+            "unused-layer",
+            "info",
+            "never ran in the forward pass on this data, so its running statistics play no part in the outputs.",
+            "Nothing to do; remove the module if it is dead code, or feed data that takes its branch.",
+        )
+        return out
+    if has_data and f.scripted and f.score is None and f.track_running_stats and not f.nonfinite_running:
+        momentum = "momentum=0 leaves its buffers unchanged" if f.momentum == 0.0 else "its buffers did not move"
+        add(
+            "unmeasurable",
+            "warning",
+            f"a TorchScript BN layer whose batch statistics could not be observed: TorchScript has no hooks and "
+            f"{momentum} in train mode, so its running stats were not compared with this data.",
+            "Check the output-divergence finding for whether it matters, and run bncheck on the eager model "
+            "(state_dict + --arch) or a torch.export .pt2 to measure this layer.",
+        )
 
     if f.nonfinite_running:
         add(
@@ -168,7 +191,11 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
         f"noise floor, mean shift up to {_fmt(f.max_abs_mean_shift, 1)} running stds"
     )
     if f.attribution is not None and math.isfinite(f.attribution):
-        numbers += f"; fixing this layer alone recovers {100 * f.attribution:.0f}% of the output gap"
+        if f.attribution >= 0:
+            numbers += f"; fixing this layer alone recovers {100 * f.attribution:.0f}% of the output gap"
+        else:  # other layers' stale statistics compensate for this one: fixing it alone hurts
+            numbers += (f"; fixing this layer alone makes the output gap {100 * -f.attribution:.0f}% larger "
+                        "(layers after it were tuned to its current statistics: fix them together, not alone)")
     if is_input_layer and (f.max_abs_mean_shift or 0.0) >= t.input_mean_shift:
         add(
             "input-distribution",

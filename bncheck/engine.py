@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .attribution import Kept, attribute_layer
 from .batches import OnDevice, batch_len, iter_batches, model_placement, split_batch, tensors, to_device, to_host
@@ -23,9 +23,10 @@ from .capture import fingerprint
 from .collect import LayerStats, statistics_pass
 from .config import FAIL_ON_LEVELS, Thresholds, resolve_thresholds
 from .discovery import BNLayer, find_bn_layers
+from .divergence import composition, model_level_findings, noise_divergence, triggered
 from .errors import InputError, InternalError, UsageError
 from .outputs import OutputTally, output_gap
-from .report import DataInfo, ModelInfo, OutputDivergence, Report
+from .report import DataInfo, Finding, ModelInfo, OutputDivergence, Report
 from .scoring import build_report
 
 Progress = Callable[[str, int, Optional[int]], None]
@@ -127,7 +128,10 @@ def _analyze(
     samples = batches_seen = largest_batch = 0
     any_labels = False
     input_shape: Optional[tuple[int, ...]] = None
-    keep: Optional[Kept] = [] if attribute > 0 else None
+    # The sample stays on the host for the passes after the statistics: attribution and the
+    # output-noise check (both run only when something diverges).
+    keep: Kept = []
+    labels_per_batch: list[Optional[Tensor]] = []
     try:
         with statistics_pass(model, layers) as stats:
             for batch in batches:
@@ -140,10 +144,9 @@ def _analyze(
                 out_eval = stats.forward(inputs, "eval")
                 out_train = stats.forward(inputs, "train")
                 tally.add(out_train, out_eval, labels)
-                if keep is not None:
-                    # on the host: attribution re-reads them once per layer, and accelerator
-                    # memory is for the model
-                    keep.append((to_host(inputs), labels, to_host(out_train)))
+                # on the host: later passes re-read them, and accelerator memory is for the model
+                keep.append((to_host(inputs), labels, to_host(out_train)))
+                labels_per_batch.append(labels)
                 any_labels = any_labels or labels is not None
                 samples += n
                 largest_batch = max(largest_batch, n)
@@ -159,10 +162,11 @@ def _analyze(
     data_info = DataInfo(None, samples, largest_batch, batches_seen, any_labels, 0, input_shape=input_shape)
     output = tally.result()
 
-    def report_with(attribution: Optional[dict[str, Optional[float]]] = None) -> Report:
+    def report_with(attribution: Optional[dict[str, Optional[float]]] = None,
+                    extra: tuple[Finding, ...] = ()) -> Report:
         return build_report(
             stats.stats, ignored, thresholds, fail_on, _in_memory(layers), data_info, output, str(device), started,
-            has_data=True, attribution=attribution,
+            has_data=True, attribution=attribution, extra_findings=extra,
         )
 
     report = report_with()
@@ -171,19 +175,30 @@ def _analyze(
         layer.name for layer in report.layers
         if layer.score is not None and any(f.severity != "info" for f in layer.findings)
     ][:attribute]
-    if keep is None or not flagged or not gap:
-        return report
     by_name: dict[str, LayerStats] = {entry.layer.name: entry for entry in stats.stats}
-    attribution = {}
+    attribution: dict[str, Optional[float]] = {}
+    extra: tuple[Finding, ...] = ()
     try:
-        for index, name in enumerate(flagged):
+        if flagged and gap:
+            for index, name in enumerate(flagged):
+                if progress is not None:
+                    progress("attribution", index * len(keep), len(flagged) * len(keep))
+                attribution[name] = attribute_layer(model, layers, by_name[name], keep, gap, device, float_dtype)
+        if triggered(output):
             if progress is not None:
-                progress("attribution", index * len(keep), len(flagged) * len(keep))
-            attribution[name] = attribute_layer(model, layers, by_name[name], keep, gap, device, float_dtype)
-    finally:  # one check for all attribution passes
+                progress("output noise", 0, None)
+            noise = noise_divergence(model, layers, keep, device, float_dtype)
+            explained = any(layer.score is not None and any(f.severity != "info" for f in layer.findings)
+                            for layer in report.layers)
+            unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))
+            extra = tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
+                                               largest_batch, explained, unmeasured))
+    finally:  # one check for all the passes after the statistics
         if fingerprint(model) != before:
-            raise InternalError("the model changed during attribution; please report this bug")
-    return report_with(attribution)
+            raise InternalError("the model changed during attribution or the noise check; please report this bug")
+    if not attribution and not extra:
+        return report
+    return report_with(attribution or None, extra)
 
 
 def lint(

@@ -143,6 +143,7 @@ def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -
         affine_frozen=bool(affine) and not any(p.requires_grad for p in affine),
         saved_training=run.saved_training,
         eps=layer.eps,
+        scripted=layer.scripted,
     )
 
 
@@ -169,8 +170,10 @@ def build_report(
     *,
     has_data: bool,
     attribution: Optional[dict[str, Optional[float]]] = None,
+    extra_findings: tuple[Finding, ...] = (),
 ) -> Report:
-    """Score, diagnose and rank the layers; decide the verdict."""
+    """Score, diagnose and rank the layers; decide the verdict. ``extra_findings`` are
+    model-level findings measured elsewhere (the output-divergence net)."""
     largest_batch = data_info.batch_size
     scored = []
     for run in runs:
@@ -242,7 +245,16 @@ def build_report(
 
     all_findings: list[Finding] = [f for r in layer_results for f in r.findings]
     all_findings += model_findings([f for f, _ in scored], thresholds)
-    all_findings.sort(key=lambda f: -SEVERITY_ORDER[f.severity])
+    all_findings += extra_findings
+    # Most severe first; within a severity, the layers whose fix measurably closes most of the
+    # output gap first, and those whose fix alone widens it last (never the first advice).
+    share = {r.name: r.attribution for r in layer_results}
+
+    def order(finding: Finding) -> tuple:
+        gained = share.get(finding.layer) if finding.layer is not None else None
+        return (-SEVERITY_ORDER[finding.severity], 1 if gained is not None and gained < 0 else 0, -(gained or 0.0))
+
+    all_findings.sort(key=order)
     if not runs:
         verdict = "no-batchnorm"
     elif fails_gate(all_findings, fail_on):

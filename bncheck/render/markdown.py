@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..report import Report
-from .summary import baseline_lines, data_line, input_line, next_step, num, output_line, share
+from .summary import MoreFindings, baseline_lines, data_line, grouped, input_line, next_step, num, output_line, share
 
 
 def _cell(text: str) -> str:
@@ -41,7 +41,10 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
         lines.append("")
     if report.findings:
         lines.append("### Findings")
-        for f in report.findings:
+        for f in grouped(report.findings):
+            if isinstance(f, MoreFindings):
+                lines.append(f"- **{f.severity}** {_cell(f.text(limit=8))}")
+                continue
             where = f" `{f.layer}`" if f.layer else ""
             lines.append(f"- **{f.severity}** `{f.code}`{where}: {_cell(f.message)} *{_cell(f.hint)}*")
         lines.append("")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
-from ..report import SEVERITY_ORDER, Report
+from ..report import SEVERITY_ORDER, Finding, Report
 
 
 def num(value: Optional[float], digits: int = 2) -> str:
@@ -40,6 +41,37 @@ def baseline_lines(report: Report, limit: int = 5) -> list[str]:
         lines.append("  largest score changes: " + ", ".join(
             f"{c.name} {num(c.before)} -> {num(c.after)}" for c in moved))
     return lines
+
+
+@dataclass(frozen=True)
+class MoreFindings:
+    """The rest of a group of findings with one code and severity, as one line."""
+
+    severity: str
+    code: str
+    layers: tuple[str, ...]
+
+    def text(self, limit: int = 4) -> str:
+        names = ", ".join(self.layers[:limit]) + (", ..." if len(self.layers) > limit else "")
+        return f"... and {plural(len(self.layers), 'more layer')} with {self.code}: {names}"
+
+
+def grouped(findings: tuple[Finding, ...], shown: int = 2) -> list[Union[Finding, MoreFindings]]:
+    """Findings in their order, but each (severity, code) group shows its first ``shown``
+    and then one line for the rest: 56 unmeasurable layers read as a conclusion, not a wall."""
+    groups: dict[tuple[str, str], list[Finding]] = {}
+    for finding in findings:
+        groups.setdefault((finding.severity, finding.code), []).append(finding)
+    out: list[Union[Finding, MoreFindings]] = []
+    for finding in findings:
+        group = groups[(finding.severity, finding.code)]
+        index = next(i for i, f in enumerate(group) if f is finding)
+        if index < shown or len(group) <= shown + 1:
+            out.append(finding)
+        elif index == shown:
+            rest = tuple(f.layer or "(model)" for f in group[shown:])
+            out.append(MoreFindings(finding.severity, finding.code, rest))
+    return out
 
 
 def plural(count: int, word: str) -> str:
@@ -95,7 +127,13 @@ def next_step(report: Report) -> str:
     if report.data.samples == 0 and not any(f.severity == "error" for f in report.findings):
         return "No data given: only the checkpoint was checked; run with --data to measure drift."
     if report.findings:
-        worst = report.findings[0]
+        share = {layer.name: layer.attribution for layer in report.layers}
+        helpful = [f for f in report.findings if not (share.get(f.layer) is not None and share[f.layer] < 0)]
+        if not helpful or helpful[0].severity != report.findings[0].severity:
+            return ("fixing any single flagged layer alone widens the output gap (the layers after it were tuned "
+                    "to its statistics): recalibrate all BN layers together with bncheck fix, which verifies the "
+                    "result before writing it.")
+        worst = helpful[0]
         where = f" ({worst.layer})" if worst.layer else ""
         return f"{worst.code}{where}: {worst.hint}"
     return "Running statistics match this data; nothing to do."

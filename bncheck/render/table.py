@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..report import FixReport, LayerResult, Report
-from .summary import baseline_lines, data_line, input_line, next_step, num, output_line, share
+from .summary import MoreFindings, baseline_lines, data_line, grouped, input_line, next_step, num, output_line, share
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "no-batchnorm": "bold cyan"}
@@ -80,7 +80,11 @@ def build(report: Report, top: int) -> list:
         if hidden > 0:
             parts.append(Text(f"... {hidden} more layers (--top N, or bncheck report --json)", style="dim"))
         parts.append(Text(""))
-    for finding in report.findings:
+    for finding in grouped(report.findings):
+        if isinstance(finding, MoreFindings):
+            parts.append(Text.assemble((f"{finding.severity:<7} ", SEVERITY_STYLE[finding.severity]),
+                                       (finding.text(), "dim")))
+            continue
         where = f" {finding.layer}" if finding.layer else ""
         parts.append(
             Text.assemble(

@@ -1,0 +1,115 @@
+"""Never a silent pass, never harmful advice (issue 13, the parts done): TorchScript layers that
+cannot be measured, the output-divergence net and its calibration, batches of one class,
+unused layers, negative attribution, grouped findings."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from conftest import SAMPLES, TinyNet, calibrate, make_batches
+from torch import nn
+
+import bncheck
+from bncheck.config import load_settings
+from bncheck.data import open_data
+from bncheck.render import render
+from bncheck.render.summary import next_step
+from bncheck.report import Finding
+
+
+def trained(name: str) -> nn.Module:
+    model = torchvision.models.shufflenet_v2_x0_5(weights=None, num_classes=4)
+    model.load_state_dict(torch.load(SAMPLES / f"{name}.pt", weights_only=True))
+    return model.eval()
+
+
+def sample(batch_size: int = 32, num_batches: int = 4, seed: int = 0) -> list:
+    cfg = load_settings(SAMPLES / "config.yaml", {"data": {"seed": seed}}).data
+    return list(open_data(SAMPLES / "data", cfg, batch_size, num_batches).batches())
+
+
+def test_torchscript_with_momentum_zero_no_longer_passes(tmp_path) -> None:
+    model = trained("pseudo_frozen")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0  # the seed bug, then scripted for deployment
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model)
+    report = bncheck.analyze(scripted, sample())
+    assert report.verdict == "fail"
+    codes = {f.code for f in report.findings}
+    assert {"unmeasurable", "output-divergence"} <= codes
+    net = next(f for f in report.findings if f.code == "output-divergence")
+    assert "56 BN layers could not be measured" in net.message
+    assert all(layer.score is None for layer in report.layers)
+
+
+@pytest.mark.parametrize("batch_size", [8, 32])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_model_raises_no_output_divergence(batch_size, seed) -> None:
+    report = bncheck.analyze(trained("healthy"), sample(batch_size, 128 // batch_size, seed))
+    assert not any(f.code == "output-divergence" for f in report.findings), report.output
+
+
+def by_class(batches: list) -> list:
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    order = torch.argsort(y, stable=True)
+    return [(x[order][i:i + 32], y[order][i:i + 32]) for i in range(0, len(y), 32)]
+
+
+def test_batches_of_one_class_are_called_unrepresentative_not_drift() -> None:
+    model = trained("healthy")
+    batches = by_class(sample(32, 8))  # 256 images, 64 per class: each batch holds one class
+    report = bncheck.analyze(model, batches)
+    assert report.output.top1_agreement < 0.9  # train mode on one-class batches diverges by construction
+    codes = {f.code: f for f in report.findings}
+    assert "output-divergence" not in codes
+    assert "unrepresentative-batches" in codes and "1.0 of the 4 classes" in codes["unrepresentative-batches"].message
+    unlabelled = bncheck.analyze(model, [x for x, _ in batches])
+    assert not any(f.code == "output-divergence" for f in unlabelled.findings)
+    assert any(f.code == "unrepresentative-batches" for f in unlabelled.findings), unlabelled.findings
+
+
+def test_a_bn_that_never_runs_is_unused_not_never_updated() -> None:
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = calibrate(TinyNet(), make_batches(4, seed=5))
+            self.spare = nn.BatchNorm1d(7)  # declared, never called (as in pytorch-tabnet)
+
+        def forward(self, x):
+            return self.net(x)
+
+    report = bncheck.analyze(WithSpare(), make_batches(2))
+    spare = next(layer for layer in report.layers if layer.name == "spare")
+    assert [(f.code, f.severity) for f in spare.findings] == [("unused-layer", "info")]
+    assert report.verdict == "pass"
+
+
+def test_next_step_never_points_at_a_layer_whose_fix_alone_hurts() -> None:
+    from dataclasses import replace
+
+    from test_report import make_report
+
+    report = make_report()
+    first = report.findings[0]
+    layers = tuple(replace(layer, attribution=-0.27) if layer.name == first.layer else layer
+                   for layer in report.layers)
+    hurting = replace(report, layers=layers)
+    assert first.layer not in next_step(hurting) or "widens the output gap" in next_step(hurting)
+
+
+def test_many_findings_of_one_code_read_as_one_group() -> None:
+    from dataclasses import replace
+
+    from test_report import make_report
+
+    report = make_report()
+    many = tuple(Finding("unmeasurable", "warning", f"layer{i}", "m", "h") for i in range(6))
+    text = render(replace(report, findings=many), "table", top=2)
+    assert text.count("unmeasurable layer") == 2 and "... and 4 more layers with unmeasurable: layer2, layer3" in text

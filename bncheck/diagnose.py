@@ -268,6 +268,31 @@ def _lint_findings(f: LayerFacts, t: Thresholds) -> list[Finding]:
     return out
 
 
+FROZEN_READING_CODES = ("stale-running-stats", "pseudo-frozen")
+
+
+def eval_mode_is_better(train_accuracy: Optional[float], eval_accuracy: Optional[float]) -> bool:
+    """Labels say deployment (eval mode) does at least as well as train mode."""
+    return train_accuracy is not None and eval_accuracy is not None and eval_accuracy >= train_accuracy
+
+
+def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float) -> Finding:
+    """The same numbers, read the way labelled accuracy says: running statistics that disagree
+    with this data while eval mode is the better mode were kept on purpose (BN frozen in eval
+    mode while fine-tuning, ``norm_eval``, FrozenBatchNorm conversions): the layers after them
+    learned with exactly these statistics, and recalibrating would break them."""
+    return Finding(
+        "bn-frozen-in-eval",
+        "info",
+        finding.layer,
+        f"{finding.message.rstrip('.')}; but eval mode is at least as accurate as train mode on this labelled "
+        f"data ({100 * eval_accuracy:.1f}% vs {100 * train_accuracy:.1f}%): BN kept in eval mode on purpose, "
+        "not drift.",
+        "Keep these statistics: the layers after this one were trained with them. Do not recalibrate "
+        "(bncheck fix refuses when eval-mode accuracy would drop).",
+    )
+
+
 def model_findings(facts: list[LayerFacts], t: Thresholds) -> list[Finding]:
     """Findings about the model or the sample as a whole."""
     noisy = [f for f in facts if f.batch_noise is not None and f.batch_noise >= t.small_batch_noise]

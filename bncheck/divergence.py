@@ -225,6 +225,16 @@ def model_level_findings(
     if floor > 0 and gap < NOISE_RATIO * floor:
         return []
     ratio = f"{gap / floor:.0f}x" if floor > 0 else "far beyond"
+    if output.train_accuracy is not None and output.eval_accuracy is not None \
+            and output.eval_accuracy >= output.train_accuracy:
+        return [Finding(
+            "output-divergence", "info", None,
+            f"{what}, {ratio} what batch noise explains, but eval mode is at least as accurate as train mode on "
+            f"these labels ({100 * output.eval_accuracy:.1f}% vs {100 * output.train_accuracy:.1f}%): "
+            "deployment is the better mode.",
+            "Nothing to fix in eval mode; if the model still trains in train mode, its BN layers were likely "
+            "frozen in eval on purpose.",
+        )]
     if layer_explains:
         where = "the flagged layers above account for it"
     elif unmeasured:

@@ -19,7 +19,14 @@ from torch import nn
 from . import __version__
 from .collect import LayerStats
 from .config import Thresholds
-from .diagnose import LayerFacts, layer_findings, model_findings
+from .diagnose import (
+    FROZEN_READING_CODES,
+    LayerFacts,
+    eval_mode_is_better,
+    frozen_in_eval,
+    layer_findings,
+    model_findings,
+)
 from .discovery import BNLayer
 from .metrics import (
     ChannelMoments,
@@ -195,6 +202,12 @@ def build_report(
         f.name: layer_findings(f, thresholds, is_input_layer=f.name == input_layer, has_data=has_data)
         for f, _ in scored
     }
+    if has_data and eval_mode_is_better(output.train_accuracy, output.eval_accuracy):
+        findings_by_layer = {
+            name: [frozen_in_eval(f, output.train_accuracy, output.eval_accuracy) if f.code in FROZEN_READING_CODES
+                   else f for f in found]
+            for name, found in findings_by_layer.items()
+        }
     eval_scores = {
         run.layer.name: score_layer(run.layer, run.eval, thresholds.dead_channel_var)
         for run in runs

@@ -113,3 +113,25 @@ def test_many_findings_of_one_code_read_as_one_group() -> None:
     many = tuple(Finding("unmeasurable", "warning", f"layer{i}", "m", "h") for i in range(6))
     text = render(replace(report, findings=many), "table", top=2)
     assert text.count("unmeasurable layer") == 2 and "... and 4 more layers with unmeasurable: layer2, layer3" in text
+
+
+def test_bn_frozen_on_purpose_with_labels_passes_without_recalibration_advice(tmp_path) -> None:
+    from test_fix import Head, frozen_on_purpose
+
+    ckpt, data = frozen_on_purpose(tmp_path)
+    model = Head()
+    model.load_state_dict(torch.load(ckpt))
+    model.eval()
+    x, y = torch.load(data)
+    report = bncheck.analyze(model, (x, y), batch_size=64)
+    assert report.output.eval_accuracy >= report.output.train_accuracy
+    codes = {f.code for f in report.findings}
+    assert "bn-frozen-in-eval" in codes and not codes & {"stale-running-stats", "pseudo-frozen"}
+    assert report.verdict == "pass"
+    frozen = next(f for f in report.findings if f.code == "bn-frozen-in-eval")
+    assert frozen.layer == "bn" and "Do not recalibrate" in frozen.hint
+    assert "recalibrate" not in next_step(report).lower() or "do not recalibrate" in next_step(report).lower()
+    # without labels the same numbers name both readings and how to tell them apart
+    unlabelled = bncheck.analyze(model, x, batch_size=64)
+    stale = next(f for f in unlabelled.findings if f.code == "stale-running-stats")
+    assert "Two readings fit" in stale.hint and "deliberately kept in eval mode" in stale.hint

@@ -54,6 +54,10 @@ class LayerFacts:
     """The layer's eps."""
     scripted: bool = False
     """A TorchScript layer: no hooks, batch statistics only from its buffer update."""
+    init_residual: Optional[float] = None
+    """Share of the initial running_var still in the buffer: (1 - momentum) ** num_batches_tracked."""
+    unconverged_channels: int = 0
+    """Channels whose variance in the data is below that residual (the init dominates them)."""
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
@@ -204,6 +208,17 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "Check the input preprocessing against training: scale (0..1 vs 0..255), "
             "normalization mean/std and channel order (data.mean/std/channels in the config).",
         )
+    elif f.unconverged_channels and f.init_residual is not None and f.init_residual >= 1e-3:
+        add(
+            "unconverged-running-stats",
+            severity,
+            f"the running stats still carry {100 * f.init_residual:.1f}% of their initial value "
+            f"((1 - momentum {f.momentum:g}) ^ {f.num_batches_tracked} updates), and on {f.unconverged_channels} of "
+            f"{f.channels} channels the data's variance is below that residual, so the initial value 1 dominates "
+            f"them and eval mode squashes those features: {numbers}.",
+            "Recalibrate to exact population statistics (bncheck fix: no initial value left), or train with "
+            "more updates or a larger BN momentum.",
+        )
     elif f.momentum == 0.0 or (f.affine_frozen and f.saved_training):
         why = "momentum=0" if f.momentum == 0.0 else "affine frozen but saved in train mode"
         add(
@@ -293,6 +308,18 @@ def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float
     )
 
 
+def _batch_advice(worst: LayerFacts, t: Thresholds) -> str:
+    """Advice sized to the batch actually used: sampling noise shrinks as 1/sqrt(batch)."""
+    noise = worst.batch_noise or 0.0
+    enough = math.ceil(worst.batch_size * (noise / t.small_batch_noise) ** 2) if noise > 0 else worst.batch_size
+    return (
+        f"Train-mode outputs depend on which samples share a batch: at batch size {worst.batch_size} the "
+        f"noise would fall under {t.small_batch_noise:g} with about {max(enough, worst.batch_size + 1)} samples per "
+        "BN batch (noise shrinks as 1/sqrt(batch)); train with larger BN batches, SyncBatchNorm across devices, "
+        "or GroupNorm/LayerNorm. Deployment in eval mode is not affected by this."
+    )
+
+
 def model_findings(facts: list[LayerFacts], t: Thresholds) -> list[Finding]:
     """Findings about the model or the sample as a whole."""
     noisy = [f for f in facts if f.batch_noise is not None and f.batch_noise >= t.small_batch_noise]
@@ -307,8 +334,6 @@ def model_findings(facts: list[LayerFacts], t: Thresholds) -> list[Finding]:
             f"with batch size {worst.batch_size}, batch statistics jitter by "
             f"{_fmt(worst.batch_noise)} output stds from sampling noise alone at "
             f"{len(noisy)} of {len(facts)} layers (worst here).",
-            "Train-mode results depend on the batch: use larger BN batches (>= 16 per device), "
-            "SyncBatchNorm across devices, or GroupNorm/LayerNorm for small batches; "
-            "re-run bncheck with a larger --batch-size.",
+            _batch_advice(worst, t),
         )
     ]

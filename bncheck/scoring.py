@@ -116,6 +116,16 @@ def score_layer(layer: BNLayer, moments: ChannelMoments, dead_var: float) -> _Sc
 _NO_SCORES = _Scores(None, None, None, None, None, None, None, None, None, (), 0, 0, 0)
 
 
+def _init_residual(momentum: Optional[float], count: Optional[int], run: LayerStats) -> tuple[Optional[float], int]:
+    """How much of the initial running_var (1) is still in the buffer after ``count`` EMA
+    updates, ``(1 - momentum) ** count``, and on how many channels that residual is at least
+    the variance the data has there (so the initial value, not the data, dominates them)."""
+    if momentum is None or not 0.0 < momentum < 1.0 or not count or run.train is None:
+        return None, 0
+    residual = (1.0 - momentum) ** count
+    return residual, int((run.train.var < residual).sum())
+
+
 def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -> LayerFacts:
     layer = run.layer
     rm, rv = layer.running_mean, layer.running_var
@@ -127,7 +137,11 @@ def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -
     tracked = layer.buffer("num_batches_tracked")
     affine = [p for p in (getattr(layer.module, "weight", None), getattr(layer.module, "bias", None))
               if isinstance(p, nn.Parameter)]
+    count = int(tracked) if tracked is not None and tracked.numel() == 1 else None
+    residual, unconverged = _init_residual(layer.momentum, count, run)
     return LayerFacts(
+        init_residual=residual,
+        unconverged_channels=unconverged,
         name=layer.name,
         type_name=layer.type_name,
         kind=layer.kind,

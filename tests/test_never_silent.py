@@ -135,3 +135,53 @@ def test_bn_frozen_on_purpose_with_labels_passes_without_recalibration_advice(tm
     unlabelled = bncheck.analyze(model, x, batch_size=64)
     stale = next(f for f in unlabelled.findings if f.code == "stale-running-stats")
     assert "Two readings fit" in stale.hint and "deliberately kept in eval mode" in stale.hint
+
+
+class Tabular(nn.Module):
+    """A tabular classifier with a BatchNorm1d input layer and momentum 0.01 (as in
+    pytorch-tabnet), plus one BN that is declared but never used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_bn = nn.BatchNorm1d(6, momentum=0.01)
+        self.body = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 2))
+        self.unused_bn = nn.BatchNorm1d(32)
+
+    def forward(self, x):
+        return self.body(self.input_bn(x))
+
+
+def tabular_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([0.02, 0.03, 0.05, 1.0, 2.0, 0.04])  # small-variance features carry the signal
+    x = torch.randn(n, 6, generator=gen) * scales + torch.tensor([0.5, -0.2, 0.1, 3.0, 0.0, 1.0])
+    y = (((x[:, 0] - 0.5) / 0.02 + (x[:, 1] + 0.2) / 0.03 - (x[:, 5] - 1.0) / 0.04) > 0).long()
+    return x, y
+
+
+def test_unconverged_running_stats_are_named_with_their_residual() -> None:
+    torch.manual_seed(0)
+    model = Tabular()
+    x, y = tabular_data(4096, seed=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for step in range(300):  # a few hundred updates: 0.99 ** 300 = 4.9% of the initial var 1 remains
+        idx = torch.randint(0, len(x), (64,), generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        optimizer.step()
+    model.eval()
+    test = tabular_data(512, seed=2)
+    report = bncheck.analyze(model, test, batch_size=64)
+    assert report.output.eval_accuracy < report.output.train_accuracy - 0.05
+    top = report.layers[0]
+    assert top.name == "input_bn"
+    finding = next(f for f in report.findings if f.layer == "input_bn")
+    assert finding.code == "unconverged-running-stats" and "4.9% of their initial value" in finding.message
+    assert "(1 - momentum 0.01) ^ 300 updates" in finding.message
+    unused = next(layer for layer in report.layers if layer.name == "unused_bn")
+    assert [f.code for f in unused.findings] == ["unused-layer"]
+    before = report.output.eval_accuracy
+    bncheck.recalibrate(model, test[0][:256], batch_size=64)
+    after = bncheck.analyze(model, (test[0][256:], test[1][256:]), batch_size=64).output.eval_accuracy
+    assert after > before + 0.03  # exact statistics, no residual: the squashed features come back

@@ -356,7 +356,7 @@ def open_checkpoint(
         if arch is None:
             raise UsageError("give a checkpoint, an $arch, or both")
         model = build_arch(arch, arch_kwargs)
-        return Checkpoint(model, ModelInfo(None, arch, "random-init", None, 0))
+        return Checkpoint(model, ModelInfo(None, arch, "random-init", None, 0, momentum_from=momentum_source(arch)))
     path = Path(checkpoint)
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist; check the path")
@@ -374,4 +374,11 @@ def open_checkpoint(
     probe = Probe(path, _zip_names(path), head, size)
     handler = next(fmt for fmt in FORMATS if fmt.sniff(probe))
     loaded = handler.read(probe, arch, arch_kwargs, trust_checkpoint, digest)
-    return replace(loaded, info=replace(loaded.info, checkpoint=str(checkpoint)))
+    source = momentum_source(arch) if loaded.info.format in ("state_dict", "safetensors") else "checkpoint"
+    return replace(loaded, info=replace(loaded.info, checkpoint=str(checkpoint), momentum_from=source))
+
+
+def momentum_source(arch: Optional[str]) -> str:
+    """Momentum is not saved in weights: rebuilt by a library builder it is that library's
+    default; by the user's own builder, what their code sets (as in training)."""
+    return "library-default" if arch and arch.split(":", 1)[0] in ("torchvision", "timm") else "builder"

@@ -224,14 +224,16 @@ def run(
     loaded = open_checkpoint(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint)
     if settings.data.path is None:
         _err("note: no --data given: checking only what the checkpoint itself reveals (no statistics measured)")
-        report = lint(loaded.module, thresholds=settings.thresholds, ignore=settings.ignore, fail_on=settings.fail_on)
+        report = lint(loaded.module, thresholds=settings.thresholds, ignore=settings.ignore, fail_on=settings.fail_on,
+                      momentum_known=loaded.info.momentum_from != "library-default")
         report = _with_sources(report, loaded.info)
     else:
         source = open_data(Path(settings.data.path), settings.data, settings.batch_size, settings.num_batches)
         if loaded.info.format == "random-init":
             _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, "
                  "which says nothing about a trained model")
-        report = _diagnose(loaded.module.to(target), source, settings)
+        report = _diagnose(loaded.module.to(target), source, settings,
+                           momentum_known=loaded.info.momentum_from != "library-default")
         report = _with_sources(report, loaded.info, settings, source, _provenance(config_path, flags))
         _data_notes(source, settings)
     if baseline is not None:
@@ -241,7 +243,7 @@ def run(
     _finish(report, settings)
 
 
-def _diagnose(model: Any, source: Any, settings: Settings) -> Report:
+def _diagnose(model: Any, source: Any, settings: Settings, *, momentum_known: bool = True) -> Report:
     """``analyze`` over a data source, with a progress bar on a terminal."""
     from .engine import analyze
     from .render.table import progress_bar
@@ -252,6 +254,7 @@ def _diagnose(model: Any, source: Any, settings: Settings) -> Report:
         return analyze(
             model, source.batches(), batch_size=settings.batch_size, thresholds=settings.thresholds,
             attribute=settings.attribute, ignore=settings.ignore, fail_on=settings.fail_on, progress=advance,
+            momentum_known=momentum_known,
         )
 
 

@@ -54,6 +54,11 @@ class LayerFacts:
     """The layer's eps."""
     scripted: bool = False
     """A TorchScript layer: no hooks, batch statistics only from its buffer update."""
+    max_abs_log_scale: Optional[float] = None
+    """Largest |ln scale ratio| over channels (ln 10: a channel's std off by 10x)."""
+    momentum_known: bool = True
+    """False when momentum is a library default (a state_dict rebuilt by torchvision/timm): no
+    rule reasons from it then."""
     init_residual: Optional[float] = None
     """Share of the initial running_var still in the buffer: (1 - momentum) ** num_batches_tracked."""
     unconverged_channels: int = 0
@@ -200,15 +205,8 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
         else:  # other layers' stale statistics compensate for this one: fixing it alone hurts
             numbers += (f"; fixing this layer alone makes the output gap {100 * -f.attribution:.0f}% larger "
                         "(layers after it were tuned to its current statistics: fix them together, not alone)")
-    if is_input_layer and (f.max_abs_mean_shift or 0.0) >= t.input_mean_shift:
-        add(
-            "input-distribution",
-            "error",
-            f"the first BN layer sees inputs far from its running stats: {numbers}.",
-            "Check the input preprocessing against training: scale (0..1 vs 0..255), "
-            "normalization mean/std and channel order (data.mean/std/channels in the config).",
-        )
-    elif f.unconverged_channels and f.init_residual is not None and f.init_residual >= 1e-3:
+    extreme_scale = (f.max_abs_log_scale or 0.0) >= math.log(10.0)
+    if f.momentum_known and f.unconverged_channels and f.init_residual is not None and f.init_residual >= 1e-3:
         add(
             "unconverged-running-stats",
             severity,
@@ -219,8 +217,20 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "Recalibrate to exact population statistics (bncheck fix: no initial value left), or train with "
             "more updates or a larger BN momentum.",
         )
-    elif f.momentum == 0.0 or (f.affine_frozen and f.saved_training):
-        why = "momentum=0" if f.momentum == 0.0 else "affine frozen but saved in train mode"
+    elif is_input_layer and ((f.max_abs_mean_shift or 0.0) >= t.input_mean_shift or extreme_scale):
+        scale = (f"; a channel's spread is off by {math.exp(f.max_abs_log_scale):.0f}x"
+                 if extreme_scale and f.max_abs_log_scale is not None else "")
+        add(
+            "input-distribution",
+            "error",
+            f"the first BN layer that runs sees inputs far from its running stats: {numbers}{scale}.",
+            "Check the preprocessing against training before anything else (recalibrating would hide it): for "
+            "images the scale (0..1 vs 0..255), normalization mean/std and channel order (--mean/--std, "
+            "data.channels); for tabular or audio features the same units, scaling and standardization as in "
+            "training.",
+        )
+    elif (f.momentum_known and f.momentum == 0.0) or (f.affine_frozen and f.saved_training):
+        why = "momentum=0" if f.momentum_known and f.momentum == 0.0 else "affine frozen but saved in train mode"
         add(
             "pseudo-frozen",
             "error" if severity == "error" else "warning",
@@ -246,10 +256,11 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
 def _lint_findings(f: LayerFacts, t: Thresholds) -> list[Finding]:
     """What a checkpoint reveals about a layer with no data at all."""
     out: list[Finding] = []
-    if f.momentum == 0.0 or (f.affine_frozen and f.saved_training and f.kind == "batchnorm"):
+    zero = f.momentum_known and f.momentum == 0.0
+    if zero or (f.affine_frozen and f.saved_training and f.kind == "batchnorm"):
         why = (
             "momentum=0: its running stats can never update"
-            if f.momentum == 0.0
+            if zero
             else "its affine parameters are frozen (requires_grad=False) but it was saved in train mode"
         )
         out.append(Finding(
@@ -257,7 +268,7 @@ def _lint_findings(f: LayerFacts, t: Thresholds) -> list[Finding]:
             f"{why}; if it trained in train mode, eval mode uses statistics from before that training.",
             "Run bncheck with --data to measure it; keep frozen BN layers in eval mode while fine-tuning.",
         ))
-    if f.momentum is None and f.kind == "batchnorm" and not f.default_buffers:
+    if f.momentum_known and f.momentum is None and f.kind == "batchnorm" and not f.default_buffers:
         out.append(Finding(
             "momentum-none", "info", f.name,
             "momentum=None: the running stats are a cumulative average over every batch seen since the "

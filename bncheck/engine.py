@@ -68,6 +68,7 @@ def analyze(
     ignore: Sequence[str] = (),
     fail_on: str = "error",
     progress: Optional[Progress] = None,
+    momentum_known: bool = True,
 ) -> Report:
     """Compare every BN layer's running statistics with the statistics of ``data``.
 
@@ -87,6 +88,9 @@ def analyze(
         ignore: layer-name globs left out of ranking and findings.
         fail_on: ``"error"``, ``"warning"`` or ``"never"``: which findings make the verdict ``fail``.
         progress: optional ``progress(stage, done, total)`` callback.
+        momentum_known: False when the modules' momentum is not what training used (a
+            state_dict rebuilt by a library builder with its defaults): no finding then
+            reasons from momentum.
 
     Returns:
         A frozen ``Report``; ``report.verdict`` is ``"pass"``, ``"fail"`` or ``"no-batchnorm"``.
@@ -107,7 +111,8 @@ def analyze(
     batches = iter_batches(data, batch_size=batch_size, num_batches=num_batches)
     layers, ignored = _discover(model, ignore)
     with OnDevice(model, device) as target:
-        return _analyze(model, layers, ignored, batches, resolved, attribute, fail_on, progress, target, started)
+        return _analyze(model, layers, ignored, batches, resolved, attribute, fail_on, progress, target, started,
+                        momentum_known)
 
 
 def _analyze(
@@ -121,6 +126,7 @@ def _analyze(
     progress: Optional[Progress],
     device: torch.device,
     started: float,
+    momentum_known: bool = True,
 ) -> Report:
     _, float_dtype = model_placement(model)
     before = fingerprint(model)
@@ -166,7 +172,7 @@ def _analyze(
                     extra: tuple[Finding, ...] = ()) -> Report:
         return build_report(
             stats.stats, ignored, thresholds, fail_on, _in_memory(layers), data_info, output, str(device), started,
-            has_data=True, attribution=attribution, extra_findings=extra,
+            has_data=True, attribution=attribution, extra_findings=extra, momentum_known=momentum_known,
         )
 
     report = report_with()
@@ -202,7 +208,8 @@ def _analyze(
 
 
 def lint(
-    model: nn.Module, *, thresholds: ThresholdsLike = None, ignore: Sequence[str] = (), fail_on: str = "error"
+    model: nn.Module, *, thresholds: ThresholdsLike = None, ignore: Sequence[str] = (), fail_on: str = "error",
+    momentum_known: bool = True,
 ) -> Report:
     """What the model alone reveals, with no data: momentum 0, frozen affine saved in train
     mode, tracking disabled, never-updated, non-finite or near-zero running statistics.
@@ -221,5 +228,5 @@ def lint(
     data_info = DataInfo(None, 0, 0, 0, False, 0)
     return build_report(
         entries, ignored, resolved, fail_on, _in_memory(layers), data_info, OutputDivergence(kind="none"),
-        str(device), started, has_data=False,
+        str(device), started, has_data=False, momentum_known=momentum_known,
     )

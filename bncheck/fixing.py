@@ -52,7 +52,8 @@ def run_fix(
     the checkpoint object is bncheck's own copy) on ``recalibration_data``, diagnose again,
     and write ``out`` unless refused or ``dry_run``."""
     model = checkpoint.module
-    common = dict(batch_size=batch_size, thresholds=thresholds, attribute=attribute, ignore=ignore, fail_on=fail_on)
+    common = dict(batch_size=batch_size, thresholds=thresholds, attribute=attribute, ignore=ignore, fail_on=fail_on,
+                  momentum_known=checkpoint.info.momentum_from != "library-default")
     before = analyze(model, verification_data(), **common)
     reasons: list[str] = []
     warnings: list[str] = []

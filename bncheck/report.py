@@ -123,6 +123,11 @@ class ModelInfo:
     """SHA-256 of the checkpoint file."""
     bn_layers: int
     """Number of BatchNorm layers found."""
+    momentum_from: Optional[str] = None
+    """Where the layers' momentum values come from: ``checkpoint`` (the file holds the modules),
+    ``builder`` (your --arch code built them), ``library-default`` (a torchvision/timm builder
+    rebuilt the model from weights: momentum is not saved in a state_dict, so the values are
+    the library's defaults, not what training used; bncheck does not reason from them)."""
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ class _Scores:
     nonfinite_batch: int
     dead_blowup: int
     dead_both: int
+    max_abs_log_scale: Optional[float] = None
 
 
 def _finite(value: float) -> Optional[float]:
@@ -110,6 +111,7 @@ def score_layer(layer: BNLayer, moments: ChannelMoments, dead_var: float) -> _Sc
         nonfinite_batch=int((~batch_finite).sum()),
         dead_blowup=int(((running_var <= dead_var) & (moments.var > 100.0 * (running_var + eps))).sum()),
         dead_both=int(((running_var <= dead_var) & (moments.var <= dead_var)).sum()),
+        max_abs_log_scale=_finite(float(torch.log(a).abs().max())) if a.numel() else None,
     )
 
 
@@ -141,6 +143,7 @@ def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -
     residual, unconverged = _init_residual(layer.momentum, count, run)
     return LayerFacts(
         init_residual=residual,
+        max_abs_log_scale=s.max_abs_log_scale,
         unconverged_channels=unconverged,
         name=layer.name,
         type_name=layer.type_name,
@@ -192,6 +195,7 @@ def build_report(
     has_data: bool,
     attribution: Optional[dict[str, Optional[float]]] = None,
     extra_findings: tuple[Finding, ...] = (),
+    momentum_known: bool = True,
 ) -> Report:
     """Score, diagnose and rank the layers; decide the verdict. ``extra_findings`` are
     model-level findings measured elsewhere (the output-divergence net)."""
@@ -205,6 +209,8 @@ def build_report(
         else:
             scores = _NO_SCORES
         facts = layer_facts(run, scores, largest_batch, thresholds.dead_channel_var)
+        if not momentum_known:
+            facts = replace(facts, momentum_known=False)
         if attribution and run.layer.name in attribution:
             facts = replace(facts, attribution=attribution[run.layer.name])
         scored.append((facts, scores))

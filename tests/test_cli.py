@@ -93,6 +93,8 @@ def test_json_to_stdout_is_only_json_and_valid(tmp_path, cli_env, resnet_case) -
     jsonschema.validate(doc, SCHEMA)
     assert doc["model"]["bn_layers"] == 20 and doc["model"]["format"] == "state_dict"
     assert len(doc["model"]["sha256"]) == 64
+    # momentum is not in a state_dict: torchvision's default, said so and not reasoned from
+    assert doc["model"]["momentum_from"] == "library-default"
     assert doc["data"] == {"source": str(data), "samples": 16, "batch_size": 8, "batches": 2,
                            "labels": False, "skipped": 0, "requested": 32, "input_shape": [3, 64, 64],
                            "preprocessing": "tensor file fed to the model as stored (no transforms)"}

@@ -185,3 +185,63 @@ def test_unconverged_running_stats_are_named_with_their_residual() -> None:
     bncheck.recalibrate(model, test[0][:256], batch_size=64)
     after = bncheck.analyze(model, (test[0][256:], test[1][256:]), batch_size=64).output.eval_accuracy
     assert after > before + 0.03  # exact statistics, no residual: the squashed features come back
+
+
+class SharedAndGhost(nn.Module):
+    """bn_a, then one BN shared by two calls on different inputs, then a ghost BN over chunks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_a, self.shared, self.ghost = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.bn_a(self.conv(x))
+        x = self.shared(x) + self.shared(2 * x + 1)
+        x = torch.cat([self.ghost(chunk) for chunk in x.split(4)])
+        return self.head(x.mean((2, 3)))
+
+
+def test_shared_and_ghost_bn_pool_every_call_in_both_passes_and_take_their_first_depth() -> None:
+    model = SharedAndGhost().eval()
+    data = torch.randn(64, 3, 8, 8)
+    bncheck.recalibrate(model, data, batch_size=16)  # exact statistics over every call
+    report = bncheck.analyze(model, torch.randn(64, 3, 8, 8), batch_size=16)
+    depth = {layer.name: layer.depth for layer in report.layers}
+    assert depth == {"bn_a": 0, "shared": 1, "ghost": 2}
+    # had either pass seen only one of the shared calls, its statistics would be off by ~1 std
+    for layer in report.layers:
+        assert layer.score < 0.2 and layer.eval_score < 0.2, layer
+    assert report.verdict == "pass" and not [f for f in report.findings if f.severity != "info"]
+
+
+def test_momentum_from_a_library_default_is_not_reasoned_from(tmp_path) -> None:
+    from bncheck.checkpoint import open_checkpoint
+
+    model = TinyNet()
+    model.bn2.momentum = 0.0
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    rebuilt = open_checkpoint(tmp_path / "w.pt", f"{SAMPLES.parent / 'tests' / 'conftest.py'}:TinyNet")
+    assert rebuilt.info.momentum_from == "builder"  # the user's own code: as in training
+    pickled = tmp_path / "m.pt"
+    torch.save(model, pickled)
+    assert open_checkpoint(pickled, trust_checkpoint=True).info.momentum_from == "checkpoint"
+    # a module whose momentum 0 is real is pseudo-frozen; the same numbers with momentum_known=False are not
+    found = {f.code for f in bncheck.lint(model).findings if f.layer == "bn2"}
+    assert "pseudo-frozen" in found
+    found = {f.code for f in bncheck.lint(model, momentum_known=False).findings if f.layer == "bn2"}
+    assert "pseudo-frozen" not in found
+
+
+def test_standardized_features_fed_to_a_raw_trained_model_are_an_input_problem() -> None:
+    torch.manual_seed(0)
+    scales = torch.tensor([1e-3, 1.0, 300.0, 0.05])
+    raw = torch.randn(512, 4) * scales + torch.tensor([0.01, 2.0, 1000.0, 0.3])
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    bncheck.recalibrate(model, raw, batch_size=64)  # trained on raw units
+    standardized = (raw - raw.mean(0)) / raw.std(0)  # deployment pipeline standardizes
+    report = bncheck.analyze(model, standardized, batch_size=64)
+    finding = next(f for f in report.findings if f.layer == "0")
+    assert finding.code == "input-distribution" and "spread is off by" in finding.message
+    assert "tabular or audio features" in finding.hint

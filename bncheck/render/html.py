@@ -133,7 +133,7 @@ def _meta(report: Report) -> str:
     m, d = report.model, report.data
     rows: list[tuple[str, Optional[str]]] = [
         ("checkpoint", m.checkpoint), ("architecture", m.arch), ("format", m.format),
-        ("sha256", m.sha256), ("BN layers", str(m.bn_layers)),
+        ("sha256", m.sha256), ("BN layers", str(m.bn_layers)), ("momentum from", m.momentum_from),
         ("data", d.source), ("samples", data_line(report)), ("input", input_line(report)),
         ("skipped files", str(d.skipped) if d.skipped else None),
         ("fail on", report.fail_on), ("device", report.device),

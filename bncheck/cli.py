@@ -502,6 +502,60 @@ def _finish_fix(result: Any, settings: Settings) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.argument("checkpoint_a", type=click.Path(path_type=Path, dir_okay=True))
+@click.argument("checkpoint_b", type=click.Path(path_type=Path, dir_okay=True))
+@click.option("--arch", metavar="SPEC", help="Model builder for both checkpoints (needed for state_dicts).")
+@click.option("--arch-kwargs", metavar="YAML", help="Keyword arguments for --arch, e.g. '{num_classes: 10}'.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow full pickled models (torch.save(model)); loading them executes code from the file.")
+@click.option("--json", "json_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,
+              help="Write the diff (schema bncheck/diff/v1) to PATH; bare or '-': only JSON on stdout.")
+@click.option("--markdown", "markdown_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,
+              help="Write Markdown to PATH; bare or '-': Markdown on stdout.")
+@click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), default="error", show_default=True,
+              help="Exit 1 for findings at least this severe.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Rows in the table.")
+@_handle_errors
+def diff(
+    checkpoint_a: Path, checkpoint_b: Path, arch: Optional[str], arch_kwargs: Optional[str], trust_checkpoint: bool,
+    json_out: Optional[str], markdown_out: Optional[str], fail_on: str, top: int,
+) -> None:
+    """Compare two checkpoints of one architecture (base vs fine-tuned, live vs EMA/SWA,
+    rank 0 vs rank 1) around every BN layer, with no data: how far the running statistics
+    moved, and how far the affine parameters and the weights feeding each layer moved.
+
+    \b
+    Findings: stats-not-updated (statistics identical while the weights around them
+    changed: momentum 0, SWA/EMA without a BN update), stats-moved-frozen-weights
+    (statistics moved while the weights stayed frozen: a frozen part left in train mode).
+    Exit codes as for run.
+    """
+    from .checkpoint import open_checkpoint
+    from .diff import diff_checkpoints
+    from .loading import parse_arch_kwargs
+    from .render.markdown import render_diff as markdown_diff
+    from .render.table import render_diff
+    from .report import dumps_diff
+
+    to_stdout = _stdout_format({"json": json_out, "markdown": markdown_out})
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    first = open_checkpoint(checkpoint_a, arch, kwargs, trust_checkpoint=trust_checkpoint)
+    second = open_checkpoint(checkpoint_b, arch, kwargs, trust_checkpoint=trust_checkpoint)
+    result = diff_checkpoints(first, second, fail_on=fail_on)
+    texts = {"json": lambda: dumps_diff(result), "markdown": lambda: markdown_diff(result, top=top)}
+    for fmt, target in (("json", json_out), ("markdown", markdown_out)):
+        if target is not None and target != STDOUT:
+            _write_text(Path(target), texts[fmt](), f"the {fmt} diff")
+    stream_is_err = to_stdout is not None
+    click.echo(render_diff(result, top=top, color=(sys.stderr if stream_is_err else sys.stdout).isatty()),
+               nl=False, err=stream_is_err)
+    if to_stdout is not None:
+        sys.stdout.write(texts[to_stdout]())
+    if result.verdict == "fail":
+        click.get_current_context().exit(int(ExitCode.FINDINGS))
+
+
+@cli.command(context_settings=CONTEXT)
 @click.argument("run_json", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "json_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,
               help="The JSON result: to PATH, or bare / '-' to stdout.")

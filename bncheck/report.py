@@ -411,3 +411,52 @@ def fix_from_dict(data: dict[str, Any]) -> FixReport:
     fix = _build(FixReport, body | {"before": None, "after": None})
     return replace(fix, before=from_dict(before), after=from_dict(after) if after is not None else None)
 
+
+
+DIFF_SCHEMA_ID = "bncheck/diff/v1"
+
+
+@dataclass(frozen=True)
+class LayerDiff:
+    name: str
+    """BN layer name (in both checkpoints)."""
+    type: str
+    channels: int
+    mean_shift: Optional[float]
+    """RMS over channels of (mean_B - mean_A) / sqrt(var_A + eps): how far the running mean moved."""
+    var_log_change: Optional[float]
+    """RMS over channels of ln((var_B + eps) / (var_A + eps)): how far the running variance moved."""
+    stats_identical: bool
+    """Running mean and variance bit-identical in both checkpoints."""
+    affine_change: Optional[float]
+    """Relative L2 change of gamma or beta (the larger); None without affine parameters."""
+    feeding: Optional[str]
+    """The module whose output this layer normalizes (nearest weighted module before it)."""
+    feeding_change: Optional[float]
+    """Relative L2 change of that module's weight."""
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """``bncheck diff A B``: BN statistics and the weights around them, compared."""
+
+    a: ModelInfo
+    b: ModelInfo
+    layers: tuple[LayerDiff, ...]
+    """Layers in both checkpoints, most moved statistics first."""
+    findings: tuple[Finding, ...]
+    only_in_a: tuple[str, ...]
+    only_in_b: tuple[str, ...]
+    verdict: str
+    fail_on: str
+    schema: str = DIFF_SCHEMA_ID
+
+
+def diff_to_dict(diff: DiffReport) -> dict[str, Any]:
+    body = _plain(asdict(diff))
+    body.pop("schema")
+    return {"schema": DIFF_SCHEMA_ID, **body}
+
+
+def dumps_diff(diff: DiffReport) -> str:
+    return json.dumps(diff_to_dict(diff), indent=2, allow_nan=False) + "\n"

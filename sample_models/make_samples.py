@@ -164,6 +164,15 @@ def make_frozen_eval(base_state: dict, xb: torch.Tensor, yb: torch.Tensor, xb_te
 
 
 def main() -> None:
+    if "--only-base" in sys.argv:  # the base model alone (for `bncheck diff`): the others stay as shipped
+        torch.manual_seed(0)
+        _, xa, ya = dataset(6000, seed=1, domain_b=False)
+        base = build()
+        base.train()
+        train(base, xa, ya, epochs=12, lr=5e-3, seed=0)
+        base.eval()
+        torch.save(base.state_dict(), HERE / "base.pt")
+        return
     if "--only-frozen-eval" in sys.argv:  # the third sample alone: the two others stay as shipped
         torch.manual_seed(0)
         _, xa, ya = dataset(6000, seed=1, domain_b=False)
@@ -202,6 +211,7 @@ def main() -> None:
     frozen.eval()
 
     make_frozen_eval(base_state, xb, yb, xb_test, yb_test)
+    torch.save(base_state, HERE / "base.pt")
     results = {}
     for name, model in (("healthy", healthy), ("pseudo_frozen", frozen)):
         results[name] = (accuracy(model, xb_test, yb_test, True), accuracy(model, xb_test, yb_test, False))

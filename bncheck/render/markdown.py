@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..report import Report
+from ..report import DiffReport, Report
 from .summary import MoreFindings, baseline_lines, data_line, grouped, input_line, next_step, num, output_line, share
 
 
@@ -52,4 +52,26 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
     if comparison:
         lines += ["### Baseline", "", "```", *comparison, "```", ""]
     lines.append(f"**Next:** {_cell(next_step(report))}")
+    return "\n".join(lines) + "\n"
+
+
+def render_diff(diff: DiffReport, *, top: int = 10, **_options: object) -> str:
+    icon = {"pass": "✅", "fail": "❌"}.get(diff.verdict, "ℹ️")
+    lines = [f"## {icon} bncheck diff: {diff.verdict}", "",
+             f"- **A**: `{diff.a.checkpoint}`", f"- **B**: `{diff.b.checkpoint}`", "",
+             "| layer | mean moved | var moved | affine | feeding weights |", "|---|---:|---:|---:|---:|"]
+    for d in diff.layers[:top]:
+        same = "same" if d.stats_identical else None
+        lines.append(f"| `{d.name}` | {same or num(d.mean_shift)} | {same or num(d.var_log_change)} | "
+                     f"{'-' if d.affine_change is None else f'{100 * d.affine_change:.1f}%'} | "
+                     f"{'-' if d.feeding_change is None else f'{100 * d.feeding_change:.1f}%'} |")
+    lines.append("")
+    if diff.findings:
+        lines.append("### Findings")
+        for f in grouped(diff.findings):
+            if isinstance(f, MoreFindings):
+                lines.append(f"- **{f.severity}** {_cell(f.text(limit=8))}")
+            else:
+                lines.append(f"- **{f.severity}** `{f.code}` `{f.layer}`: {_cell(f.message)} *{_cell(f.hint)}*")
+        lines.append("")
     return "\n".join(lines) + "\n"

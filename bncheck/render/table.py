@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..report import FixReport, LayerResult, Report
+from ..report import DiffReport, FixReport, LayerResult, Report
 from .summary import MoreFindings, baseline_lines, data_line, grouped, input_line, next_step, num, output_line, share
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -206,5 +206,56 @@ def render_fix(fix: FixReport, *, top: int = 15, width: Optional[int] = None, co
     console = Console(file=buffer, width=width or 120, force_terminal=color, no_color=not color,
                       highlight=False, emoji=False, soft_wrap=False)
     for part in build_fix(fix, top):
+        console.print(part)
+    return buffer.getvalue()
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def build_diff(diff: DiffReport, top: int = 10) -> list:
+    parts: list = [Text.assemble(("bncheck diff ", "bold"), (diff.verdict.upper(), VERDICT_STYLE[diff.verdict]))]
+    parts.append(Text(f"A      {diff.a.checkpoint}  ({diff.a.format})"))
+    parts.append(Text(f"B      {diff.b.checkpoint}  ({diff.b.format})"))
+    identical = sum(1 for d in diff.layers if d.stats_identical)
+    parts.append(Text(f"layers {len(diff.layers)} BN layers in both; running stats identical in {identical}"
+                      + (f"; only in A: {len(diff.only_in_a)}" if diff.only_in_a else "")
+                      + (f"; only in B: {len(diff.only_in_b)}" if diff.only_in_b else "")))
+    parts.append(Text(""))
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for name, justify in (("layer", "left"), ("mean moved", "right"), ("var moved", "right"), ("affine", "right"),
+                          ("feeding weights", "right"), ("finding", "left")):
+        table.add_column(name, justify=justify)
+    codes = {f.layer: f.code for f in diff.findings}
+    for d in diff.layers[:top]:
+        table.add_row(d.name, "same" if d.stats_identical else num(d.mean_shift),
+                      "same" if d.stats_identical else num(d.var_log_change), _pct(d.affine_change),
+                      _pct(d.feeding_change), codes.get(d.name, ""))
+    parts.append(table)
+    if len(diff.layers) > top:
+        parts.append(Text(f"... {len(diff.layers) - top} more layers (--top N, or --json)", style="dim"))
+    parts.append(Text(""))
+    for finding in grouped(diff.findings):
+        if isinstance(finding, MoreFindings):
+            parts.append(Text.assemble((f"{finding.severity:<7} ", SEVERITY_STYLE[finding.severity]),
+                                       (finding.text(), "dim")))
+            continue
+        parts.append(Text.assemble((f"{finding.severity:<7} ", SEVERITY_STYLE[finding.severity]),
+                                   (finding.code, "bold"), f" {finding.layer}: {finding.message}"))
+    if diff.findings:
+        parts.append(Text(""))
+        parts.append(Text.assemble(("next: ", "bold"), diff.findings[0].hint))
+    else:
+        parts.append(Text.assemble(("next: ", "bold"), "Statistics and weights moved together (or not at all): "
+                                   "nothing inconsistent between the two checkpoints."))
+    return parts
+
+
+def render_diff(diff: DiffReport, *, top: int = 10, width: Optional[int] = None, color: bool = False) -> str:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width or 120, force_terminal=color, no_color=not color,
+                      highlight=False, emoji=False, soft_wrap=False)
+    for part in build_diff(diff, top):
         console.print(part)
     return buffer.getvalue()

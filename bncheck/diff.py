@@ -11,8 +11,9 @@ with a weight before it in module order). Two patterns are findings:
 * running statistics that moved while those weights stayed frozen: a "frozen" backbone left
   in train mode, its statistics following the new data.
 
-This is also how to tell a model fine-tuned with BN frozen in eval mode (statistics and
-weights-feeding-them both unchanged only where frozen) from the seed bug, without labels.
+What it cannot tell apart: the seed bug and BN frozen on purpose in eval mode leave the same
+checkpoints (identical statistics under changed weights); the hint names both readings and
+how labelled data separates them.
 """
 
 from __future__ import annotations
@@ -136,8 +137,11 @@ def _findings(diffs: list[LayerDiff]) -> list[Finding]:
             "stats-not-updated", "error", d.name,
             f"running statistics are identical in both checkpoints while {what} changed by {100 * change:.1f}%: "
             "the statistics do not describe the new weights.",
-            "Typical causes: BN momentum 0 during a train-mode fine-tune, SWA/EMA weights without a BN update, EMA "
-            "buffers never copied. Recalibrate the second checkpoint (bncheck fix) on training data.",
+            "Two readings fit: statistics never updated (BN momentum 0 during a train-mode fine-tune, SWA/EMA "
+            "weights without a BN update, EMA buffers never copied) -> recalibrate the second checkpoint with "
+            "bncheck fix; or BN deliberately kept in eval mode while fine-tuning -> keep them. The checkpoints "
+            "cannot tell these apart: run bncheck on labelled data (eval-mode accuracy at least train-mode "
+            "accuracy means frozen on purpose).",
         ))
     for d in moved_stats:
         findings.append(Finding(

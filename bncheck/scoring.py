@@ -121,11 +121,20 @@ _NO_SCORES = _Scores(None, None, None, None, None, None, None, None, None, (), 0
 def _init_residual(momentum: Optional[float], count: Optional[int], run: LayerStats) -> tuple[Optional[float], int]:
     """How much of the initial running_var (1) is still in the buffer after ``count`` EMA
     updates, ``(1 - momentum) ** count``, and on how many channels that residual is at least
-    the variance the data has there (so the initial value, not the data, dominates them)."""
+    the variance the data has there while the buffer does hold it (so the initial value, not
+    the data, dominates them)."""
     if momentum is None or not 0.0 < momentum < 1.0 or not count or run.train is None:
         return None, 0
     residual = (1.0 - momentum) ** count
-    return residual, int((run.train.var < residual).sum())
+    running_var = run.layer.running_var
+    if running_var is None:
+        return residual, 0
+    # The reading needs evidence in the buffer too: if the init is still there, running_var
+    # holds at least (about) the residual where the data's variance is smaller. Statistics set
+    # some other way (update_bn, bncheck fix, a cumulative average) leave a small counter
+    # without the residual, and are not called unconverged.
+    carries = running_var.detach().to(run.train.var) >= 0.5 * residual
+    return residual, int(((run.train.var < residual) & carries).sum())
 
 
 def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -> LayerFacts:

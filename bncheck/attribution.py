@@ -31,15 +31,28 @@ def attribute_layer(
     sample with the layer's running statistics replaced by the population statistics its
     input had in the train-mode pass (what recalibrating it would do). 1 = the gap closes;
     0 = no effect; negative = fixing it alone makes the outputs diverge more."""
-    moments = entry.train
-    layer = entry.layer
-    if moments is None or layer.running_mean is None or layer.scripted:
+    return attribute_layers(model, layers, [entry], kept, gap, device, float_dtype)
+
+
+def attribute_layers(
+    model: nn.Module,
+    layers: list[BNLayer],
+    entries: list[LayerStats],
+    kept: Kept,
+    gap: float,
+    device: torch.device,
+    float_dtype: Optional[torch.dtype],
+) -> Optional[float]:
+    """The same for a set of layers fixed together (e.g. every stale layer at once)."""
+    usable = [e for e in entries if e.train is not None and e.layer.running_mean is not None and not e.layer.scripted]
+    if not usable:
         return None
     tally = OutputTally()
     with torch.no_grad(), preserved_state(model):
         set_bn_train_mode(model, layers, bn_training=False)
-        layer.running_mean.copy_(moments.mean.to(layer.running_mean))
-        layer.running_var.copy_(moments.var.to(layer.running_var))
+        for entry in usable:
+            entry.layer.running_mean.copy_(entry.train.mean.to(entry.layer.running_mean))
+            entry.layer.running_var.copy_(entry.train.var.to(entry.layer.running_var))
         for inputs, labels, out_train in kept:
             out_eval = forward(model, to_device(inputs, device, float_dtype), "eval")
             tally.add(out_train, to_host(out_eval), labels)

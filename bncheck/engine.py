@@ -12,12 +12,13 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .attribution import Kept, attribute_layer
+from .attribution import Kept, attribute_layer, attribute_layers
 from .batches import OnDevice, batch_len, iter_batches, model_placement, split_batch, tensors, to_device, to_host
 from .capture import fingerprint
 from .collect import LayerStats, statistics_pass
@@ -199,12 +200,38 @@ def _analyze(
             unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))
             extra = tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
                                                largest_batch, explained, unmeasured))
+        conclusion = _conclusion(model, layers, report, by_name, keep, gap, device, float_dtype)
     finally:  # one check for all the passes after the statistics
         if fingerprint(model) != before:
             raise InternalError("the model changed during attribution or the noise check; please report this bug")
-    if not attribution and not extra:
+    if not attribution and not extra and conclusion is None:
         return report
-    return report_with(attribution or None, extra)
+    return replace(report_with(attribution or None, extra), conclusion=conclusion)
+
+
+STALE_CODES = ("stale-running-stats", "pseudo-frozen", "never-updated", "unconverged-running-stats")
+MANY_STALE = 3
+"""From this many stale layers on, the report concludes once: recalibrate them all."""
+
+
+def _conclusion(
+    model: nn.Module, layers: list[BNLayer], report: Report, by_name: dict[str, LayerStats], kept: Kept,
+    gap: Optional[float], device: torch.device, float_dtype: Optional[torch.dtype],
+) -> Optional[str]:
+    """One sentence instead of many alike findings: when several layers are stale, fixing
+    them all at once is the advice, and one more eval pass measures what it recovers."""
+    stale = [layer.name for layer in report.layers if layer.score is not None
+             and any(f.code in STALE_CODES and f.severity != "info" for f in layer.findings)]
+    if len(stale) < MANY_STALE:
+        return None
+    measured = sum(1 for layer in report.layers if layer.score is not None)
+    text = (f"{len(stale)} of {measured} measured BN layers are stale: recalibrate all BN layers together "
+            "(bncheck fix, verified before it writes) rather than one at a time")
+    if gap:
+        share = attribute_layers(model, layers, [by_name[name] for name in stale], kept, gap, device, float_dtype)
+        if share is not None:
+            text += f"; recalibrating all {len(stale)} recovers {100 * share:.0f}% of the output gap (measured)"
+    return text + "."
 
 
 def lint(

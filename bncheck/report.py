@@ -197,6 +197,9 @@ class Report:
     duration_s: Optional[float]
     baseline: Optional[BaselineComparison] = None
     """Comparison with an accepted baseline run; when present it decides the verdict."""
+    conclusion: Optional[str] = None
+    """One model-level sentence when many layers share a cause (e.g. most layers stale:
+    recalibrate all, with the measured share of the output gap that recovers)."""
     schema: str = SCHEMA_ID
 
     @staticmethod

@@ -245,3 +245,19 @@ def test_standardized_features_fed_to_a_raw_trained_model_are_an_input_problem()
     finding = next(f for f in report.findings if f.layer == "0")
     assert finding.code == "input-distribution" and "spread is off by" in finding.message
     assert "tabular or audio features" in finding.hint
+
+
+def test_many_stale_layers_conclude_once_with_the_measured_recovery() -> None:
+    model = trained("healthy")
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():  # a quarter of the layers keep statistics of another domain
+        for bn in bns[::4]:
+            bn.running_mean += 1.5 * bn.running_var.sqrt()
+    report = bncheck.analyze(model, sample())
+    assert report.conclusion is not None and report.conclusion.startswith(f"{len(bns[::4])} of 56 measured BN layers")
+    assert "recalibrate all BN layers together" in report.conclusion
+    assert "% of the output gap (measured)" in report.conclusion
+    assert next_step(report) == report.conclusion
+    assert "conclusion " in render(report, "table")
+    html = render(report, "html")
+    assert "<details" in html and "Conclusion:" in html

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 from html import escape
-from typing import Optional
+from typing import Optional, Union
 
-from ..report import LayerResult, Report
-from .summary import baseline_lines, data_line, input_line, next_step, num, output_line, share
+from ..report import Finding, LayerResult, Report
+from .summary import MoreFindings, baseline_lines, data_line, grouped, input_line, next_step, num, output_line, share
 
 COLORS = {"pass": "#1a7f37", "fail": "#cf222e", "no-batchnorm": "#0969da"}
 SEVERITY_COLORS = {"error": "#cf222e", "warning": "#9a6700", "info": "#0969da"}
@@ -144,17 +144,26 @@ def _meta(report: Report) -> str:
     return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows if v) + "</dl>"
 
 
+def _finding_html(f: Union[Finding, MoreFindings]) -> str:
+    color = SEVERITY_COLORS[f.severity]
+    if isinstance(f, MoreFindings):  # the rest of a group, folded
+        names = ", ".join(escape(name) for name in f.layers)
+        return (f'<details class="finding" style="border-color:{color}"><summary><b style="color:{color}">'
+                f'{escape(f.severity)}</b> ... and {len(f.layers)} more layers with <code>{escape(f.code)}</code>'
+                f'</summary>{names}</details>')
+    return (f'<div class="finding" style="border-color:{color}">'
+            f'<b style="color:{color}">{escape(f.severity)}</b> <code>{escape(f.code)}</code>'
+            f'{" <code>" + escape(f.layer) + "</code>" if f.layer else ""}: {escape(f.message)}'
+            f'<div class="hint">{escape(f.hint)}</div></div>')
+
+
 def render(report: Report, *, top: int = 50, **_options: object) -> str:
     color = COLORS.get(report.verdict, "#59636e")
     title = f"bncheck: {report.verdict.upper()}"
     subject = report.model.checkpoint or report.model.arch or "in-memory model"
-    findings = "".join(
-        f'<div class="finding" style="border-color:{SEVERITY_COLORS[f.severity]}">'
-        f'<b style="color:{SEVERITY_COLORS[f.severity]}">{escape(f.severity)}</b> <code>{escape(f.code)}</code>'
-        f'{" <code>" + escape(f.layer) + "</code>" if f.layer else ""}: {escape(f.message)}'
-        f'<div class="hint">{escape(f.hint)}</div></div>'
-        for f in report.findings
-    ) or "<p>No findings.</p>"
+    findings = "".join(_finding_html(f) for f in grouped(report.findings)) or "<p>No findings.</p>"
+    if report.conclusion:
+        findings = f'<p class="conclusion"><b>Conclusion:</b> {escape(report.conclusion)}</p>' + findings
     shown = report.layers[:top]
     more = len(report.layers) - len(shown)
     table = (

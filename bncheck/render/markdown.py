@@ -17,10 +17,11 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
         "",
         f"- **Model**: `{report.model.checkpoint or report.model.arch or 'in-memory'}` "
         f"({report.model.bn_layers} BN layers)",
-        f"- **Data**: `{report.data.source}` ({data_line(report)})",
+        f"- **Data**: `{report.data.source or 'in-memory'}` ({data_line(report)})",
         *([f"- **Input**: {input_line(report)}"] if input_line(report) else []),
         f"- **Output**: {output_line(report)}",
         f"- **First divergent layer (eval pass)**: `{report.first_divergent_layer or 'none'}`",
+        *([f"- **Conclusion**: {_cell(report.conclusion)}"] if report.conclusion else []),
         "",
     ]
     if report.layers:

@@ -126,6 +126,8 @@ def next_step(report: Report) -> str:
         return f"new or worse since the baseline: {worst.code}{where}: {worst.hint}"
     if report.data.samples == 0 and not any(f.severity == "error" for f in report.findings):
         return "No data given: only the checkpoint was checked; run with --data to measure drift."
+    if report.conclusion is not None:
+        return report.conclusion
     if report.findings:
         share = {layer.name: layer.attribution for layer in report.layers}
         helpful = [f for f in report.findings if not (share.get(f.layer) is not None and share[f.layer] < 0)]

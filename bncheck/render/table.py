@@ -40,11 +40,12 @@ def build(report: Report, top: int) -> list:
         Text(f"model  {model.checkpoint or model.arch or 'in-memory'}"
              f"{f'  [{model.arch}]' if model.checkpoint and model.arch else ''}"
              f"  ({model.format}, {model.bn_layers} BN layers)"),
-        Text(f"data   {report.data.source}  ({data_line(report)})"
-             if report.data.source else "data   none: only the checkpoint was checked (no --data)"),
+        Text(f"data   {report.data.source or 'in-memory'}  ({data_line(report)})"
+             if report.data.samples else "data   none: only the checkpoint was checked (no --data)"),
         *([Text(f"input  {input_line(report)}")] if input_line(report) else []),
         Text(f"output {output_line(report)}"),
         Text(f"first divergent layer (eval pass): {report.first_divergent_layer or 'none'}"),
+        *([Text.assemble(("conclusion ", "bold"), report.conclusion)] if report.conclusion else []),
     ]
     parts: list = [*header, Text("")]
     if report.layers:

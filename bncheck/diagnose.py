@@ -247,7 +247,7 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "Two readings fit: stale statistics (the layer trained in train mode on other data) -> "
             "recalibrate on representative data with bncheck fix, which verifies the result and refuses when "
             "labelled eval-mode accuracy drops; or BN deliberately kept in eval mode while fine-tuning on this "
-            "data -> keep it. Tell them apart with labels (eval-mode accuracy at least train-mode accuracy "
+            "data -> keep it. Tell them apart with labels (eval-mode accuracy above train-mode accuracy "
             "means frozen on purpose) and check this data matches what the model was trained on.",
         )
     return out
@@ -298,8 +298,9 @@ FROZEN_READING_CODES = ("stale-running-stats", "pseudo-frozen")
 
 
 def eval_mode_is_better(train_accuracy: Optional[float], eval_accuracy: Optional[float]) -> bool:
-    """Labels say deployment (eval mode) does at least as well as train mode."""
-    return train_accuracy is not None and eval_accuracy is not None and eval_accuracy >= train_accuracy
+    """Labels say deployment (eval mode) does better than train mode. Strictly: when both are
+    equal (say 100% on an easy sample) the labels cannot tell the readings apart."""
+    return train_accuracy is not None and eval_accuracy is not None and eval_accuracy > train_accuracy
 
 
 def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float) -> Finding:
@@ -311,7 +312,7 @@ def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float
         "bn-frozen-in-eval",
         "info",
         finding.layer,
-        f"{finding.message.rstrip('.')}; but eval mode is at least as accurate as train mode on this labelled "
+        f"{finding.message.rstrip('.')}; but eval mode is more accurate than train mode on this labelled "
         f"data ({100 * eval_accuracy:.1f}% vs {100 * train_accuracy:.1f}%): BN kept in eval mode on purpose, "
         "not drift.",
         "Keep these statistics: the layers after this one were trained with them. Do not recalibrate "

@@ -140,7 +140,7 @@ def _findings(diffs: list[LayerDiff]) -> list[Finding]:
             "Two readings fit: statistics never updated (BN momentum 0 during a train-mode fine-tune, SWA/EMA "
             "weights without a BN update, EMA buffers never copied) -> recalibrate the second checkpoint with "
             "bncheck fix; or BN deliberately kept in eval mode while fine-tuning -> keep them. The checkpoints "
-            "cannot tell these apart: run bncheck on labelled data (eval-mode accuracy at least train-mode "
+            "cannot tell these apart: run bncheck on labelled data (eval-mode accuracy above train-mode "
             "accuracy means frozen on purpose).",
         ))
     for d in moved_stats:

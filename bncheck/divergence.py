@@ -124,10 +124,13 @@ def noise_divergence(
             batch = to_device(_take(inputs_all, order[start:stop]), device, float_dtype)
             outputs.append(to_host(forward(model, batch, "train")))
             snapshot.restore_buffers()
-    again = _take(_cat(outputs), torch.argsort(order))  # back in the original sample order
-    tally = OutputTally()
-    tally.add(train_all, again, labels_all)
-    result = tally.result()
+    try:
+        again = _take(_cat(outputs), torch.argsort(order))  # back in the original sample order
+        tally = OutputTally()
+        tally.add(train_all, again, labels_all)
+        result = tally.result()
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return None  # outputs that do not line up per sample (variable-length detections, say)
     if result.kind == "none":
         return None
     return replace(result, kl=result.kl * scale if result.kl is not None else None,
@@ -226,10 +229,10 @@ def model_level_findings(
         return []
     ratio = f"{gap / floor:.0f}x" if floor > 0 else "far beyond"
     if output.train_accuracy is not None and output.eval_accuracy is not None \
-            and output.eval_accuracy >= output.train_accuracy:
+            and output.eval_accuracy > output.train_accuracy:
         return [Finding(
             "output-divergence", "info", None,
-            f"{what}, {ratio} what batch noise explains, but eval mode is at least as accurate as train mode on "
+            f"{what}, {ratio} what batch noise explains, but eval mode is more accurate than train mode on "
             f"these labels ({100 * output.eval_accuracy:.1f}% vs {100 * output.train_accuracy:.1f}%): "
             "deployment is the better mode.",
             "Nothing to fix in eval mode; if the model still trains in train mode, its BN layers were likely "

@@ -151,9 +151,6 @@ def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -
     count = int(tracked) if tracked is not None and tracked.numel() == 1 else None
     residual, unconverged = _init_residual(layer.momentum, count, run)
     return LayerFacts(
-        init_residual=residual,
-        max_abs_log_scale=s.max_abs_log_scale,
-        unconverged_channels=unconverged,
         name=layer.name,
         type_name=layer.type_name,
         kind=layer.kind,
@@ -177,6 +174,9 @@ def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -
         saved_training=run.saved_training,
         eps=layer.eps,
         scripted=layer.scripted,
+        max_abs_log_scale=s.max_abs_log_scale,
+        init_residual=residual,
+        unconverged_channels=unconverged,
     )
 
 

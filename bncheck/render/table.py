@@ -104,21 +104,19 @@ def build(report: Report, top: int) -> list:
     return parts
 
 
-def render(report: Report, *, top: int = 10, width: Optional[int] = None, color: bool = False,
-           **_options: object) -> str:
+def _to_text(parts: list, width: Optional[int], color: bool) -> str:
+    """Print rich renderables into a string: plain text unless ``color`` (a terminal)."""
     buffer = io.StringIO()
-    console = Console(
-        file=buffer,
-        width=width or 120,
-        force_terminal=color,
-        no_color=not color,
-        highlight=False,
-        emoji=False,
-        soft_wrap=False,
-    )
-    for part in build(report, top):
+    console = Console(file=buffer, width=width or 120, force_terminal=color, no_color=not color,
+                      highlight=False, emoji=False, soft_wrap=False)
+    for part in parts:
         console.print(part)
     return buffer.getvalue()
+
+
+def render(report: Report, *, top: int = 10, width: Optional[int] = None, color: bool = False,
+           **_options: object) -> str:
+    return _to_text(build(report, top), width, color)
 
 
 @contextmanager
@@ -203,12 +201,7 @@ def _fix_next(fix: FixReport) -> str:
 
 
 def render_fix(fix: FixReport, *, top: int = 15, width: Optional[int] = None, color: bool = False) -> str:
-    buffer = io.StringIO()
-    console = Console(file=buffer, width=width or 120, force_terminal=color, no_color=not color,
-                      highlight=False, emoji=False, soft_wrap=False)
-    for part in build_fix(fix, top):
-        console.print(part)
-    return buffer.getvalue()
+    return _to_text(build_fix(fix, top), width, color)
 
 
 def _pct(value: Optional[float]) -> str:
@@ -254,9 +247,4 @@ def build_diff(diff: DiffReport, top: int = 10) -> list:
 
 
 def render_diff(diff: DiffReport, *, top: int = 10, width: Optional[int] = None, color: bool = False) -> str:
-    buffer = io.StringIO()
-    console = Console(file=buffer, width=width or 120, force_terminal=color, no_color=not color,
-                      highlight=False, emoji=False, soft_wrap=False)
-    for part in build_diff(diff, top):
-        console.print(part)
-    return buffer.getvalue()
+    return _to_text(build_diff(diff, top), width, color)

@@ -72,6 +72,8 @@ def cli(debug: bool) -> None:
     bncheck run model.pt --arch torchvision:resnet18 --data images/
     bncheck report            # re-render the last run
     bncheck report --json     # ... as JSON
+    bncheck fix model.pt --arch torchvision:resnet18 --data images/ --out fixed.pt
+    bncheck diff base.pt finetuned.pt --arch torchvision:resnet18
 
     Exit codes: 0 no finding at or above --fail-on, 1 findings, 2 usage error,
     3 input error (file, checkpoint, data, architecture), 4 internal error.
@@ -433,7 +435,7 @@ def fix(
     above --fail-on remain; 2: usage; 3: input error (also an existing --out without
     --force, or --out equal to the input); 4: internal error.
     """
-    flags.update(json_out=flags["json_out"], markdown_out=None, html_out=None, junit_out=None, baseline=None,
+    flags.update(markdown_out=None, html_out=None, junit_out=None, baseline=None,
                  top=None, save=None, attribute=None)
     settings = load_settings(config_path, _overrides(flags))
     from .files import check_output_path

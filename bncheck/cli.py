@@ -204,24 +204,18 @@ def run(
     never modified.
     """
     settings = load_settings(config_path, _overrides(flags))
-    from .loading import parse_arch_kwargs
-
     arch = settings.arch
-    kwargs = parse_arch_kwargs(flags["arch_kwargs"]) if flags["arch_kwargs"] else settings.arch_kwargs
+    kwargs = _arch_kwargs(flags, settings)
     if checkpoint is None and arch is None:
         raise UsageError("give a CHECKPOINT file and/or --arch; see `bncheck run --help`")
     baseline = _load_baseline(settings.baseline)
 
-    import torch
 
     from .checkpoint import open_checkpoint
     from .data import open_data
     from .engine import lint
 
-    if settings.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but CUDA is not available here; use --device cpu")
-    target = "cuda" if settings.device == "auto" and torch.cuda.is_available() else settings.device
-    target = "cpu" if target == "auto" else target
+    target = _target_device(settings)
 
     loaded = open_checkpoint(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint)
     if settings.data.path is None:
@@ -243,6 +237,25 @@ def run(
 
         report = apply_baseline(report, baseline, settings.baseline)
     _finish(report, settings)
+
+
+def _target_device(settings: Settings) -> str:
+    """The device a run or fix uses: ``auto`` is cuda when available; ``cuda`` without it is a
+    usage error before any loading."""
+    import torch
+
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available here; use --device cpu")
+    if settings.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return settings.device
+
+
+def _arch_kwargs(flags: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """--arch-kwargs parsed like the config's arch_kwargs; the flag wins."""
+    from .loading import parse_arch_kwargs
+
+    return parse_arch_kwargs(flags["arch_kwargs"]) if flags["arch_kwargs"] else settings.arch_kwargs
 
 
 def _diagnose(model: Any, source: Any, settings: Settings, *, momentum_known: bool = True) -> Report:
@@ -439,7 +452,6 @@ def fix(
                  top=None, save=None, attribute=None)
     settings = load_settings(config_path, _overrides(flags))
     from .files import check_output_path
-    from .loading import parse_arch_kwargs
 
     if settings.data.path is None:
         raise UsageError("fix needs --data: the samples whose statistics the BN layers should hold")
@@ -447,18 +459,14 @@ def fix(
         raise UsageError("give --out NEW for the recalibrated checkpoint, or --dry-run to only see before -> after")
     if out is not None:
         check_output_path(out, checkpoint, force=force)
-    kwargs = parse_arch_kwargs(flags["arch_kwargs"]) if flags["arch_kwargs"] else settings.arch_kwargs
+    kwargs = _arch_kwargs(flags, settings)
 
-    import torch
 
     from .checkpoint import open_checkpoint
     from .data import open_data
     from .fixing import run_fix
 
-    if settings.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but CUDA is not available here; use --device cpu")
-    target = "cuda" if settings.device == "auto" and torch.cuda.is_available() else settings.device
-    target = "cpu" if target == "auto" else target
+    target = _target_device(settings)
     loaded = open_checkpoint(checkpoint, settings.arch, kwargs, trust_checkpoint=trust_checkpoint)
     loaded.module.to(target)
     path = Path(settings.data.path)

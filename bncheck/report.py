@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -405,14 +405,6 @@ def fix_to_dict(fix: FixReport) -> dict[str, Any]:
 def dumps_fix(fix: FixReport) -> str:
     return json.dumps(fix_to_dict(fix), indent=2, allow_nan=False) + "\n"
 
-
-def fix_from_dict(data: dict[str, Any]) -> FixReport:
-    if not isinstance(data, dict) or data.get("schema") != FIX_SCHEMA_ID:
-        raise InputError(f"not a bncheck fix result (expected schema {FIX_SCHEMA_ID!r})")
-    body = dict(data)
-    before, after = body.pop("before"), body.pop("after")
-    fix = _build(FixReport, body | {"before": None, "after": None})
-    return replace(fix, before=from_dict(before), after=from_dict(after) if after is not None else None)
 
 
 

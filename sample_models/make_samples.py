@@ -163,25 +163,26 @@ def make_frozen_eval(base_state: dict, xb: torch.Tensor, yb: torch.Tensor, xb_te
           f"eval-mode acc {accuracy(model, xb_test, yb_test, False):.3f}")
 
 
+def train_base(xa: torch.Tensor, ya: torch.Tensor) -> dict:
+    """The base model, trained on domain A the normal way; its state (eval-ready)."""
+    base = build()
+    base.train()
+    train(base, xa, ya, epochs=12, lr=5e-3, seed=0)
+    return {k: v.clone() for k, v in base.eval().state_dict().items()}
+
+
 def main() -> None:
     if "--only-base" in sys.argv:  # the base model alone (for `bncheck diff`): the others stay as shipped
         torch.manual_seed(0)
         _, xa, ya = dataset(6000, seed=1, domain_b=False)
-        base = build()
-        base.train()
-        train(base, xa, ya, epochs=12, lr=5e-3, seed=0)
-        base.eval()
-        torch.save(base.state_dict(), HERE / "base.pt")
+        torch.save(train_base(xa, ya), HERE / "base.pt")
         return
     if "--only-frozen-eval" in sys.argv:  # the third sample alone: the two others stay as shipped
         torch.manual_seed(0)
         _, xa, ya = dataset(6000, seed=1, domain_b=False)
         _, xb, yb = dataset(1200, seed=2, domain_b=True)
         _, xb_test, yb_test = dataset(256, seed=3, domain_b=True)
-        base = build()
-        base.train()
-        train(base, xa, ya, epochs=12, lr=5e-3, seed=0)
-        make_frozen_eval({k: v.clone() for k, v in base.state_dict().items()}, xb, yb, xb_test, yb_test)
+        make_frozen_eval(train_base(xa, ya), xb, yb, xb_test, yb_test)
         return
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -191,11 +192,10 @@ def main() -> None:
     sample_images, xb_test, yb_test = dataset(256, seed=3, domain_b=True)
     _, xa_test, ya_test = dataset(256, seed=4, domain_b=False)
 
+    base_state = train_base(xa, ya)
     base = build()
-    base.train()
-    train(base, xa, ya, epochs=12, lr=5e-3, seed=0)
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    print(f"base on A: eval acc {accuracy(base, xa_test, ya_test, False):.3f}  ({time.time() - t0:.0f}s)")
+    base.load_state_dict(base_state)
+    print(f"base on A: eval acc {accuracy(base.eval(), xa_test, ya_test, False):.3f}  ({time.time() - t0:.0f}s)")
 
     healthy = build()
     healthy.load_state_dict(base_state)

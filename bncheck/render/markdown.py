@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from ..report import DiffReport, Report
+from ..report import DiffReport, Finding, Report
 from .summary import MoreFindings, baseline_lines, data_line, grouped, input_line, next_step, num, output_line, share
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _finding_lines(findings: tuple[Finding, ...]) -> list[str]:
+    """A bullet per finding, each (severity, code) group folded after its first two."""
+    lines = []
+    for f in grouped(findings):
+        if isinstance(f, MoreFindings):
+            lines.append(f"- **{f.severity}** {_cell(f.text(limit=8))}")
+            continue
+        where = f" `{f.layer}`" if f.layer else ""
+        lines.append(f"- **{f.severity}** `{f.code}`{where}: {_cell(f.message)} *{_cell(f.hint)}*")
+    return lines
 
 
 def render(report: Report, *, top: int = 10, **_options: object) -> str:
@@ -42,12 +54,7 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
         lines.append("")
     if report.findings:
         lines.append("### Findings")
-        for f in grouped(report.findings):
-            if isinstance(f, MoreFindings):
-                lines.append(f"- **{f.severity}** {_cell(f.text(limit=8))}")
-                continue
-            where = f" `{f.layer}`" if f.layer else ""
-            lines.append(f"- **{f.severity}** `{f.code}`{where}: {_cell(f.message)} *{_cell(f.hint)}*")
+        lines += _finding_lines(report.findings)
         lines.append("")
     comparison = baseline_lines(report)
     if comparison:
@@ -69,10 +76,6 @@ def render_diff(diff: DiffReport, *, top: int = 10, **_options: object) -> str:
     lines.append("")
     if diff.findings:
         lines.append("### Findings")
-        for f in grouped(diff.findings):
-            if isinstance(f, MoreFindings):
-                lines.append(f"- **{f.severity}** {_cell(f.text(limit=8))}")
-            else:
-                lines.append(f"- **{f.severity}** `{f.code}` `{f.layer}`: {_cell(f.message)} *{_cell(f.hint)}*")
+        lines += _finding_lines(diff.findings)
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..report import DiffReport, FixReport, LayerResult, Report
+from ..report import DiffReport, Finding, FixReport, LayerResult, Report
 from .summary import MoreFindings, baseline_lines, data_line, grouped, input_line, next_step, num, output_line, share
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -27,6 +27,19 @@ def _score_text(layer: LayerResult, report: Report) -> Text:
         return Text("NaN" if broken else "-", style="bold red" if broken else "dim")
     style = SEVERITY_STYLE.get(finding.severity, "") if finding and finding.severity != "info" else ""
     return Text(num(layer.score), style=style)
+
+
+def _finding_lines(findings: tuple[Finding, ...]) -> list[Text]:
+    """One line per finding, each (severity, code) group folded after its first two."""
+    lines = []
+    for finding in grouped(findings):
+        label = (f"{finding.severity:<7} ", SEVERITY_STYLE[finding.severity])
+        if isinstance(finding, MoreFindings):
+            lines.append(Text.assemble(label, (finding.text(), "dim")))
+            continue
+        where = f" {finding.layer}" if finding.layer else ""
+        lines.append(Text.assemble(label, (finding.code, "bold"), where + ": " + finding.message))
+    return lines
 
 
 def build(report: Report, top: int) -> list:
@@ -81,19 +94,7 @@ def build(report: Report, top: int) -> list:
         if hidden > 0:
             parts.append(Text(f"... {hidden} more layers (--top N, or bncheck report --json)", style="dim"))
         parts.append(Text(""))
-    for finding in grouped(report.findings):
-        if isinstance(finding, MoreFindings):
-            parts.append(Text.assemble((f"{finding.severity:<7} ", SEVERITY_STYLE[finding.severity]),
-                                       (finding.text(), "dim")))
-            continue
-        where = f" {finding.layer}" if finding.layer else ""
-        parts.append(
-            Text.assemble(
-                (f"{finding.severity:<7} ", SEVERITY_STYLE[finding.severity]),
-                (finding.code, "bold"),
-                (where + ": " + finding.message, ""),
-            )
-        )
+    parts += _finding_lines(report.findings)
     if report.findings:
         parts.append(Text(""))
     for line in baseline_lines(report):
@@ -230,13 +231,7 @@ def build_diff(diff: DiffReport, top: int = 10) -> list:
     if len(diff.layers) > top:
         parts.append(Text(f"... {len(diff.layers) - top} more layers (--top N, or --json)", style="dim"))
     parts.append(Text(""))
-    for finding in grouped(diff.findings):
-        if isinstance(finding, MoreFindings):
-            parts.append(Text.assemble((f"{finding.severity:<7} ", SEVERITY_STYLE[finding.severity]),
-                                       (finding.text(), "dim")))
-            continue
-        parts.append(Text.assemble((f"{finding.severity:<7} ", SEVERITY_STYLE[finding.severity]),
-                                   (finding.code, "bold"), f" {finding.layer}: {finding.message}"))
+    parts += _finding_lines(diff.findings)
     if diff.findings:
         parts.append(Text(""))
         parts.append(Text.assemble(("next: ", "bold"), diff.findings[0].hint))

@@ -473,8 +473,9 @@ def fix(
     every = None if num_samples is None else -(-num_samples // settings.batch_size)
     recal_source = open_data(path, settings.data, settings.batch_size, every)
     verify_source = open_data(path, settings.data, settings.batch_size, settings.num_batches)
+    verify = list(verify_source.batches())  # read once: the diagnosis runs before and after
     result = run_fix(
-        loaded, recal_source.batches(), verify_source.batches, out=out, layers=list(layers) or None,
+        loaded, recal_source.batches(), lambda: verify, out=out, layers=list(layers) or None,
         num_samples=num_samples, batch_size=settings.batch_size, thresholds=settings.thresholds, attribute=0,
         ignore=settings.ignore, fail_on=settings.fail_on, dry_run=dry_run, force=force,
     )

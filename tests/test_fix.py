@@ -323,3 +323,18 @@ def test_fix_through_a_real_subprocess(tmp_path, cli_env) -> None:
                           capture_output=True, text=True, env=cli_env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and "bncheck fix: written" in done.stderr and out.exists()
+
+
+def test_fix_reads_the_verification_sample_once(tmp_path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLES / "data", data)
+    (data / "0_circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    result = run_fix([str(SAMPLES / "pseudo_frozen.pt"), *ARCH, "--data", str(data), "--config",
+                      str(SAMPLES / "config.yaml"), "--num-batches", "9", "--dry-run", "--json",
+                      str(tmp_path / "fix.json")])  # 9 x 32 > 257 files: every file is read
+    document = json.loads((tmp_path / "fix.json").read_text())
+    # one unreadable file, counted once although the diagnosis ran before and after
+    assert document["before"]["data"]["skipped"] == 1 and document["after"]["data"]["skipped"] == 1
+    assert result.output.count("warning: skipped unreadable file") == 1

@@ -7,6 +7,7 @@ Public API (torch is imported lazily, so ``import bncheck`` and ``bncheck --help
     report = bncheck.lint(model)                     # what the buffers alone reveal
     result = bncheck.recalibrate(model, data)        # exact population statistics, in place
     handle = bncheck.freeze_batchnorm(model)         # BN stays in eval after model.train()
+    check = bncheck.check_drift(model, sample)       # every N steps while training
     ckpt = bncheck.open_checkpoint("model.pt", arch="torchvision:resnet18")
     ckpt.write("fixed.pt")                           # same format, atomic
 
@@ -29,6 +30,8 @@ _EXPORTS = {
     "freeze_batchnorm": "freeze",
     "unfreeze_batchnorm": "freeze",
     "open_checkpoint": "checkpoint",
+    "check_drift": "monitor",
+    "DriftCheck": "monitor",
     "Checkpoint": "checkpoint",
     "Report": "report",
     "Finding": "report",
@@ -39,8 +42,8 @@ _EXPORTS = {
     "InputError": "errors",
 }
 __all__ = [
-    "BncheckError", "Checkpoint", "Finding", "InputError", "LayerResult", "RecalibrationResult", "Report",
-    "Thresholds", "UsageError", "__version__", "analyze", "freeze_batchnorm", "lint", "open_checkpoint",
+    "BncheckError", "Checkpoint", "DriftCheck", "Finding", "InputError", "LayerResult", "RecalibrationResult", "Report",
+    "Thresholds", "UsageError", "__version__", "analyze", "check_drift", "freeze_batchnorm", "lint", "open_checkpoint",
     "recalibrate", "unfreeze_batchnorm",
 ]
 
@@ -50,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .engine import analyze, lint
     from .errors import BncheckError, InputError, UsageError
     from .freeze import freeze_batchnorm, unfreeze_batchnorm
+    from .monitor import DriftCheck, check_drift
     from .recalibration import RecalibrationResult, recalibrate
     from .report import Finding, LayerResult, Report
 

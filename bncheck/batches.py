@@ -4,7 +4,9 @@ called, and what the caller's ``data`` becomes.
 A batch is a tensor, an ``(inputs, labels)`` pair, or a dict with an input key
 (``inputs``/``input``/``images``/``image``/``x``/``data``/``pixel_values``) and
 optionally a label key (``labels``/``label``/``targets``/``target``/``y``). Inputs may be
-nested (a tuple of tensors is passed as positional arguments, a dict as keywords).
+nested (a tuple of tensors is passed as positional arguments, a dict as keywords). A
+detection-style batch -- a list of images (3-D tensors, sizes may differ), alone or as
+``(images, targets)`` -- becomes an ``ImageList``: the model gets the list as one argument.
 """
 
 from __future__ import annotations
@@ -23,6 +25,19 @@ INPUT_KEYS = ("inputs", "input", "images", "image", "x", "data", "pixel_values")
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 
 
+class ImageList(list):
+    """A batch that is a list of per-sample tensors passed to the model as one argument
+    (torchvision detection models take ``list[Tensor]``); its length is the batch size."""
+
+
+def _image_list(value: Any) -> Optional[ImageList]:
+    """A list or tuple of at least two 3-D tensors (C, H, W), as a detection loader yields."""
+    if (isinstance(value, (list, tuple)) and len(value) >= 2
+            and all(isinstance(t, Tensor) and t.dim() == 3 for t in value)):
+        return ImageList(value)
+    return None
+
+
 def tensors(value: Any) -> list[Tensor]:
     """Every tensor in a (nested) value: dicts by key, sequences in order."""
     if isinstance(value, Tensor):
@@ -39,6 +54,13 @@ def split_batch(batch: Any) -> tuple[Any, Optional[Tensor]]:
     (what a ``DataLoader`` over a ``TensorDataset`` yields) or a dict."""
     if isinstance(batch, Tensor):
         return batch, None
+    if isinstance(batch, ImageList):
+        return batch, None
+    images = _image_list(batch)
+    if images is not None:
+        return images, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and _image_list(batch[0]) is not None:
+        return _image_list(batch[0]), None  # (images, targets): detection targets are not class labels
     if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3 and isinstance(batch[0], Tensor):
         # (inputs,) from a TensorDataset, (inputs, labels), (inputs, labels, weights)
         labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
@@ -55,6 +77,8 @@ def split_batch(batch: Any) -> tuple[Any, Optional[Tensor]]:
 
 
 def batch_len(inputs: Any) -> int:
+    if isinstance(inputs, ImageList):
+        return len(inputs)
     first = tensors(inputs)
     return int(first[0].shape[0]) if first and first[0].dim() else 0
 
@@ -121,6 +145,8 @@ def forward(model: nn.Module, inputs: Any, mode: str) -> Any:
     try:
         if isinstance(inputs, dict):
             return model(**inputs)
+        if isinstance(inputs, ImageList):
+            return model(list(inputs))
         if isinstance(inputs, (list, tuple)):
             return model(*inputs)
         return model(inputs)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .discovery import find_bn_layers
 from .errors import InputError, UsageError, first_line
-from .files import atomic_write, check_output_path
+from .files import atomic_write, atomic_write_folder, check_output_folder, check_output_path
 from .loading import NESTED_KEYS, build_arch, guess_arch, load_state_into, locate_state_dict, sha256_of
 from .report import ModelInfo
 
@@ -63,6 +63,8 @@ class Checkpoint:
     """Key prefix of the model's weights inside that mapping (``"module."``)."""
     metadata: dict[str, str] = field(default_factory=dict)
     """safetensors header metadata, kept as is."""
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    """Input preprocessing the checkpoint documents (a Hub folder's mean, std, resize, crop)."""
 
     @property
     def format(self) -> str:
@@ -84,6 +86,10 @@ class Checkpoint:
         if self.handler is None or self.path is None:
             raise UsageError("a model built from $arch alone has no checkpoint format to write; give a checkpoint")
         out = Path(out)
+        if isinstance(self.handler, ModelFolderFormat):
+            check_output_folder(out, self.path, force=force)
+            atomic_write_folder(out, lambda tmp: self.handler.write(self, tmp))
+            return
         check_output_path(out, self.path, force=force)
         atomic_write(out, lambda tmp: self.handler.write(self, tmp))
 
@@ -261,6 +267,42 @@ class TorchPickleFormat(Format):
         torch.save(checkpoint.container, str(tmp))
 
 
+class ModelFolderFormat(Format):
+    """A Hub-style model folder (timm export or transformers ``save_pretrained``); see hub.py."""
+
+    name = "model-folder"
+
+    def sniff(self, probe: Probe) -> bool:
+        return False  # folders never reach the file probe
+
+    def read_folder(self, path: Path, arch: Optional[str], arch_kwargs: dict) -> Checkpoint:
+        import hashlib
+
+        from .hub import build_from_folder, read_model_folder
+
+        folder = read_model_folder(path)
+        if arch is not None:  # the user's builder, the folder's weights
+            model = build_arch(arch, arch_kwargs)
+            prefix = load_state_into(model, folder.state, arch, path)
+            model.eval()
+            spec, momentum = arch, momentum_source(arch)
+        else:
+            model, spec = build_from_folder(folder)
+            prefix = ""
+            momentum = "library-default" if folder.kind == "timm-folder" else "builder"
+        digest = hashlib.sha256()
+        for weight in folder.files:
+            digest.update(sha256_of(path / weight.name).encode())
+        info = ModelInfo(str(path), spec, folder.kind, digest.hexdigest(), 0, momentum_from=momentum)
+        return Checkpoint(model, info, path, self, container=folder, prefix=prefix,
+                          preprocessing=folder.preprocessing())
+
+    def write(self, checkpoint: Checkpoint, tmp: Path) -> None:
+        from .hub import write_model_folder
+
+        write_model_folder(checkpoint.container, checkpoint.module, checkpoint.bn_buffer_keys(), checkpoint.prefix, tmp)
+
+
 FORMATS: tuple[Format, ...] = (TorchScriptFormat(), ExportedProgramFormat(), SafetensorsFormat(), TorchPickleFormat())
 
 
@@ -361,7 +403,8 @@ def open_checkpoint(
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
-        raise InputError(f"checkpoint {path} is a directory; pass the checkpoint file inside it")
+        loaded = ModelFolderFormat().read_folder(path, arch, arch_kwargs)
+        return replace(loaded, info=replace(loaded.info, checkpoint=str(checkpoint)))
     try:
         size = path.stat().st_size
         digest = sha256_of(path)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import click
 
 from . import __version__
-from .config import DEVICES, FAIL_ON_LEVELS, Settings, load_settings
+from .config import ANNOTATIONS, DEVICES, FAIL_ON_LEVELS, Settings, load_settings
 from .errors import BncheckError, ExitCode, UsageError, first_line
 from .report import SEVERITY_ORDER, Report
 
@@ -188,6 +188,8 @@ def _transform_options(command: Callable) -> Callable:
 @click.option("--save", metavar="PATH",
               help="Where to keep the run for `bncheck report` (default .bncheck/last-run.json).")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No table or progress; only errors and warnings.")
+@click.option("--annotations", type=click.Choice(ANNOTATIONS),
+              help="Print GitHub Actions workflow commands for the findings (default auto: when GITHUB_ACTIONS=true).")
 @_transform_options
 @_handle_errors
 def run(
@@ -224,13 +226,14 @@ def run(
                       momentum_known=loaded.info.momentum_from != "library-default")
         report = _with_sources(report, loaded.info)
     else:
+        settings, provenance = _adopt_preprocessing(settings, loaded, _provenance(config_path, flags))
         source = open_data(Path(settings.data.path), settings.data, settings.batch_size, settings.num_batches)
         if loaded.info.format == "random-init":
             _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, "
                  "which says nothing about a trained model")
         report = _diagnose(loaded.module.to(target), source, settings,
                            momentum_known=loaded.info.momentum_from != "library-default")
-        report = _with_sources(report, loaded.info, settings, source, _provenance(config_path, flags))
+        report = _with_sources(report, loaded.info, settings, source, provenance)
         _data_notes(source, settings)
     if baseline is not None:
         from .baseline import apply_baseline
@@ -265,7 +268,7 @@ def _diagnose(model: Any, source: Any, settings: Settings, *, momentum_known: bo
 
     planned = -(-source.planned_samples // settings.batch_size)
     show = not settings.quiet and sys.stderr.isatty()
-    with progress_bar(planned, enabled=show) as advance:
+    with progress_bar(planned, enabled=show, batch_size=settings.batch_size) as advance:
         return analyze(
             model, source.batches(), batch_size=settings.batch_size, thresholds=settings.thresholds,
             attribute=settings.attribute, ignore=settings.ignore, fail_on=settings.fail_on, progress=advance,
@@ -299,6 +302,19 @@ def _provenance(config_path: Optional[Path], flags: dict[str, Any]) -> dict[str,
     }
 
 
+def _adopt_preprocessing(
+    settings: Settings, loaded: Any, provenance: dict[str, str]
+) -> tuple[Settings, dict[str, str]]:
+    """A model folder documents its input preprocessing (timm's pretrained_cfg, transformers'
+    preprocessor_config.json): it replaces the defaults, never a flag or config value."""
+    adopted = {key: value for key, value in loaded.preprocessing.items() if provenance.get(key) == "default"}
+    if not adopted:
+        return settings, provenance
+    adopted = {key: tuple(v) if isinstance(v, list) else v for key, v in adopted.items()}
+    data = replace(settings.data, **adopted)
+    return replace(settings, data=data), {**provenance, **dict.fromkeys(adopted, "model folder")}
+
+
 def _data_notes(source: Any, settings: Settings, *, skipped: Optional[list[str]] = None) -> None:
     """Notes and warnings about how the data was read: skipped files, one class, upscaling."""
     skipped = source.skipped if skipped is None else skipped
@@ -324,6 +340,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
         "arch": flags["arch"], "baseline": flags["baseline"], "batch_size": flags["batch_size"],
         "num_batches": flags["num_batches"], "device": flags["device"], "fail_on": flags["fail_on"],
         "top": flags["top"], "save": flags["save"], "attribute": flags["attribute"], "quiet": flags["quiet"],
+        "annotations": flags.get("annotations"),
         "outputs": {k: v for k, v in outputs.items() if v is not None} or None,
         "data": data or None,
     }
@@ -392,8 +409,24 @@ def _finish(report: Report, settings: Settings) -> None:
     if to_stdout is not None:
         sys.stdout.write(_render_text(report, to_stdout, settings.top))
         sys.stdout.flush()
+    _annotate(report, settings.annotations, to_stderr=to_stdout is not None)
     if report.verdict == "fail":
         click.get_current_context().exit(int(ExitCode.FINDINGS))
+
+
+def _annotate(report: Report, mode: str, *, to_stderr: bool) -> None:
+    """GitHub workflow commands for the findings (PR annotations); on stderr when stdout
+    carries JSON or Markdown, so that stays parseable (the runner reads both streams)."""
+    import os
+
+    if mode == "none" or (mode == "auto" and os.environ.get("GITHUB_ACTIONS") != "true"):
+        return
+    from .render import render
+
+    text = render(report, "github")
+    stream = sys.stderr if to_stderr else sys.stdout
+    stream.write(text)
+    stream.flush()
 
 
 @cli.command(context_settings=CONTEXT)
@@ -419,6 +452,8 @@ def _finish(report: Report, settings: Settings) -> None:
 @click.option("--dry-run", is_flag=True, help="Compute and show before -> after; write nothing.")
 @click.option("--force", is_flag=True,
               help="Replace an existing --out, and write even when bncheck would refuse (loudly).")
+@click.option("--html", "html_out", metavar="PATH",
+              help="Also write a self-contained HTML page: outputs and every layer before -> after.")
 @click.option("--json", "json_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,
               help="Write the fix result (schema bncheck/fix/v1) to PATH; bare or '-': only JSON on stdout.")
 @click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS),
@@ -448,17 +483,17 @@ def fix(
     above --fail-on remain; 2: usage; 3: input error (also an existing --out without
     --force, or --out equal to the input); 4: internal error.
     """
-    flags.update(markdown_out=None, html_out=None, junit_out=None, baseline=None,
+    flags.update(markdown_out=None, junit_out=None, baseline=None,
                  top=None, save=None, attribute=None)
     settings = load_settings(config_path, _overrides(flags))
-    from .files import check_output_path
+    from .files import check_output_folder, check_output_path
 
     if settings.data.path is None:
         raise UsageError("fix needs --data: the samples whose statistics the BN layers should hold")
     if out is None and not dry_run:
         raise UsageError("give --out NEW for the recalibrated checkpoint, or --dry-run to only see before -> after")
     if out is not None:
-        check_output_path(out, checkpoint, force=force)
+        (check_output_folder if Path(checkpoint).is_dir() else check_output_path)(out, checkpoint, force=force)
     kwargs = _arch_kwargs(flags, settings)
 
 
@@ -469,6 +504,7 @@ def fix(
     target = _target_device(settings)
     loaded = open_checkpoint(checkpoint, settings.arch, kwargs, trust_checkpoint=trust_checkpoint)
     loaded.module.to(target)
+    settings, provenance = _adopt_preprocessing(settings, loaded, _provenance(config_path, flags))
     path = Path(settings.data.path)
     every = None if num_samples is None else -(-num_samples // settings.batch_size)
     recal_source = open_data(path, settings.data, settings.batch_size, every)
@@ -480,7 +516,6 @@ def fix(
         ignore=settings.ignore, fail_on=settings.fail_on, dry_run=dry_run, force=force,
     )
     info = loaded.info
-    provenance = _provenance(config_path, flags)
     result = replace(
         result,
         before=_with_sources(result.before, info, settings, verify_source, provenance),
@@ -498,6 +533,10 @@ def _finish_fix(result: Any, settings: Settings) -> None:
     json_to_stdout = settings.outputs.json == "-"
     if settings.outputs.json is not None and not json_to_stdout:
         _write_text(Path(settings.outputs.json), dumps_fix(result), "the fix result")
+    if settings.outputs.html is not None:
+        from .render.html import render_fix as html_fix
+
+        _write_text(Path(settings.outputs.html), html_fix(result, top=settings.top), "the HTML page")
     if not settings.quiet:
         stream = sys.stderr if json_to_stdout else sys.stdout
         click.echo(render_fix(result, color=stream.isatty()), nl=False, err=json_to_stdout)
@@ -578,6 +617,8 @@ def diff(
               help="Compare with an accepted run: `report --compare OLD.json NEW.json`; exit 1 on new or "
                    "worsened findings.")
 @click.option("--top", type=click.IntRange(min=1), help="Rows in the table (default 10).")
+@click.option("--annotations", type=click.Choice(ANNOTATIONS),
+              help="Print GitHub Actions workflow commands for the findings (default auto: when GITHUB_ACTIONS=true).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",
               help="Config whose `save` path locates the last run.")
 @_handle_errors
@@ -589,6 +630,7 @@ def report(
     junit_out: Optional[str],
     baseline: Optional[str],
     top: Optional[int],
+    annotations: Optional[str],
     config_path: Optional[Path],
 ) -> None:
     """Re-render a saved run (default: the last one) without running the model or
@@ -601,7 +643,7 @@ def report(
 
     targets = {"json": json_out, "markdown": markdown_out, "html": html_out, "junit": junit_out}
     to_stdout = _stdout_format(targets)
-    settings = load_settings(config_path, {"top": top})
+    settings = load_settings(config_path, {"top": top, "annotations": annotations})
     if run_json is None:
         if settings.save is None:
             raise UsageError("no RUN_JSON given and saving is off (save: null); pass the JSON path")
@@ -616,6 +658,7 @@ def report(
         sys.stdout.write(_render_text(loaded, to_stdout, settings.top))
     elif not any(targets.values()):
         _print_report(loaded, settings, to_stderr=False)
+    _annotate(loaded, settings.annotations, to_stderr=to_stdout is not None)
     if baseline is not None and loaded.verdict == "fail":
         click.get_current_context().exit(int(ExitCode.FINDINGS))
 

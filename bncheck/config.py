@@ -18,6 +18,7 @@ DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 FAIL_ON_LEVELS = ("error", "warning", "never")
 CHANNEL_ORDERS = ("rgb", "bgr", "gray")
 DEVICES = ("auto", "cpu", "cuda")
+ANNOTATIONS = ("auto", "github", "none")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class Settings:
     save: Optional[str]
     ignore: tuple[str, ...]
     thresholds: Thresholds
+    annotations: str = "auto"
+    """CI annotations: ``github`` prints workflow commands, ``auto`` does on GitHub Actions."""
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -231,6 +234,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         save=save,
         ignore=tuple(ignore),
         thresholds=thresholds,
+        annotations=_choice(raw, "annotations", ANNOTATIONS),
     )
 
 

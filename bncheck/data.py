@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class DataSource:
 
     def describe(self, cfg: DataSettings, sources: Optional[dict[str, str]] = None) -> str:
         """The preprocessing applied, each setting with where it came from."""
+        if self.kind == "pipeline":
+            return "batches from your pipeline, fed to the model as yielded (its own transforms)"
         if self.kind != "images":
             return "tensor file fed to the model as stored (no transforms)"
         src = sources or {}
@@ -217,17 +220,20 @@ def _load_tensor_file(path: Path, key: Optional[str] = None) -> tuple[Tensor, Op
     if suffix == ".npy":
         import numpy as np
 
-        try:
-            array = np.load(path, allow_pickle=False)
+        try:  # memory-mapped: only the samples used are ever read (a 20 GB array never loads whole)
+            array = np.load(path, allow_pickle=False, mmap_mode="r")
         except Exception as exc:
             raise InputError(
                 f"{path} is not a readable .npy array ({first_line(exc)}); save it with numpy.save"
             ) from None
-        return torch.from_numpy(np.ascontiguousarray(array)), None
+        return MappedArray(array), None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # zip-format files map lazily too: only the tensors' pages that are used are read
+                obj: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, ValueError):  # legacy (non-zip) torch.save files cannot be mapped
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = first_line(exc, 160)
         raise InputError(f"{path} is not a readable tensor file ({first}); save a tensor with torch.save") from None
@@ -246,6 +252,32 @@ def _load_tensor_file(path: Path, key: Optional[str] = None) -> tuple[Tensor, Op
     )
 
 
+class MappedArray:
+    """A memory-mapped ``.npy`` array that reads rows only when sliced (as tensors)."""
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+        self.shape = torch.Size(array.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index: slice) -> Tensor:
+        import numpy as np
+
+        return torch.from_numpy(np.array(self.array[index]))  # a copy of just these rows
+
+
+def _count_non_finite(inputs: Any, wanted: int, chunk: int = 4096) -> int:
+    """NaN/Inf among the samples used, read in chunks (a mapped file stays mapped)."""
+    bad = 0
+    for start in range(0, wanted, chunk):
+        part = inputs[start:min(start + chunk, wanted)]
+        if part.is_floating_point() or part.is_complex():
+            bad += int((~torch.isfinite(part)).sum())
+    return bad
+
+
 def tensor_file(path: Path, batch_size: int, num_batches: Optional[int], key: Optional[str] = None) -> DataSource:
     inputs, labels = _load_tensor_file(path, key)
     if inputs.dim() < 2:
@@ -259,11 +291,9 @@ def tensor_file(path: Path, batch_size: int, num_batches: Optional[int], key: Op
     if total < 2:
         raise InputError(f"{path} holds {total} sample; train-mode BN needs at least 2")
     wanted = total if num_batches is None else min(total, batch_size * num_batches)
-    used = inputs[:wanted]
-    if used.is_floating_point() or used.is_complex():
-        bad = int((~torch.isfinite(used)).sum())
-        if bad:
-            raise InputError(f"{path} contains {bad} NaN/Inf values in the samples used; clean the data first")
+    bad = _count_non_finite(inputs, wanted)
+    if bad:
+        raise InputError(f"{path} contains {bad} NaN/Inf values in the samples used; clean the data first")
 
     def batches() -> Iterator[Batch]:
         for start, stop in batch_bounds(wanted, batch_size):
@@ -277,10 +307,67 @@ def tensor_file(path: Path, batch_size: int, num_batches: Optional[int], key: Op
     )
 
 
+MODULE_NAME = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+
+
+def is_callable_spec(text: str) -> bool:
+    """``package.module:callable`` or ``path/to/file.py:callable`` (not a path that exists)."""
+    source, sep, name = text.rpartition(":")
+    if not sep or not source or not name or Path(text).exists() or not MODULE_NAME.match(name):
+        return False
+    return source.endswith(".py") or bool(MODULE_NAME.match(source))
+
+
+def callable_source(spec: str, batch_size: int, num_batches: Optional[int]) -> DataSource:
+    """Batches from the user's own pipeline: ``spec`` names a function returning a DataLoader,
+    any iterable of batches (tensors, ``(inputs, labels)``, dicts, lists of images) or one
+    tensor holding the sample. It is called once, with ``batch_size=`` when it takes it."""
+    import inspect
+
+    from .batches import iter_batches
+    from .loading import load_callable
+
+    factory = load_callable(spec, "$data")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kwargs = {"batch_size": batch_size} if "batch_size" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else {}
+    try:
+        data = factory(**kwargs)
+    except Exception as exc:
+        raise InputError(f"$data {spec}: calling it raised {type(exc).__name__}: {first_line(exc)}") from None
+    if isinstance(data, (str, bytes)) or not (isinstance(data, (Tensor, tuple)) or hasattr(data, "__iter__")):
+        raise InputError(
+            f"$data {spec} returned {type(data).__name__}; return a DataLoader, an iterable of batches or a tensor"
+        )
+    dataset = getattr(data, "dataset", None)
+    size = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    if isinstance(data, Tensor):
+        size = data.shape[0] if data.dim() else None
+    planned = batch_size * num_batches if num_batches is not None else size or batch_size
+    if size is not None:
+        planned = min(planned, size)
+    used: list[bool] = []
+
+    def batches() -> Iterator[Any]:
+        if used:  # a generator or loader consumed once cannot be replayed
+            raise InputError(f"$data {spec} was already consumed; return a DataLoader or list, not a generator")
+        used.append(True)
+        yield from iter_batches(data, batch_size=batch_size, num_batches=num_batches)
+
+    return DataSource(batches=batches, planned_samples=planned, skipped=[], kind="pipeline",
+                      planned_request=None if num_batches is None else batch_size * num_batches)
+
+
 def open_data(path: Path, cfg: DataSettings, batch_size: int, num_batches: Optional[int]) -> DataSource:
-    """Batches from a folder of images or a tensor file; ``num_batches=None`` uses every sample."""
-    path = Path(path)
+    """Batches from a folder of images, a tensor file or the user's own pipeline
+    (``module:callable``); ``num_batches=None`` uses every sample."""
     text = str(path)
+    if is_callable_spec(text) and not text.lower().rpartition(":")[0].endswith(".npz"):
+        return callable_source(text, batch_size, num_batches)
+    path = Path(path)
     if not path.exists() and ":" in text:
         file_part, _, key = text.rpartition(":")
         if Path(file_part).suffix.lower() == ".npz" and Path(file_part).is_file():

@@ -320,6 +320,27 @@ def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float
     )
 
 
+TRAIN_MODE_MARGIN = 0.02
+"""Train-mode accuracy this much above eval-mode accuracy rules out BN frozen on purpose."""
+
+
+def train_mode_is_better(train_accuracy: Optional[float], eval_accuracy: Optional[float]) -> bool:
+    return (train_accuracy is not None and eval_accuracy is not None
+            and train_accuracy - eval_accuracy >= TRAIN_MODE_MARGIN)
+
+
+def stale_with_labels(finding: Finding, train_accuracy: float, eval_accuracy: float) -> Finding:
+    """Labels that show train mode clearly better leave one reading of stale statistics: say it
+    plainly instead of naming both."""
+    return Finding(
+        finding.code, finding.severity, finding.layer, finding.message,
+        f"Labels rule out BN kept in eval mode on purpose (train-mode accuracy {100 * train_accuracy:.1f}% vs "
+        f"eval-mode {100 * eval_accuracy:.1f}%): the statistics are stale. Recalibrate on representative data "
+        "with bncheck fix (it verifies the result and refuses when labelled eval-mode accuracy drops), after "
+        "checking this data matches what the model was trained on.",
+    )
+
+
 def _batch_advice(worst: LayerFacts, t: Thresholds) -> str:
     """Advice sized to the batch actually used: sampling noise shrinks as 1/sqrt(batch)."""
     noise = worst.batch_noise or 0.0

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .attribution import Kept
-from .batches import batch_len, forward, rebuild, to_device, to_host
+from .batches import ImageList, batch_len, forward, rebuild, to_device, to_host
 from .capture import preserved_state, set_bn_train_mode
 from .discovery import BNLayer
 from .outputs import OutputTally
@@ -68,6 +68,8 @@ def _slice(value: Any, start: int, stop: int) -> Any:
 
 def _cat(parts: list[Any]) -> Any:
     first = parts[0]
+    if isinstance(first, ImageList):  # per-sample items: the batch is the list itself
+        return ImageList(item for part in parts for item in part)
     if isinstance(first, Tensor):
         return torch.cat(parts) if first.dim() else first
     if isinstance(first, dict):
@@ -78,6 +80,8 @@ def _cat(parts: list[Any]) -> Any:
 
 
 def _take(value: Any, index: Tensor) -> Any:
+    if isinstance(value, ImageList):
+        return ImageList(value[int(i)] for i in index)
     if isinstance(value, Tensor):
         return value[index] if value.dim() else value
     if isinstance(value, dict):

@@ -19,7 +19,17 @@ import torch
 from torch import Tensor, nn
 
 from .attribution import Kept, attribute_layer, attribute_layers
-from .batches import OnDevice, batch_len, iter_batches, model_placement, split_batch, tensors, to_device, to_host
+from .batches import (
+    ImageList,
+    OnDevice,
+    batch_len,
+    iter_batches,
+    model_placement,
+    split_batch,
+    tensors,
+    to_device,
+    to_host,
+)
 from .capture import fingerprint
 from .collect import LayerStats, statistics_pass
 from .config import FAIL_ON_LEVELS, Thresholds, resolve_thresholds
@@ -147,7 +157,8 @@ def _analyze(
                 n = batch_len(inputs)
                 if input_shape is None:
                     first = tensors(inputs)
-                    input_shape = tuple(first[0].shape[1:]) if first else None
+                    per_sample = isinstance(inputs, ImageList)  # a list of images: each is one sample
+                    input_shape = tuple(first[0].shape[0 if per_sample else 1:]) if first else None
                 out_eval = stats.forward(inputs, "eval")
                 out_train = stats.forward(inputs, "train")
                 tally.add(out_train, out_eval, labels)

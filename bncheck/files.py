@@ -39,7 +39,53 @@ def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model is as readable as any new file
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_output_folder(out: Path, source: Path, *, force: bool) -> None:
+    """As ``check_output_path``, for a model folder written as a new folder."""
+    out = Path(out)
+    if out.resolve() == Path(source).resolve() or (out.exists() and os.path.samefile(out, source)):
+        raise InputError(f"$out {out} is the input folder; bncheck never overwrites its input: choose a new path")
+    if Path(source).resolve() in out.resolve().parents:
+        raise InputError(f"$out {out} is inside the input folder; choose a path outside it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"$out {out} is a file; a model folder writes a folder: choose a new path")
+    if out.exists() and not force:
+        raise InputError(f"$out {out} already exists; choose a new path or pass $force to replace it")
+    if not out.parent.exists():
+        raise InputError(f"the folder of $out {out} does not exist; create {out.parent} first")
+
+
+def atomic_write_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(staging_path)`` (a path that does not exist yet), then rename the finished
+    folder to ``target`` (an existing ``target`` is swapped out first and removed). On any
+    error the staging folder is removed and ``target`` is untouched."""
+    import shutil
+
+    target = Path(target)
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise UsageError(f"cannot write to {target.parent}: {exc.strerror}; choose another path") from None
+    try:
+        staging = scratch / "new"
+        write(staging)
+        for path in staging.rglob("*"):
+            if path.is_file():
+                os.chmod(path, 0o666 & ~_umask())
+        if target.exists():
+            os.replace(target, scratch / "old")
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

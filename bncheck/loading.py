@@ -52,49 +52,58 @@ def parse_arch_kwargs(text: Optional[str]) -> dict[str, Any]:
     return check_arch_kwargs(value, "$arch_kwargs")
 
 
-def _load_attr(module_name: str, attr: str, spec: str) -> Callable:
+def _load_attr(module_name: str, attr: str, spec: str, what: str = "$arch") -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InputError(
-            f"$arch {spec}: cannot import {module_name} ({first_line(exc)}); check the module path and PYTHONPATH"
+            f"{what} {spec}: cannot import {module_name} ({first_line(exc)}); check the module path and PYTHONPATH"
         ) from None
     except Exception as exc:  # a user module that fails while importing
         raise InputError(
-            f"$arch {spec}: importing {module_name} raised {type(exc).__name__}: {first_line(exc)}"
+            f"{what} {spec}: importing {module_name} raised {type(exc).__name__}: {first_line(exc)}"
         ) from None
-    return _attr(module, attr, spec)
+    return _attr(module, attr, spec, what)
 
 
-def _attr(module: Any, attr: str, spec: str) -> Callable:
+def _attr(module: Any, attr: str, spec: str, what: str = "$arch") -> Callable:
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise InputError(f"$arch {spec}: {getattr(module, '__name__', module)} has no attribute {attr!r}")
+            raise InputError(f"{what} {spec}: {getattr(module, '__name__', module)} has no attribute {attr!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise InputError(f"$arch {spec}: {attr} is not callable")
+        raise InputError(f"{what} {spec}: {attr} is not callable")
     return target
 
 
-def _load_file_attr(path_text: str, attr: str, spec: str) -> Callable:
+def _load_file_attr(path_text: str, attr: str, spec: str, what: str = "$arch") -> Callable:
     path = Path(path_text)
     if not path.is_file():
-        raise InputError(f"$arch {spec}: file {path} does not exist")
+        raise InputError(f"{what} {spec}: file {path} does not exist")
     name = f"bncheck_user_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
-        raise InputError(f"$arch {spec}: cannot import {path} as Python")
+        raise InputError(f"{what} {spec}: cannot import {path} as Python")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     sys.path.insert(0, str(path.resolve().parent))
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:
-        raise InputError(f"$arch {spec}: running {path} raised {type(exc).__name__}: {first_line(exc)}") from None
+        raise InputError(f"{what} {spec}: running {path} raised {type(exc).__name__}: {first_line(exc)}") from None
     finally:
         sys.path.remove(str(path.resolve().parent))
-    return _attr(module, attr, spec)
+    return _attr(module, attr, spec, what)
+
+
+def load_callable(spec: str, what: str) -> Callable:
+    """``package.module:callable`` or ``path/to/file.py:callable`` (``what`` names the flag in
+    messages, e.g. ``$data``)."""
+    source, _, name = spec.rpartition(":")
+    if source.endswith(".py") or "/" in source or "\\" in source:
+        return _load_file_attr(source, name, spec, what)
+    return _load_attr(source, name, spec, what)
 
 
 def _unknown_model(spec: str, source: str, name: str, available: list[str]) -> InputError:
@@ -240,9 +249,12 @@ def _summarize(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path: Path) -> str:
+def load_state_into(
+    model: nn.Module, state: dict[str, Tensor], spec: str, path: Path, *, ignore_missing: frozenset | set = frozenset()
+) -> str:
     """Load ``state`` (under whatever prefix fits) into ``model``; returns that prefix.
-    Any mismatch is an InputError naming the keys and the likely fix."""
+    Any mismatch is an InputError naming the keys and the likely fix. ``ignore_missing``:
+    keys the file may lack (weights a model ties to another and saves once)."""
     expected = model.state_dict()
     prefix = find_prefix(state, set(expected))
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -254,7 +266,9 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path:
     # Checkpoints from before PyTorch 0.4.1, and many converted ones, lack num_batches_tracked;
     # it only counts updates, so it stays at the model's value (reported as never-updated
     # only when it is 0 and the statistics also look untouched).
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    missing = [
+        k for k in expected if k not in state and not k.endswith("num_batches_tracked") and k not in ignore_missing
+    ]
     unexpected = [k for k in state if k not in expected]
     wrong_kind = [
         (k, v.dtype, expected[k].dtype) for k, v in state.items()
@@ -291,7 +305,7 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], spec: str, path:
             f"(first: {key} is {list(got)} in the file, {list(want)} in the model){hint}"
         )
     result = model.load_state_dict(state, strict=False)
-    left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked") and k not in ignore_missing]
     if left or result.unexpected_keys:  # the checks above should have caught these
         raise InputError(f"{path} does not fit $arch {spec}: {_summarize(left + list(result.unexpected_keys))}")
     return prefix

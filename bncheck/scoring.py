@@ -26,6 +26,8 @@ from .diagnose import (
     frozen_in_eval,
     layer_findings,
     model_findings,
+    stale_with_labels,
+    train_mode_is_better,
 )
 from .discovery import BNLayer
 from .metrics import (
@@ -235,6 +237,12 @@ def build_report(
         findings_by_layer = {
             name: [frozen_in_eval(f, output.train_accuracy, output.eval_accuracy) if f.code in FROZEN_READING_CODES
                    else f for f in found]
+            for name, found in findings_by_layer.items()
+        }
+    elif has_data and train_mode_is_better(output.train_accuracy, output.eval_accuracy):
+        findings_by_layer = {
+            name: [stale_with_labels(f, output.train_accuracy, output.eval_accuracy)
+                   if f.code == "stale-running-stats" else f for f in found]
             for name, found in findings_by_layer.items()
         }
     eval_scores = {

@@ -2,8 +2,9 @@
 
 Runs the pseudo-frozen fine-tune (expected: FAIL, exit 1) and the healthy one (expected:
 PASS, exit 0), re-renders the last run with `bncheck report`, then cures the pseudo-frozen
-model with `bncheck fix` (into .bncheck/, exit 0) and checks the result (PASS). Exits non-zero only if
-an exit code is not the expected one.
+model with `bncheck fix` (into .bncheck/, exit 0), checks the result (PASS), and compares the
+pseudo-frozen checkpoint with its base model without data (`bncheck diff`, exit 1). Exits
+non-zero only if an exit code is not the expected one.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ARCH = ["--arch", "torchvision:shufflenet_v2_x0_5", "--arch-kwargs", "{num_classes: 4}"]
 COMMON = [
-    "--arch", "torchvision:shufflenet_v2_x0_5",
-    "--arch-kwargs", "{num_classes: 4}",
+    *ARCH,
     "--data", "sample_models/data",
     "--config", "sample_models/config.yaml",
 ]
@@ -27,6 +28,7 @@ STEPS = [
     (["report", "--markdown", "--top", "3"], 0),
     (["fix", "sample_models/pseudo_frozen.pt", *COMMON, "--out", ".bncheck/pseudo_frozen.fixed.pt", "--force"], 0),
     (["run", ".bncheck/pseudo_frozen.fixed.pt", *COMMON, "--top", "3"], 0),
+    (["diff", "sample_models/base.pt", "sample_models/pseudo_frozen.pt", *ARCH, "--top", "5"], 1),
 ]
 
 

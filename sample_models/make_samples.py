@@ -13,7 +13,7 @@ The story is the classic pseudo-frozen fine-tune:
    statistics of B carry training; the running statistics still describe A, so eval
    accuracy collapses.
 
-Writes sample_models/{healthy,pseudo_frozen}.pt (state_dicts), sample_models/data/ (domain
+Writes sample_models/{base,healthy,pseudo_frozen}.pt (state_dicts), sample_models/data/ (domain
 B images in class subfolders) and prints the accuracies that sample_models/README.md quotes.
 Run: ``python sample_models/make_samples.py`` (or ``make samples``).
 """

@@ -15,7 +15,8 @@ import bncheck
 from bncheck.testing import assert_bn_frozen, assert_no_bn_drift
 
 
-@pytest.mark.parametrize("module", ["bncheck.engine", "bncheck.recalibration", "bncheck.freeze", "bncheck.testing"])
+@pytest.mark.parametrize("module", ["bncheck.engine", "bncheck.recalibration", "bncheck.freeze", "bncheck.testing",
+                                    "bncheck.monitor", "bncheck.integrations.lightning"])
 def test_docstring_examples_run(module) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

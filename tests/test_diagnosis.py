@@ -109,7 +109,7 @@ def test_momentum_zero_finetune_is_pseudo_frozen(batches) -> None:
     top = report.layers[0]
     assert top.name == "conv1.1" and top.attribution > 0.9  # fixing it alone closes the gap
     assert "recovers" in top.findings[0].message
-    assert report.output.train_accuracy > 0.9 and report.output.eval_accuracy < 0.4
+    assert report.output.train_accuracy > 0.9 and report.output.eval_accuracy < 0.6
 
 
 def test_state_dict_of_the_pseudo_frozen_model_is_stale(batches) -> None:

@@ -137,6 +137,20 @@ def test_bn_frozen_on_purpose_with_labels_passes_without_recalibration_advice(tm
     assert "Two readings fit" in stale.hint and "deliberately kept in eval mode" in stale.hint
 
 
+def test_labels_showing_train_mode_better_leave_one_reading() -> None:
+    """The pseudo-frozen sample with labels: train mode 98% vs eval 52%, so the stale layer's
+    hint says recalibrate plainly instead of naming BN frozen on purpose."""
+    from test_fix import sample_model, sample_tensors
+
+    x, y = sample_tensors()
+    report = bncheck.analyze(sample_model("pseudo_frozen"), (x[:128], y[:128]), batch_size=32, attribute=0)
+    assert report.output.train_accuracy - report.output.eval_accuracy > 0.4
+    stale = next(f for f in report.findings if f.code == "stale-running-stats")
+    assert stale.hint.startswith("Labels rule out BN kept in eval mode on purpose (train-mode accuracy ")
+    assert "Two readings" not in stale.hint and "bncheck fix" in stale.hint
+    assert "Two readings" not in next_step(report)
+
+
 class Tabular(nn.Module):
     """A tabular classifier with a BatchNorm1d input layer and momentum 0.01 (as in
     pytorch-tabnet), plus one BN that is declared but never used."""

@@ -118,7 +118,7 @@ def test_registry_lists_formats() -> None:
         render(make_report(), "pdf")
 
 
-@pytest.mark.parametrize("fmt, name", [("markdown", "report.md"), ("table", "report.txt")])
+@pytest.mark.parametrize("fmt, name", [("markdown", "report.md"), ("table", "report.txt"), ("github", "report.gha")])
 def test_golden_renderings(fmt, name) -> None:
     text = render(make_report(), fmt, top=2, width=120, color=False)
     golden = GOLDEN / name

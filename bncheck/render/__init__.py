@@ -19,6 +19,7 @@ RENDERERS: dict[str, str] = {
     "markdown": "bncheck.render.markdown",
     "html": "bncheck.render.html",
     "junit": "bncheck.render.junit",
+    "github": "bncheck.render.github",
 }
 
 

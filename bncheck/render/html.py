@@ -5,11 +5,23 @@ marked), the ranked table, each finding with its hint, and the run's metadata.""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from html import escape
 from typing import Optional, Union
 
-from ..report import Finding, LayerResult, Report
-from .summary import MoreFindings, baseline_lines, data_line, grouped, input_line, next_step, num, output_line, share
+from ..report import Finding, FixReport, LayerResult, Report
+from .summary import (
+    MoreFindings,
+    baseline_lines,
+    data_line,
+    fix_next_step,
+    grouped,
+    input_line,
+    next_step,
+    num,
+    output_line,
+    share,
+)
 
 COLORS = {"pass": "#1a7f37", "fail": "#cf222e", "no-batchnorm": "#0969da"}
 SEVERITY_COLORS = {"error": "#cf222e", "warning": "#9a6700", "info": "#0969da"}
@@ -31,6 +43,8 @@ td.name{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;word-break:break
 .next{font-size:15px;background:#fff8c5;padding:10px 14px;border-radius:6px}
 svg text{font-family:system-ui,sans-serif;font-size:11px;fill:#59636e}
 .legend span{display:inline-block;margin-right:16px;font-size:13px}
+details.more summary{cursor:pointer;margin:10px 0;color:#0969da}
+.change{font-variant-numeric:tabular-nums}.better{color:#1a7f37}.worse{color:#cf222e}
 .swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px;border-radius:2px}
 """
 
@@ -39,15 +53,34 @@ def _log(value: float, low: float) -> float:
     return math.log10(max(value, low))
 
 
+@dataclass(frozen=True)
+class Series:
+    """One line of the depth plot: a value per layer (None: no point) and each point's tooltip."""
+
+    color: str
+    values: list[Optional[float]]
+    tooltips: list[str]
+
+
 def depth_plot(report: Report, width: int = 1040, height: int = 320) -> str:
     """Inline SVG: train-pass score (root cause) and eval-pass score (deployment) per layer
     in execution order, on a log scale, with the error/warning thresholds and the first
     divergent layer."""
     layers = sorted((la for la in report.layers if la.depth is not None), key=lambda la: la.depth or 0)
-    if not layers:
+    series = [Series(color, [getattr(la, attr) for la in layers], [tooltip(la, report, attr) for la in layers])
+              for attr, color in (("eval_score", "#0969da"), ("score", "#cf222e"))]
+    marked = [report.non_finite(la) for la in layers]
+    return _plot([la.name for la in layers], series, report.thresholds, report.first_divergent_layer, marked,
+                 width, height)
+
+
+def _plot(
+    names: list[str], series: list[Series], t: dict[str, float], first_divergent: Optional[str],
+    non_finite: list[bool], width: int = 1040, height: int = 320,
+) -> str:
+    if not names:
         return "<p>No BN layer was reached by the data, so there is nothing to plot.</p>"
-    t = report.thresholds
-    values = [v for la in layers for v in (la.score, la.eval_score) if v is not None and v > 0]
+    values = [v for line in series for v in line.values if v is not None and v > 0]
     values += [t.get("stale_error", 0.5), t.get("stale_warning", 0.25)]
     low = 10 ** math.floor(math.log10(max(min(values), 1e-3)))
     high = 10 ** math.ceil(math.log10(max(values)))
@@ -55,7 +88,7 @@ def depth_plot(report: Report, width: int = 1040, height: int = 320) -> str:
         high = low * 10
     left, right, top, bottom = 56, 16, 16, 44
     plot_w, plot_h = width - left - right, height - top - bottom
-    count = len(layers)
+    count = len(names)
 
     def x(i: int) -> float:
         return left + (plot_w * (i + 0.5) / count)
@@ -80,39 +113,62 @@ def depth_plot(report: Report, width: int = 1040, height: int = 320) -> str:
                          f'stroke-dasharray="6 4"/>')
             parts.append(f'<text x="{left + plot_w - 4}" y="{yy - 4:.1f}" text-anchor="end" '
                          f'style="fill:{color}">{label} threshold {t[key]:g}</text>')
-    if report.first_divergent_layer:
-        index = next((i for i, la in enumerate(layers) if la.name == report.first_divergent_layer), None)
-        if index is not None:
-            xx = x(index)
-            parts.append(f'<line x1="{xx:.1f}" x2="{xx:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#8250df" '
-                         f'stroke-width="2"/>')
-            anchor = "start" if index < count / 2 else "end"
-            dx = 4 if anchor == "start" else -4
-            parts.append(f'<text x="{xx + dx:.1f}" y="{top + 12}" text-anchor="{anchor}" style="fill:#8250df">'
-                         f'first divergent: {escape(report.first_divergent_layer)}</text>')
-    for attr, color in (("eval_score", "#0969da"), ("score", "#cf222e")):
-        points = [(x(i), y(getattr(la, attr))) for i, la in enumerate(layers)
-                  if getattr(la, attr) is not None]
+    if first_divergent and first_divergent in names:
+        index = names.index(first_divergent)
+        xx = x(index)
+        parts.append(f'<line x1="{xx:.1f}" x2="{xx:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#8250df" '
+                     f'stroke-width="2"/>')
+        anchor = "start" if index < count / 2 else "end"
+        dx = 4 if anchor == "start" else -4
+        parts.append(f'<text x="{xx + dx:.1f}" y="{top + 12}" text-anchor="{anchor}" style="fill:#8250df">'
+                     f'first divergent: {escape(first_divergent)}</text>')
+    radius = 3 if count <= 80 else 2
+    for line in series:
+        points = [(i, x(i), y(v)) for i, v in enumerate(line.values) if v is not None]
         if len(points) > 1:
-            path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
-            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5" '
+            path = " ".join(f"{px:.1f},{py:.1f}" for _, px, py in points)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{line.color}" stroke-width="1.5" '
                          f'stroke-opacity="0.8"/>')
-        radius = 3 if count <= 80 else 2
-        for (px, py), la in zip(points, [la for la in layers if getattr(la, attr) is not None]):
-            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{radius}" fill="{color}">'
-                         f'<title>{escape(la.name)}: {attr.replace("_", " ")} {num(getattr(la, attr), 3)}</title>'
-                         f'</circle>')
-    for i, la in enumerate(layers):
-        if report.non_finite(la):
+        for i, px, py in points:
+            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{radius}" fill="{line.color}">'
+                         f'<title>{escape(line.tooltips[i])}</title></circle>')
+    for i, bad in enumerate(non_finite):
+        if bad:
             parts.append(f'<text x="{x(i):.1f}" y="{top + 24}" text-anchor="middle" '
-                         f'style="fill:#cf222e;font-weight:700">NaN<title>{escape(la.name)}</title></text>')
+                         f'style="fill:#cf222e;font-weight:700">NaN<title>{escape(names[i])}</title></text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">'
-                 f'BN layers in execution order (first {escape(layers[0].name)} … last {escape(layers[-1].name)})'
+                 f'BN layers in execution order (first {escape(names[0])} … last {escape(names[-1])})'
                  f'</text>')
     parts.append(f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">'
                  f'score (log scale)</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def tooltip(layer: LayerResult, report: Report, attr: str = "score") -> str:
+    """What a point of the depth plot says on hover: the layer and all its numbers."""
+    finding = report.top_finding(layer)
+    lines = [
+        f"{layer.name or '(root)'} ({layer.type}, {layer.channels} ch, #{layer.rank} of {len(report.layers)})",
+        f"{'train-pass' if attr == 'score' else 'eval-pass'} score {num(getattr(layer, attr), 3)}",
+        f"score {num(layer.score)}, x noise {num(layer.drift_to_noise, 1)}, mean shift {num(layer.mean_shift)}, "
+        f"scale ratio {num(layer.scale_ratio)}, eval score {num(layer.eval_score)}",
+    ]
+    if layer.attribution is not None:
+        lines.append(f"fixing it alone recovers {share(layer.attribution)} of the output gap")
+    if finding is not None:
+        lines.append(f"{finding.severity}: {finding.code}")
+    return "\n".join(lines)
+
+
+def _layer_table(rows: list[LayerResult], report: Report) -> str:
+    return (
+        '<table><thead><tr><th>#</th><th class="name">layer</th><th>type</th><th>ch</th><th>score</th>'
+        '<th>×noise</th><th>mean shift</th><th>scale ratio</th><th>eval score</th><th>fix</th>'
+        '<th class="code">finding</th></tr></thead><tbody>'
+        + "".join(_row(layer, report) for layer in rows)
+        + "</tbody></table>"
+    )
 
 
 def _row(layer: LayerResult, report: Report) -> str:
@@ -157,23 +213,18 @@ def _finding_html(f: Union[Finding, MoreFindings]) -> str:
             f'<div class="hint">{escape(f.hint)}</div></div>')
 
 
-def render(report: Report, *, top: int = 50, **_options: object) -> str:
+def render(report: Report, *, top: int = 10, **_options: object) -> str:
     color = COLORS.get(report.verdict, "#59636e")
     title = f"bncheck: {report.verdict.upper()}"
     subject = report.model.checkpoint or report.model.arch or "in-memory model"
     findings = "".join(_finding_html(f) for f in grouped(report.findings)) or "<p>No findings.</p>"
     if report.conclusion:
         findings = f'<p class="conclusion"><b>Conclusion:</b> {escape(report.conclusion)}</p>' + findings
-    shown = report.layers[:top]
-    more = len(report.layers) - len(shown)
-    table = (
-        '<table><thead><tr><th>#</th><th class="name">layer</th><th>type</th><th>ch</th><th>score</th>'
-        '<th>×noise</th><th>mean shift</th><th>scale ratio</th><th>eval score</th><th>fix</th>'
-        '<th class="code">finding</th></tr></thead><tbody>'
-        + "".join(_row(layer, report) for layer in shown)
-        + "</tbody></table>"
-        + (f"<p>… {more} more layers in the JSON result.</p>" if more > 0 else "")
-    )
+    shown, rest = list(report.layers[:top]), list(report.layers[top:])
+    table = _layer_table(shown, report)
+    if rest:  # every layer is on the page; the tail folded
+        table += (f'<details class="more"><summary>{len(rest)} more layers (ranks {len(shown) + 1}–'
+                  f'{len(report.layers)})</summary>{_layer_table(rest, report)}</details>')
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{escape(title)} — {escape(subject)}</title><style>{CSS}</style></head>
@@ -190,5 +241,93 @@ def render(report: Report, *, top: int = 50, **_options: object) -> str:
 {"<h2>Baseline</h2><pre>" + escape(chr(10).join(baseline_lines(report))) + "</pre>" if report.baseline else ""}
 <h2>Layers, most divergent first</h2>{table}
 <h2>Run</h2>{_meta(report)}
+</main></body></html>
+"""
+
+
+FIX_COLORS = {"written": "#1a7f37", "dry-run": "#0969da", "refused": "#cf222e"}
+
+
+def _change(before: Optional[float], after: Optional[float]) -> str:
+    if before is None and after is None:
+        return "-"
+    css = ""
+    if before is not None and after is not None:
+        css = "better" if after < before else "worse" if after > before else ""
+    return f'<span class="change {css}">{num(before)} → {num(after)}</span>'
+
+
+def render_fix(fix: FixReport, *, top: int = 10, **_options: object) -> str:
+    """``bncheck fix`` as a page: outcome, outputs before → after, the score of every layer
+    before and after through depth, and each layer's change."""
+    before, after = fix.before, fix.after
+    color = FIX_COLORS.get(fix.outcome, "#59636e")
+    title = f"bncheck fix: {fix.outcome.upper()}"
+    subject = before.model.checkpoint or "in-memory model"
+    target = f" → {fix.out}" if fix.out and fix.outcome != "refused" else ""
+    by_name = {layer.name: layer for layer in fix.layers}
+    ordered = sorted((la for la in before.layers if la.depth is not None and la.name in by_name),
+                     key=lambda la: la.depth or 0)
+    names = [la.name for la in ordered]
+
+    def tip(name: str) -> str:
+        change = by_name[name]
+        return (f"{name}\nscore {num(change.score_before, 3)} → {num(change.score_after, 3)}\n"
+                f"finding {change.finding_before or '-'} → {change.finding_after or '-'}\n"
+                + (f"std err {num(change.standard_error, 3)}" if change.recalibrated else "kept (not recalibrated)"))
+
+    series = [Series("#cf222e", [by_name[n].score_before for n in names], [tip(n) for n in names]),
+              Series("#1a7f37", [by_name[n].score_after for n in names], [tip(n) for n in names])]
+    plot = _plot(names, series, before.thresholds, None, [False] * len(names))
+    refused = fix.outcome == "refused"
+    notes = "".join(
+        f'<div class="finding" style="border-color:{SEVERITY_COLORS["error" if refused else "warning"]}">'
+        f'<b>{"refused" if refused else "forced"}</b>: {escape(r)}</div>' for r in fix.reasons
+    ) + "".join(f'<div class="finding" style="border-color:{SEVERITY_COLORS["warning"]}"><b>warning</b>: '
+                f'{escape(w)}</div>' for w in fix.warnings)
+    remaining = "".join(_finding_html(f) for f in grouped(fix.remaining))
+
+    def rows(layers: list) -> str:
+        return (
+            '<table><thead><tr><th class="name">layer</th><th>score before → after</th>'
+            '<th class="code">finding before → after</th><th>values pooled</th><th>std err</th>'
+            '<th>mean moved</th><th>var ratio</th></tr></thead><tbody>'
+            + "".join(
+                f'<tr><td class="name">{escape(la.name)}</td><td>{_change(la.score_before, la.score_after)}</td>'
+                f'<td class="code">{escape(la.finding_before or "-")} → {escape(la.finding_after or "-")}</td>'
+                f'<td>{la.values if la.values is not None else "-"}</td>'
+                f'<td>{num(la.standard_error, 3) if la.recalibrated else "kept"}</td>'
+                f'<td>{num(la.mean_change)}</td><td>{num(la.var_ratio)}</td></tr>'
+                for la in layers)
+            + "</tbody></table>"
+        )
+
+    table = rows(list(fix.layers[:top]))
+    if len(fix.layers) > top:
+        table += (f'<details class="more"><summary>{len(fix.layers) - top} more layers</summary>'
+                  f'{rows(list(fix.layers[top:]))}</details>')
+    kept = "".join(f"<li><code>{escape(k.name)}</code>: {escape(k.reason)}</li>" for k in fix.skipped)
+    recalibrated = sum(1 for layer in fix.layers if layer.recalibrated)
+    outputs = f"<dt>before</dt><dd>{escape(output_line(before))}</dd>"
+    if after is not None:
+        outputs += f"<dt>after</dt><dd>{escape(output_line(after))}</dd>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{escape(title)} — {escape(subject)}</title><style>{CSS}</style></head>
+<body><div class="banner" style="background:{color}">{escape(title)}
+<small>{escape(subject + target)} · {recalibrated} layers recalibrated on {fix.samples} samples ({fix.batches} batches,
+exact population statistics)</small></div>
+<main>
+<p class="next"><b>Next:</b> {escape(fix_next_step(fix))}</p>
+{notes}
+<h2>Outputs, train vs eval mode</h2><dl>{outputs}</dl>
+<h2>Score through depth, before and after</h2>
+<div class="legend"><span><i class="swatch" style="background:#cf222e"></i>before recalibration</span>
+<span><i class="swatch" style="background:#1a7f37"></i>after recalibration</span></div>
+{plot}
+{"<h2>Findings that remain</h2>" + remaining if remaining else ""}
+<h2>Layers</h2>{table}
+{"<h2>Kept unchanged</h2><ul>" + kept + "</ul>" if kept else ""}
+<h2>Run</h2>{_meta(before)}
 </main></body></html>
 """

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from ..report import SEVERITY_ORDER, Finding, Report
+from ..report import SEVERITY_ORDER, Finding, FixReport, Report
 
 
 def num(value: Optional[float], digits: int = 2) -> str:
@@ -139,3 +139,14 @@ def next_step(report: Report) -> str:
         where = f" ({worst.layer})" if worst.layer else ""
         return f"{worst.code}{where}: {worst.hint}"
     return "Running statistics match this data; nothing to do."
+
+
+def fix_next_step(fix: FixReport) -> str:
+    """The one next step after `bncheck fix`."""
+    if fix.outcome == "refused":
+        return "Nothing was written. Address the reason above (or pass --force if you are sure)."
+    if fix.outcome == "dry-run":
+        return "Nothing was written (--dry-run); rerun with --out NEW to write the recalibrated checkpoint."
+    if fix.remaining:
+        return f"Written, but findings remain: bncheck run {fix.out} ... to see them."
+    return f"Written; check held-out accuracy of {fix.out} before deploying."

@@ -14,7 +14,18 @@ from rich.table import Table
 from rich.text import Text
 
 from ..report import DiffReport, Finding, FixReport, LayerResult, Report
-from .summary import MoreFindings, baseline_lines, data_line, grouped, input_line, next_step, num, output_line, share
+from .summary import (
+    MoreFindings,
+    baseline_lines,
+    data_line,
+    fix_next_step,
+    grouped,
+    input_line,
+    next_step,
+    num,
+    output_line,
+    share,
+)
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "no-batchnorm": "bold cyan"}
@@ -121,22 +132,35 @@ def render(report: Report, *, top: int = 10, width: Optional[int] = None, color:
 
 
 @contextmanager
-def progress_bar(total: Optional[int], *, enabled: bool) -> Iterator[Callable[[str, int, Optional[int]], None]]:
-    """A progress bar on stderr for the batches, then the attribution passes; a no-op
-    callback when disabled (stderr not a terminal, or --quiet)."""
+def progress_bar(
+    total: Optional[int], *, enabled: bool, batch_size: Optional[int] = None
+) -> Iterator[Callable[[str, int, Optional[int]], None]]:
+    """A progress bar on stderr for the batches, then the attribution passes, with samples/s
+    and the time left; a no-op callback when disabled (stderr not a terminal, or --quiet)."""
     if not enabled:
         yield lambda _stage, _done, _total: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TextColumn("eta"), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
-        task = progress.add_task("batches", total=total)
+        task = progress.add_task("batches", total=total, rate="")
+        started = {"stage": "batches", "at": time.perf_counter()}
 
         def update(stage: str, done: int, stage_total: Optional[int]) -> None:
+            now = time.perf_counter()
+            if stage != started["stage"]:
+                started.update(stage=stage, at=now)
+            elapsed = now - started["at"]
+            rate = ""
+            if stage == "batches" and batch_size and done and elapsed > 0:
+                rate = f"{done * batch_size / elapsed:,.0f} samples/s"
             progress.update(task, description=stage, completed=done,
-                            total=stage_total if stage_total is not None else total)
+                            total=stage_total if stage_total is not None else total, rate=rate)
 
         yield update
 
@@ -187,18 +211,10 @@ def build_fix(fix: FixReport, top: int = 15) -> list:
         parts.append(Text.assemble((f"remains {finding.severity} ", SEVERITY_STYLE[finding.severity]),
                                    (finding.code, "bold"), f"{at}: {finding.message}"))
     parts.append(Text(""))
-    parts.append(Text.assemble(("next: ", "bold"), _fix_next(fix)))
+    parts.append(Text.assemble(("next: ", "bold"), fix_next_step(fix)))
     return parts
 
 
-def _fix_next(fix: FixReport) -> str:
-    if fix.outcome == "refused":
-        return "Nothing was written. Address the reason above (or pass --force if you are sure)."
-    if fix.outcome == "dry-run":
-        return "Nothing was written (--dry-run); rerun with --out NEW to write the recalibrated checkpoint."
-    if fix.remaining:
-        return f"Written, but findings remain: bncheck run {fix.out} ... to see them."
-    return f"Written; check held-out accuracy of {fix.out} before deploying."
 
 
 def render_fix(fix: FixReport, *, top: int = 15, width: Optional[int] = None, color: bool = False) -> str:

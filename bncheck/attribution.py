@@ -3,7 +3,7 @@ cause, measured by fixing that layer alone and re-running the eval-mode pass."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +26,14 @@ def attribute_layer(
     gap: float,
     device: torch.device,
     float_dtype: Optional[torch.dtype],
+    reduce: Optional[Callable[[OutputTally], OutputTally]] = None,
 ) -> Optional[float]:
     """Share of the output gap removed by fixing this one layer: one eval-mode pass over the
     sample with the layer's running statistics replaced by the population statistics its
     input had in the train-mode pass (what recalibrating it would do). 1 = the gap closes;
-    0 = no effect; negative = fixing it alone makes the outputs diverge more."""
-    return attribute_layers(model, layers, [entry], kept, gap, device, float_dtype)
+    0 = no effect; negative = fixing it alone makes the outputs diverge more. ``reduce``
+    adds the tallies of other processes (each ran its own part of the sample)."""
+    return attribute_layers(model, layers, [entry], kept, gap, device, float_dtype, reduce)
 
 
 def attribute_layers(
@@ -42,6 +44,7 @@ def attribute_layers(
     gap: float,
     device: torch.device,
     float_dtype: Optional[torch.dtype],
+    reduce: Optional[Callable[[OutputTally], OutputTally]] = None,
 ) -> Optional[float]:
     """The same for a set of layers fixed together (e.g. every stale layer at once)."""
     usable = [e for e in entries if e.train is not None and e.layer.running_mean is not None and not e.layer.scripted]
@@ -56,5 +59,7 @@ def attribute_layers(
         for inputs, labels, out_train in kept:
             out_eval = forward(model, to_device(inputs, device, float_dtype), "eval")
             tally.add(out_train, to_host(out_eval), labels)
+    if reduce is not None:
+        tally = reduce(tally)
     fixed = output_gap(tally.result())
     return 1.0 - (fixed or 0.0) / gap

@@ -30,6 +30,22 @@ def _err(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _main_rank() -> bool:
+    """Rank 0 of a torchrun job, or a single process (never imports torch by itself)."""
+    if "torch.distributed" not in sys.modules:
+        return True
+    from .distributed import current
+
+    return current().main
+
+
+def _leave_process_group() -> None:
+    if "torch.distributed" in sys.modules:
+        from .distributed import shutdown
+
+        shutdown()
+
+
 def _handle_errors(command: Callable) -> Callable:
     """Turn every failure into one line on stderr and a distinct exit code."""
 
@@ -58,6 +74,8 @@ def _handle_errors(command: Callable) -> Callable:
                 "with `bncheck --debug ...` for the traceback and report it)"
             )
             ctx.exit(int(ExitCode.INTERNAL))
+        finally:
+            _leave_process_group()
 
     return wrapper
 
@@ -218,8 +236,9 @@ def run(
     from .engine import lint
 
     target = _target_device(settings)
+    world = _join(target)
 
-    loaded = open_checkpoint(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint)
+    loaded = _agreed(world, lambda: open_checkpoint(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint))
     if settings.data.path is None:
         _err("note: no --data given: checking only what the checkpoint itself reveals (no statistics measured)")
         report = lint(loaded.module, thresholds=settings.thresholds, ignore=settings.ignore, fail_on=settings.fail_on,
@@ -227,12 +246,13 @@ def run(
         report = _with_sources(report, loaded.info)
     else:
         settings, provenance = _adopt_preprocessing(settings, loaded, _provenance(config_path, flags))
-        source = open_data(Path(settings.data.path), settings.data, settings.batch_size, settings.num_batches)
+        source = _agreed(world, lambda: open_data(Path(settings.data.path), settings.data, settings.batch_size,
+                                                  settings.num_batches))
         if loaded.info.format == "random-init":
             _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, "
                  "which says nothing about a trained model")
         report = _diagnose(loaded.module.to(target), source, settings,
-                           momentum_known=loaded.info.momentum_from != "library-default")
+                           momentum_known=loaded.info.momentum_from != "library-default", world=world)
         report = _with_sources(report, loaded.info, settings, source, provenance)
         _data_notes(source, settings)
     if baseline is not None:
@@ -244,14 +264,44 @@ def run(
 
 def _target_device(settings: Settings) -> str:
     """The device a run or fix uses: ``auto`` is cuda when available; ``cuda`` without it is a
-    usage error before any loading."""
+    usage error before any loading. Under torchrun, cuda is this rank's GPU."""
     import torch
+
+    from .distributed import local_device
 
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but CUDA is not available here; use --device cpu")
     if settings.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return settings.device
+        return local_device("cuda" if torch.cuda.is_available() else "cpu")
+    return local_device(settings.device)
+
+
+def _join(target: str) -> Any:
+    """Under torchrun: join the process group (gloo on CPU, nccl on CUDA); only rank 0 prints
+    and writes, the other ranks stay silent and exit with the same code."""
+    from .distributed import init_from_env
+
+    world = init_from_env(target.split(":", 1)[0])
+    if world.active and not world.main:
+        import atexit
+        import os
+
+        quiet = open(os.devnull, "w")  # noqa: SIM115 - lives until the process ends
+        atexit.register(quiet.close)
+        sys.stdout = sys.stderr = quiet
+    return world
+
+
+def _agreed(world: Any, step: Callable[[], Any]) -> Any:
+    """Run ``step`` on every rank; when it fails on any, every rank stops with one error."""
+    failure = None
+    result = None
+    try:
+        result = step()
+    except Exception as exc:
+        failure = exc
+    world.agree(failure)
+    return result
 
 
 def _arch_kwargs(flags: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -261,8 +311,11 @@ def _arch_kwargs(flags: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return parse_arch_kwargs(flags["arch_kwargs"]) if flags["arch_kwargs"] else settings.arch_kwargs
 
 
-def _diagnose(model: Any, source: Any, settings: Settings, *, momentum_known: bool = True) -> Report:
-    """``analyze`` over a data source, with a progress bar on a terminal."""
+def _diagnose(model: Any, source: Any, settings: Settings, *, momentum_known: bool = True,
+              world: Any = None) -> Report:
+    """``analyze`` over a data source (this rank's share of it under torchrun), with a
+    progress bar on a terminal."""
+    from .distributed import World
     from .engine import analyze
     from .render.table import progress_bar
 
@@ -270,9 +323,9 @@ def _diagnose(model: Any, source: Any, settings: Settings, *, momentum_known: bo
     show = not settings.quiet and sys.stderr.isatty()
     with progress_bar(planned, enabled=show, batch_size=settings.batch_size) as advance:
         return analyze(
-            model, source.batches(), batch_size=settings.batch_size, thresholds=settings.thresholds,
-            attribute=settings.attribute, ignore=settings.ignore, fail_on=settings.fail_on, progress=advance,
-            momentum_known=momentum_known,
+            model, source.batches_for(world or World()), batch_size=settings.batch_size,
+            thresholds=settings.thresholds, attribute=settings.attribute, ignore=settings.ignore,
+            fail_on=settings.fail_on, progress=advance, momentum_known=momentum_known, shard=False,
         )
 
 
@@ -394,8 +447,14 @@ def _quiet_line(report: Report) -> None:
 
 
 def _finish(report: Report, settings: Settings) -> None:
-    """Save, write and print the result; exit 1 when it failed."""
+    """Save, write and print the result; exit 1 when it failed (under torchrun only rank 0
+    saves, writes and prints; every rank exits with the same code)."""
     from .report import dumps
+
+    if not _main_rank():
+        if report.verdict == "fail":
+            click.get_current_context().exit(int(ExitCode.FINDINGS))
+        return
 
     outputs = settings.outputs
     targets = {"json": outputs.json, "markdown": outputs.markdown, "html": outputs.html, "junit": outputs.junit}
@@ -502,16 +561,19 @@ def fix(
     from .fixing import run_fix
 
     target = _target_device(settings)
-    loaded = open_checkpoint(checkpoint, settings.arch, kwargs, trust_checkpoint=trust_checkpoint)
+    world = _join(target)
+    loaded = _agreed(world, lambda: open_checkpoint(checkpoint, settings.arch, kwargs,
+                                                    trust_checkpoint=trust_checkpoint))
     loaded.module.to(target)
     settings, provenance = _adopt_preprocessing(settings, loaded, _provenance(config_path, flags))
     path = Path(settings.data.path)
     every = None if num_samples is None else -(-num_samples // settings.batch_size)
-    recal_source = open_data(path, settings.data, settings.batch_size, every)
-    verify_source = open_data(path, settings.data, settings.batch_size, settings.num_batches)
-    verify = list(verify_source.batches())  # read once: the diagnosis runs before and after
+    recal_source, verify_source = _agreed(world, lambda: (
+        open_data(path, settings.data, settings.batch_size, every),
+        open_data(path, settings.data, settings.batch_size, settings.num_batches)))
+    verify = _agreed(world, lambda: list(verify_source.batches_for(world)))  # read once: used before and after
     result = run_fix(
-        loaded, recal_source.batches(), lambda: verify, out=out, layers=list(layers) or None,
+        loaded, recal_source.batches_for(world), lambda: verify, out=out, layers=list(layers) or None,
         num_samples=num_samples, batch_size=settings.batch_size, thresholds=settings.thresholds, attribute=0,
         ignore=settings.ignore, fail_on=settings.fail_on, dry_run=dry_run, force=force,
     )
@@ -529,6 +591,11 @@ def fix(
 def _finish_fix(result: Any, settings: Settings) -> None:
     from .render.table import render_fix
     from .report import dumps_fix
+
+    if not _main_rank():
+        if result.verdict == "fail":
+            click.get_current_context().exit(int(ExitCode.FINDINGS))
+        return
 
     json_to_stdout = settings.outputs.json == "-"
     if settings.outputs.json is not None and not json_to_stdout:

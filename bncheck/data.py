@@ -45,6 +45,16 @@ class DataSource:
     """Things the user should know about how the data was read."""
     smallest_side: Optional[int] = None
     """Shorter side of the smallest image read, before transforms (filled while iterating)."""
+    sharded: Optional[Callable[[int, int], Iterator[Batch]]] = None
+    """``sharded(rank, size)``: batches ``rank, rank + size, ...`` without reading the others."""
+
+    def batches_for(self, world: Any) -> Iterator[Batch]:
+        """This process's batches: all of them, or its share under torchrun."""
+        if not world.active:
+            return self.batches()
+        if self.sharded is not None:
+            return self.sharded(world.rank, world.size)
+        return world.shard(self.batches())
 
     def describe(self, cfg: DataSettings, sources: Optional[dict[str, str]] = None) -> str:
         """The preprocessing applied, each setting with where it came from."""
@@ -176,8 +186,29 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Op
                 "check that they are valid image files"
             )
 
+    def sharded(rank: int, size: int) -> Iterator[Batch]:
+        """Under torchrun: batch k is files[k*B:(k+1)*B] (an unreadable file leaves its batch
+        short instead of pulling the next file in, so no rank decodes another's images)."""
+        count = -(-min(wanted, len(files)) // batch_size)
+        for index in range(rank, count, size):
+            chunk = files[index * batch_size:(index + 1) * batch_size]
+            images, targets = [], []
+            for path in chunk:
+                try:
+                    images.append(_image_tensor(path, cfg, source))
+                except InputError:
+                    raise
+                except Exception as exc:
+                    skipped.append(f"{path} ({type(exc).__name__}: {first_line(exc, 120)})")
+                    continue
+                if labels is not None:
+                    targets.append(labels[path])
+            if len(images) < 2:
+                continue
+            yield torch.stack(images), torch.tensor(targets) if labels is not None else None
+
     source = DataSource(batches=batches, planned_samples=min(wanted, len(files)), skipped=skipped, kind="images",
-                        planned_request=None if num_batches is None else wanted)
+                        planned_request=None if num_batches is None else wanted, sharded=sharded)
     if labels is None and len({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}) == 1:
         only = next(p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1)
         source.notes.append(
@@ -192,24 +223,26 @@ def _load_npz(path: Path, key: Optional[str]) -> tuple[Tensor, Optional[Tensor]]
 
     try:
         archive = np.load(path, allow_pickle=False)
-        names = list(archive.files)
     except Exception as exc:
         raise InputError(
             f"{path} is not a readable .npz archive ({first_line(exc)}); save it with numpy.savez"
         ) from None
-    if key is None:
-        key = next((k for k in INPUT_KEYS if k in names), names[0] if len(names) == 1 else None)
-    if key not in names:
-        missing = f"has no array {key!r}; it " if key is not None else ""
-        raise InputError(
-            f"{path} {missing}holds arrays {', '.join(names) or '(none)'}; pick the input with --data {path}:NAME"
-        )
-    try:
-        inputs = torch.from_numpy(np.ascontiguousarray(archive[key]))
-        label_key = next((k for k in LABEL_KEYS if k in names and k != key), None)
-        labels = torch.from_numpy(np.ascontiguousarray(archive[label_key])) if label_key else None
-    except Exception as exc:
-        raise InputError(f"cannot read array {key!r} from {path} ({first_line(exc)})") from None
+    with archive:  # closes the file on every path out
+        names = list(archive.files)
+        if key is None:
+            key = next((k for k in INPUT_KEYS if k in names), names[0] if len(names) == 1 else None)
+        if key not in names:
+            missing = f"has no array {key!r}; it " if key is not None else ""
+            raise InputError(
+                f"{path} {missing}holds arrays {', '.join(names) or '(none)'}; pick the input with --data "
+                f"{path}:NAME"
+            )
+        try:
+            inputs = torch.from_numpy(np.ascontiguousarray(archive[key]))
+            label_key = next((k for k in LABEL_KEYS if k in names and k != key), None)
+            labels = torch.from_numpy(np.ascontiguousarray(archive[label_key])) if label_key else None
+        except Exception as exc:
+            raise InputError(f"cannot read array {key!r} from {path} ({first_line(exc)})") from None
     return inputs, labels
 
 
@@ -299,8 +332,13 @@ def tensor_file(path: Path, batch_size: int, num_batches: Optional[int], key: Op
         for start, stop in batch_bounds(wanted, batch_size):
             yield inputs[start:stop], labels[start:stop] if labels is not None else None
 
+    def sharded(rank: int, size: int) -> Iterator[Batch]:
+        for start, stop in batch_bounds(wanted, batch_size)[rank::size]:
+            yield inputs[start:stop], labels[start:stop] if labels is not None else None
+
     return DataSource(
         batches=batches,
+        sharded=sharded,
         planned_samples=wanted,
         skipped=[],
         planned_request=None if num_batches is None else batch_size * num_batches,

@@ -17,8 +17,8 @@ far beyond sampling noise (a one-way ANOVA F statistic) does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -92,7 +92,8 @@ def _take(value: Any, index: Tensor) -> Any:
 
 
 def noise_divergence(
-    model: nn.Module, layers: list[BNLayer], kept: Kept, device: torch.device, float_dtype: Optional[torch.dtype]
+    model: nn.Module, layers: list[BNLayer], kept: Kept, device: torch.device, float_dtype: Optional[torch.dtype],
+    reduce: Optional[Callable[[OutputTally], OutputTally]] = None,
 ) -> Optional[OutputDivergence]:
     """What batch noise alone does to train-mode outputs, on the kept sample: the samples are
     re-dealt into batches of the same sizes (a fixed shuffle across batches) and run in train
@@ -100,7 +101,22 @@ def noise_divergence(
     the population, so half the divergence between the two train-mode runs estimates the
     train/eval divergence of a model whose running statistics are right. With one batch, its
     halves stand in (they differ from the whole by the same variance). None when neither is
-    possible (one batch of fewer than 4 samples, or inputs that cannot be re-dealt)."""
+    possible (one batch of fewer than 4 samples, or inputs that cannot be re-dealt).
+    ``reduce`` adds other processes' tallies (each re-deals its own part of the sample)."""
+    local = _noise_tally(model, layers, kept, device, float_dtype)
+    tally = reduce(local or OutputTally()) if reduce is not None else local
+    if tally is None:
+        return None
+    result = tally.result()
+    return None if result.kind == "none" else result
+
+
+def _noise_tally(
+    model: nn.Module, layers: list[BNLayer], kept: Kept, device: torch.device, float_dtype: Optional[torch.dtype],
+) -> Optional[OutputTally]:
+    """The two train-mode runs' divergence as a tally, already scaled to one run's noise."""
+    if not kept:
+        return None
     sizes = [batch_len(inputs) for inputs, _, _ in kept]
     try:
         inputs_all = _cat([inputs for inputs, _, _ in kept])
@@ -132,13 +148,14 @@ def noise_divergence(
         again = _take(_cat(outputs), torch.argsort(order))  # back in the original sample order
         tally = OutputTally()
         tally.add(train_all, again, labels_all)
-        result = tally.result()
     except (RuntimeError, TypeError, ValueError, IndexError):
         return None  # outputs that do not line up per sample (variable-length detections, say)
-    if result.kind == "none":
+    if tally.kind in (None, "none"):
         return None
-    return replace(result, kl=result.kl * scale if result.kl is not None else None,
-                   relative_l2=result.relative_l2 * math.sqrt(scale) if result.relative_l2 is not None else None)
+    # KL and squared distances scale with the variance: half of two runs' divergence is one run's
+    tally.kl *= scale
+    tally.diff_sq *= scale
+    return tally
 
 
 def _f_statistic(calls: list[tuple[Tensor, Tensor, int]]) -> float:

@@ -18,10 +18,12 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .attribution import Kept, attribute_layer, attribute_layers
 from .batches import (
     ImageList,
     OnDevice,
+    _dataset_pair,
     batch_len,
     iter_batches,
     model_placement,
@@ -80,6 +82,7 @@ def analyze(
     fail_on: str = "error",
     progress: Optional[Progress] = None,
     momentum_known: bool = True,
+    shard: Optional[bool] = None,
 ) -> Report:
     """Compare every BN layer's running statistics with the statistics of ``data``.
 
@@ -102,6 +105,12 @@ def analyze(
         momentum_known: False when the modules' momentum is not what training used (a
             state_dict rebuilt by a library builder with its defaults): no finding then
             reasons from momentum.
+        shard: under ``torch.distributed`` (torchrun, or inside a DDP job), whether this rank
+            takes only batches ``rank, rank + world_size, ...`` of ``data``. Default: yes for
+            a tensor holding the whole sample, no for a DataLoader or iterable (assumed to
+            be this rank's part already, e.g. with a ``DistributedSampler``). Every rank gets
+            the report of the pooled sample; ``rank-divergent-stats`` flags BN buffers that
+            differ between ranks (the report then describes rank 0's buffers).
 
     Returns:
         A frozen ``Report``; ``report.verdict`` is ``"pass"``, ``"fail"`` or ``"no-batchnorm"``.
@@ -120,10 +129,24 @@ def analyze(
     if not isinstance(attribute, int) or attribute < 0:
         raise UsageError(f"$attribute must be a non-negative integer, got {attribute!r}")
     batches = iter_batches(data, batch_size=batch_size, num_batches=num_batches)
+    world = distributed.current()
+    if world.active and (shard or (shard is None and _dataset_pair(data) is not None)):
+        batches = world.shard(batches)
     layers, ignored = _discover(model, ignore)
     with OnDevice(model, device) as target:
-        return _analyze(model, layers, ignored, batches, resolved, attribute, fail_on, progress, target, started,
-                        momentum_known)
+        divergent = distributed.rank_divergence(world, layers)
+        own = [_bn_buffers(layer) for layer in layers] if divergent else []
+        try:
+            if divergent:  # one report on every rank: rank 0's buffers, restored afterwards
+                distributed.broadcast_buffers_from_main(world, layers)
+            return _analyze(model, layers, ignored, batches, resolved, attribute, fail_on, progress, target, started,
+                            momentum_known, world, tuple(_rank_findings(divergent, world)))
+        finally:
+            if divergent:
+                with torch.no_grad():
+                    for layer, saved in zip(layers, own):
+                        for name, value in saved.items():
+                            layer.buffer(name).copy_(value)
 
 
 def _analyze(
@@ -138,7 +161,10 @@ def _analyze(
     device: torch.device,
     started: float,
     momentum_known: bool = True,
+    world: Optional[distributed.World] = None,
+    rank_findings: tuple[Finding, ...] = (),
 ) -> Report:
+    world = world or distributed.World()
     _, float_dtype = model_placement(model)
     before = fingerprint(model)
     tally = OutputTally()
@@ -149,6 +175,7 @@ def _analyze(
     # output-noise check (both run only when something diverges).
     keep: Kept = []
     labels_per_batch: list[Optional[Tensor]] = []
+    failure: Optional[BaseException] = None
     try:
         with statistics_pass(model, layers) as stats:
             for batch in batches:
@@ -171,21 +198,32 @@ def _analyze(
                 batches_seen += 1
                 if progress is not None:
                     progress("batches", batches_seen, None)
+    except Exception as exc:  # every rank learns of it before the next collective
+        failure = exc
     finally:
         after = fingerprint(model)
+    world.agree(failure)
     if after != before:
         raise InternalError("the model's parameters, buffers or modes changed during the run; please report this bug")
+    if world.active:  # pool every rank's part: each rank now holds the whole sample's numbers
+        samples, batches_seen, largest_batch, any_labels, input_shape, labels_per_batch = distributed.pool_counts(
+            world, samples, batches_seen, largest_batch, any_labels, input_shape, labels_per_batch)
+        distributed.pool_stats(world, stats, device)
+        tally = distributed.sum_tallies(world, tally)
     if batches_seen == 0:
         raise InputError("the data yielded no batches; point $data at a non-empty folder, file or iterable")
     data_info = DataInfo(None, samples, largest_batch, batches_seen, any_labels, 0, input_shape=input_shape)
     output = tally.result()
+    reduce = (lambda t: distributed.sum_tallies(world, t)) if world.active else None
 
     def report_with(attribution: Optional[dict[str, Optional[float]]] = None,
                     extra: tuple[Finding, ...] = ()) -> Report:
-        return build_report(
+        report = build_report(
             stats.stats, ignored, thresholds, fail_on, _in_memory(layers), data_info, output, str(device), started,
-            has_data=True, attribution=attribution, extra_findings=extra, momentum_known=momentum_known,
+            has_data=True, attribution=attribution, extra_findings=rank_findings + extra,
+            momentum_known=momentum_known,
         )
+        return replace(report, world_size=world.size)
 
     report = report_with()
     gap = output_gap(output)
@@ -196,25 +234,30 @@ def _analyze(
     by_name: dict[str, LayerStats] = {entry.layer.name: entry for entry in stats.stats}
     attribution: dict[str, Optional[float]] = {}
     extra: tuple[Finding, ...] = ()
+    failure = None
+    conclusion = None
     try:
         if flagged and gap:
             for index, name in enumerate(flagged):
                 if progress is not None:
                     progress("attribution", index * len(keep), len(flagged) * len(keep))
-                attribution[name] = attribute_layer(model, layers, by_name[name], keep, gap, device, float_dtype)
+                attribution[name] = attribute_layer(model, layers, by_name[name], keep, gap, device, float_dtype,
+                                                    reduce=reduce)
         if triggered(output):
             if progress is not None:
                 progress("output noise", 0, None)
-            noise = noise_divergence(model, layers, keep, device, float_dtype)
+            noise = noise_divergence(model, layers, keep, device, float_dtype, reduce=reduce)
             explained = any(layer.score is not None and any(f.severity != "info" for f in layer.findings)
                             for layer in report.layers)
             unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))
             extra = tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
                                                largest_batch, explained, unmeasured))
-        conclusion = _conclusion(model, layers, report, by_name, keep, gap, device, float_dtype)
-    finally:  # one check for all the passes after the statistics
-        if fingerprint(model) != before:
-            raise InternalError("the model changed during attribution or the noise check; please report this bug")
+        conclusion = _conclusion(model, layers, report, by_name, keep, gap, device, float_dtype, reduce)
+    except Exception as exc:
+        failure = exc
+    world.agree(failure)
+    if fingerprint(model) != before:
+        raise InternalError("the model changed during attribution or the noise check; please report this bug")
     if not attribution and not extra and conclusion is None:
         return report
     return replace(report_with(attribution or None, extra), conclusion=conclusion)
@@ -227,7 +270,7 @@ MANY_STALE = 3
 
 def _conclusion(
     model: nn.Module, layers: list[BNLayer], report: Report, by_name: dict[str, LayerStats], kept: Kept,
-    gap: Optional[float], device: torch.device, float_dtype: Optional[torch.dtype],
+    gap: Optional[float], device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any = None,
 ) -> Optional[str]:
     """One sentence instead of many alike findings: when several layers are stale, fixing
     them all at once is the advice, and one more eval pass measures what it recovers."""
@@ -239,10 +282,40 @@ def _conclusion(
     text = (f"{len(stale)} of {measured} measured BN layers are stale: recalibrate all BN layers together "
             "(bncheck fix, verified before it writes) rather than one at a time")
     if gap:
-        share = attribute_layers(model, layers, [by_name[name] for name in stale], kept, gap, device, float_dtype)
+        share = attribute_layers(model, layers, [by_name[name] for name in stale], kept, gap, device, float_dtype,
+                                 reduce=reduce)
         if share is not None:
             text += f"; recalibrating all {len(stale)} recovers {100 * share:.0f}% of the output gap (measured)"
     return text + "."
+
+
+def _bn_buffers(layer: BNLayer) -> dict[str, Tensor]:
+    out = {}
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        tensor = layer.buffer(name)
+        if tensor is not None:
+            out[name] = tensor.detach().clone()
+    return out
+
+
+def _rank_findings(divergent: list, world: distributed.World) -> list[Finding]:
+    """``rank-divergent-stats``: a BN layer whose running statistics differ between ranks (DDP
+    with ``broadcast_buffers=False``, or per-rank SyncBN-less training): eval results then
+    depend on which rank's checkpoint is saved."""
+    out = []
+    for name, ranks in divergent:
+        worst = max(score for _, score in ranks)
+        listed = ", ".join(f"rank {rank} ({score:.2f})" for rank, score in ranks[:6])
+        more = f" and {len(ranks) - 6} more" if len(ranks) > 6 else ""
+        out.append(Finding(
+            "rank-divergent-stats", "warning" if worst >= 0.01 else "info", name,
+            f"running statistics differ from rank 0's on {listed}{more} of {world.size} ranks (RMS normalized "
+            "difference); this report describes rank 0's.",
+            "Each rank kept its own BN statistics (DDP with broadcast_buffers=False, or per-rank BN): use "
+            "SyncBatchNorm or broadcast_buffers=True, or recalibrate the saved checkpoint on the whole data "
+            "(torchrun -m bncheck fix).",
+        ))
+    return out
 
 
 def lint(

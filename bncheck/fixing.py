@@ -95,7 +95,10 @@ def run_fix(
     elif dry_run:
         outcome = "dry-run"
     else:
-        checkpoint.write(out, force=force)
+        from .distributed import current
+
+        if current().main:  # under torchrun every rank holds the same buffers; one writes
+            checkpoint.write(out, force=force)
         outcome = "written"
     remaining = tuple(
         f for f in (after.findings if after is not None else before.findings) if fails_gate([f], fail_on)

@@ -26,7 +26,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .batches import OnDevice, batch_len, iter_batches, model_placement, split_batch, to_device
+from . import distributed
+from .batches import OnDevice, _dataset_pair, batch_len, iter_batches, model_placement, split_batch, to_device
 from .capture import fingerprint
 from .collect import LayerStats, statistics_pass
 from .discovery import BNLayer, find_bn_layers
@@ -142,6 +143,7 @@ def recalibrate(
     batch_size: int = 32,
     device: Any = None,
     in_place: bool = True,
+    shard: Optional[bool] = None,
 ) -> RecalibrationResult:
     """Set BN running statistics to the exact population statistics of ``data``.
 
@@ -158,6 +160,10 @@ def recalibrate(
         device: where to run (None: where the model is; moved back afterwards).
         in_place: True (default) writes the new statistics into ``model``; False leaves the
             model bit-identical and returns them in ``result.state``.
+        shard: under ``torch.distributed``, whether this rank takes batches ``rank, rank +
+            world_size, ...`` of ``data`` (default: for a tensor yes, for an iterable no --
+            it is taken to be this rank's part). The statistics are pooled over every rank,
+            so every rank writes the same buffers.
 
     Returns:
         A ``RecalibrationResult`` with per-layer standard errors, the new buffers and the
@@ -175,6 +181,9 @@ def recalibrate(
     all_layers = find_bn_layers(model)
     chosen, skipped = _selected(all_layers, layers)
     batches = iter_batches(data, batch_size=batch_size, num_batches=None)
+    world = distributed.current()
+    if world.active and (shard or (shard is None and _dataset_pair(data) is not None)):
+        batches = world.shard(batches)
     with OnDevice(model, device) as target:
         stats, samples, seen = _measure(model, all_layers, batches, num_samples, target)
     by_name = {entry.layer.name: entry for entry in stats}
@@ -228,7 +237,9 @@ def _measure(
 ) -> tuple[list[LayerStats], int, int]:
     _, float_dtype = model_placement(model)
     before = fingerprint(model)
+    world = distributed.current()
     samples = seen = 0
+    failure: Optional[BaseException] = None
     try:
         with statistics_pass(model, layers, precise=True) as stats:
             for batch in batches:
@@ -237,12 +248,18 @@ def _measure(
                 stats.forward(inputs, "train")
                 samples += batch_len(inputs)
                 seen += 1
-                if num_samples is not None and samples >= num_samples:
+                if num_samples is not None and samples * world.size >= num_samples:
                     break
+    except Exception as exc:  # every rank learns of it before the pooling
+        failure = exc
     finally:
         after = fingerprint(model)
+    world.agree(failure)
     if after != before:
         raise InternalError("the model changed while measuring its statistics; please report this bug")
+    if world.active:  # every rank gets the statistics of the whole sample
+        samples, seen, *_ = distributed.pool_counts(world, samples, seen, 0, False, None, [])
+        distributed.pool_stats(world, stats, device)
     if seen == 0:
         raise InputError("the data yielded no batches; point $data at a non-empty folder, file or iterable")
     return stats.stats, samples, seen

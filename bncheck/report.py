@@ -200,6 +200,8 @@ class Report:
     conclusion: Optional[str] = None
     """One model-level sentence when many layers share a cause (e.g. most layers stale:
     recalibrate all, with the measured share of the output gap that recovers)."""
+    world_size: int = 1
+    """Processes that shared the sample (torchrun / DDP ranks); 1 when not distributed."""
     schema: str = SCHEMA_ID
 
     @staticmethod

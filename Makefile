@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.bncheck-installed
 
-.PHONY: demo test test-slow lint bench samples clean
+.PHONY: demo test test-slow test-zoo lint bench samples clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# Every torchvision/timm model with BN (~15-25 min on 2 cores); per-model overhead into benchmarks/zoo.md
+test-zoo: $(STAMP)
+	printf '| model | BN layers | input | floor | bncheck | ratio | max score | verdict |\n|---|---:|---|---:|---:|---:|---:|---|\n' > benchmarks/zoo.md
+	BNCHECK_ZOO_RESULTS=benchmarks/zoo.md $(BIN)/python -m pytest -q -m zoo
+
 lint: $(STAMP)
 	$(BIN)/ruff check bncheck tests sample_models benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/overhead.py --markdown benchmarks/RESULTS.md
 
 samples: $(STAMP)
 	$(BIN)/python sample_models/make_samples.py

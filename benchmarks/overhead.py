@@ -1,80 +1,219 @@
-"""Overhead of a bncheck run against its floor: one eval-mode and one train-mode (BN only)
-forward per batch, no hooks. Prints ratios, not pass/fail: machines are shared and noisy.
+"""What a bncheck run costs against the script a user would write by hand. Prints ratios, not
+pass/fail: machines here are shared and noisy, so the two processes alternate and the median
+of each is compared.
 
-    python benchmarks/overhead.py [--arch resnet50] [--batch-size 16] [--num-batches 4] [--size 224]
+    python benchmarks/overhead.py [--arch resnet50] [--images 64] [--batch-size 16] [--repeats 3]
+                                  [--device cpu|cuda] [--markdown benchmarks/RESULTS.md]
 
-Target (DESIGN section 6): a run within 1.10x of the floor.
+Measured (each a whole process: interpreter start, imports, loading, decoding, forwards):
+
+1. ``bncheck run`` vs the hand-written script: load the resnet50 state_dict, decode the JPEGs
+   at 224x224 with PIL, one eval-mode and one train-mode forward per batch (target <= 1.05x
+   wall, peak memory 1.0x);
+2. ``bncheck.recalibrate`` vs a bare train-mode pass over the same tensors (in process;
+   target <= 1.05x) and the whole ``bncheck fix`` process (recalibration plus a diagnosis
+   before and after) vs the bare train-pass script;
+3. peak memory of ``bncheck run`` at 4 and 16 batches (flat: the sample kept for the
+   later passes is capped);
+4. image decoding throughput (images/s) of bncheck's folder reader.
+
+The model's BN statistics are first set to the images' own (so the run is healthy and pays
+for no attribution or noise passes, like the user's script).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
+from PIL import Image
 
-from bncheck.capture import fingerprint, preserved_state, set_bn_train_mode
-from bncheck.config import load_settings
-from bncheck.discovery import find_bn_layers
-from bncheck.engine import analyze
+HAND_WRITTEN = """
+import sys, glob
+import numpy as np, torch, torchvision
+from PIL import Image
+model = torchvision.models.{arch}(weights=None)
+model.load_state_dict(torch.load(sys.argv[1], map_location="cpu", weights_only=True))
+model.eval().to(sys.argv[3])
+mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+files = sorted(glob.glob(sys.argv[2] + "/*.jpg"))
+mode = sys.argv[4]
+with torch.no_grad():
+    for i in range(0, len(files), {batch}):
+        x = torch.stack([
+            (torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 255 - mean) / std
+            for f in files[i:i + {batch}]
+        ]).to(sys.argv[3])
+        if mode == "both":
+            model.eval(); model(x)
+        model.train(); model(x)
+"""
 
 
-def floor_run(model, batches, layers) -> None:
-    with torch.no_grad(), preserved_state(model) as snapshot:
-        for x in batches:
-            set_bn_train_mode(model, layers, bn_training=False)
-            model(x)
-            set_bn_train_mode(model, layers, bn_training=True)
-            model(x)
-            snapshot.restore_buffers()
+def make_images(folder: Path, count: int, size: int) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(count):
+        phase = rng.uniform(0, 6.28, 3)
+        img = np.stack([np.sin(6 * xx + phase[c]) * np.cos(4 * yy + phase[c]) for c in range(3)], -1)
+        img = ((img + 1) * 127.5 + rng.normal(0, 12, img.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:04d}.jpg", quality=90)
+
+
+def healthy_checkpoint(arch: str, images: Path, batch: int, path: Path) -> None:
+    """Random weights with BN statistics set to the images' own (a model that passes)."""
+    import bncheck
+    from bncheck.config import load_settings
+    from bncheck.data import open_data
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    cfg = load_settings(overrides={"data": {"resize": None, "crop": None}}).data
+    source = open_data(images, cfg, batch, None)
+    bncheck.recalibrate(model, [x for x, _ in source.batches()])
+    torch.save(model.state_dict(), path)
+
+
+def timed_process(command: list[str], cwd: Path) -> tuple[float, int]:
+    """Wall seconds and peak RSS (MiB) of one child process."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"{command[:4]} failed ({proc.returncode}): {proc.stderr.read().decode()[-800:]}")
+    return wall, usage.ru_maxrss // 1024
+
+
+def alternate(commands: dict[str, list[str]], cwd: Path, repeats: int) -> dict[str, tuple[float, int]]:
+    for command in commands.values():  # warm the page cache and the imports once
+        timed_process(command, cwd)
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    peaks: dict[str, list[int]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, command in commands.items():
+            wall, peak = timed_process(command, cwd)
+            walls[name].append(wall)
+            peaks[name].append(peak)
+    return {name: (statistics.median(walls[name]), max(peaks[name])) for name in commands}
+
+
+def in_process_recalibration(arch: str, images: Path, batch: int, device: str, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``bncheck.recalibrate`` and of a bare train-mode pass, same tensors."""
+    import bncheck
+    from bncheck.config import load_settings
+    from bncheck.data import open_data
+
+    model = torchvision.models.get_model(arch, weights=None).eval().to(device)
+    cfg = load_settings(overrides={"data": {"resize": None, "crop": None}}).data
+    batches = [x.to(device) for x, _ in open_data(images, cfg, batch, None).batches()]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def bare() -> None:
+        model.train()
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        model.eval()
+
+    def ours() -> None:
+        bncheck.recalibrate(model, batches, in_place=False)
+
+    bare()  # warm-up
+    times: dict[str, list[float]] = {"bare": [], "ours": []}
+    for _ in range(repeats):
+        for name, fn in (("bare", bare), ("ours", ours)):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return statistics.median(times["ours"]), statistics.median(times["bare"])
+
+
+def decode_rate(images: Path, batch: int) -> float:
+    from bncheck.config import load_settings
+    from bncheck.data import open_data
+
+    cfg = load_settings(overrides={"data": {"resize": None, "crop": None}}).data
+    source = open_data(images, cfg, batch, None)
+    start = time.perf_counter()
+    count = sum(x.shape[0] for x, _ in source.batches())
+    return count / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-batches", type=int, default=4)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--markdown", type=Path, help="Also append the table to this file.")
     args = parser.parse_args()
-
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(args.arch, weights=None).eval().to(args.device)
-    batches = [torch.randn(args.batch_size, 3, args.size, args.size, device=args.device)
-               for _ in range(args.num_batches)]
-    layers = find_bn_layers(model)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-
-    def timed(fn) -> float:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - start
-
-    floor_run(model, batches[:1], layers)  # warm-up
-    # Random init leaves the buffers at their defaults (findings everywhere), so measure the
-    # core run without attribution, and attribution on its own line.
-    plain = load_settings(overrides={"attribute": 0})
-    attributing = load_settings(overrides={"attribute": 5})
-    floors, runs, prints, attributed = [], [], [], []
-    for _ in range(args.repeats):
-        floors.append(timed(lambda: floor_run(model, batches, layers)))
-        runs.append(timed(lambda: analyze(model, batches, settings=plain)))
-        prints.append(timed(lambda: fingerprint(model)))
-    attributed.append(timed(lambda: analyze(model, batches, settings=attributing)))
-    floor, run, fp = statistics.median(floors), statistics.median(runs), statistics.median(prints)
-    print(f"{args.arch} {args.num_batches}x{args.batch_size}x{args.size}^2 on {args.device}, "
-          f"{len(layers)} BN layers, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"floor (eval+train forward per batch): {floor:.2f} s")
-    print(f"bncheck analyze:                      {run:.2f} s")
-    print(f"ratio run / floor:                    {run / floor:.2f}x  (target <= 1.10x)")
-    print(f"of which model fingerprint (x2):      {2 * fp:.2f} s ({2 * fp / floor:.1%} of floor)")
-    print(f"with --attribute 5 (5 flagged layers): {attributed[0]:.2f} s = {attributed[0] / floor:.2f}x floor "
-          "(expected ~1 + 5/2: one eval pass per layer)")
+    python = sys.executable
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        images = work / "images"
+        make_images(images, args.images, args.size)
+        healthy_checkpoint(args.arch, images, args.batch_size, work / "model.pt")
+        (work / "hand.py").write_text(HAND_WRITTEN.format(arch=args.arch, batch=args.batch_size))
+        run = [python, "-m", "bncheck", "run", "model.pt", "--arch", f"torchvision:{args.arch}", "--data", "images",
+               "--batch-size", str(args.batch_size), "--num-batches", str(-(-args.images // args.batch_size)),
+               "--resize", "none", "--crop", "none", "--device", args.device, "--quiet"]
+        fix = [python, "-m", "bncheck", "fix", "model.pt", "--arch", f"torchvision:{args.arch}", "--data", "images",
+               "--batch-size", str(args.batch_size), "--resize", "none", "--crop", "none", "--device", args.device,
+               "--out", "fixed.pt", "--force", "--quiet"]
+        hand = [python, "hand.py", "model.pt", "images", args.device, "both"]
+        hand_train = [python, "hand.py", "model.pt", "images", args.device, "train"]
+        result = alternate({"run": run, "hand": hand, "fix": fix, "hand_train": hand_train}, work, args.repeats)
+        (run_wall, run_peak), (hand_wall, hand_peak) = result["run"], result["hand"]
+        (fix_wall, fix_peak), (train_wall, _) = result["fix"], result["hand_train"]
+        rows.append(("`bncheck run` process vs hand-written script (eval+train forward per batch)",
+                     f"{run_wall:.2f} s vs {hand_wall:.2f} s", f"**{run_wall / hand_wall:.3f}×** wall, "
+                     f"{run_peak / hand_peak:.2f}× peak RSS ({run_peak} vs {hand_peak} MiB)"))
+        ours, bare = in_process_recalibration(args.arch, images, args.batch_size, args.device, args.repeats)
+        rows.append(("`bncheck.recalibrate` vs bare train-mode pass (in process, same tensors)",
+                     f"{ours:.2f} s vs {bare:.2f} s", f"**{ours / bare:.3f}×**"))
+        rows.append(("`bncheck fix` process (recalibrate + diagnosis before and after) vs train-pass script",
+                     f"{fix_wall:.2f} s vs {train_wall:.2f} s", f"{fix_wall / train_wall:.2f}× wall, {fix_peak} MiB"))
+        # memory flat in the number of batches: the same run over 4x the batches
+        more = work / "more"
+        make_images(more, args.images * 4, args.size)
+        long_run = [*run[:8], "more", *run[9:]]
+        long_run[long_run.index("--num-batches") + 1] = str(-(-4 * args.images // args.batch_size))
+        (long_wall, long_peak) = alternate({"long": long_run}, work, 1)["long"]
+        rows.append((f"`bncheck run` peak RSS, {args.images} vs {4 * args.images} images",
+                     f"{run_peak} vs {long_peak} MiB", f"{long_peak / run_peak:.2f}× ({long_wall:.1f} s)"))
+        rows.append(("bncheck image folder decode (PIL, one process)", f"{decode_rate(more, args.batch_size):.0f} "
+                     "images/s", ""))
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads, device {args.device}"
+               + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+    lines = [f"### {args.arch}, {args.images} JPEGs {args.size}×{args.size}, batch {args.batch_size} — {machine}",
+             "", "| measurement | time | ratio |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        with args.markdown.open("a", encoding="utf-8") as fh:
+            fh.write("\n" + text)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -407,7 +408,6 @@ def open_checkpoint(
         return replace(loaded, info=replace(loaded.info, checkpoint=str(checkpoint)))
     try:
         size = path.stat().st_size
-        digest = sha256_of(path)
         with path.open("rb") as fh:
             head = fh.read(512)
     except OSError as exc:
@@ -416,7 +416,16 @@ def open_checkpoint(
         raise InputError(f"checkpoint {path} is empty (0 bytes); re-save or re-download it")
     probe = Probe(path, _zip_names(path), head, size)
     handler = next(fmt for fmt in FORMATS if fmt.sniff(probe))
-    loaded = handler.read(probe, arch, arch_kwargs, trust_checkpoint, digest)
+    # the file's SHA-256 (for the report) is computed while the model loads: hashlib releases
+    # the GIL, so a large checkpoint costs one read in parallel instead of one more in series
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bncheck-sha256") as pool:
+        hashing = pool.submit(sha256_of, path)
+        loaded = handler.read(probe, arch, arch_kwargs, trust_checkpoint, "")
+        try:
+            digest = hashing.result()
+        except OSError as exc:
+            raise InputError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    loaded = replace(loaded, info=replace(loaded.info, sha256=digest))
     source = momentum_source(arch) if loaded.info.format in ("state_dict", "safetensors") else "checkpoint"
     return replace(loaded, info=replace(loaded.info, checkpoint=str(checkpoint), momentum_from=source))
 

@@ -239,6 +239,7 @@ def run(
     world = _join(target)
 
     loaded = _agreed(world, lambda: open_checkpoint(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint))
+    loaded.container = None  # run never writes: free the file's copy of the weights (as large as the model)
     if settings.data.path is None:
         _err("note: no --data given: checking only what the checkpoint itself reveals (no statistics measured)")
         report = lint(loaded.module, thresholds=settings.thresholds, ignore=settings.ignore, fail_on=settings.fail_on,

@@ -26,6 +26,10 @@ from .metrics import ChannelMoments
 # Above this ratio of squared mean to variance, E[x^2] - mean^2 in float32 loses more than
 # ~0.1% of the variance to cancellation; such inputs take the exact (slower) path.
 _CANCELLATION_RATIO = 1e4
+# Recalibration writes these numbers into a checkpoint: there the fast path's error,
+# ~5e-7 x (1 + mean^2/var) relative, must stay within a few 1e-6 (four orders below the
+# sampling error of any sample it is given), so the exact path starts at a ratio of 10.
+_PRECISE_RATIO = 10.0
 
 
 def per_sample_stats(x: Tensor, *, precise: bool = False) -> tuple[Tensor, Tensor, int]:
@@ -35,10 +39,10 @@ def per_sample_stats(x: Tensor, *, precise: bool = False) -> tuple[Tensor, Tenso
     Fast path: the mean and ``||x||`` per row are plain reductions that run at memory speed
     (``torch.var_mean``'s Welford pass is ~15x slower on CPU); the variance is then
     ``||x||^2 / n - mean^2``. Rows whose mean dwarfs their spread would lose precision to
-    cancellation, so then the exact two-pass ``var_mean`` is used. ``precise=True`` always
-    takes the exact path (recalibration writes these numbers into a checkpoint, so it pays
-    for ~1e-7 relative accuracy instead of ~1e-3 in the worst case). Reduced in float32
-    (float64 stays float64); pooled in float64 by ``ChannelMoments``.
+    cancellation, so then the exact two-pass ``var_mean`` is used: from mean^2/var > 1e4 for
+    diagnosis (error up to ~5e-3), from > 10 with ``precise=True`` (recalibration writes these
+    numbers into a checkpoint: error up to ~6e-6). Reduced in float32 (float64 stays
+    float64); pooled in float64 by ``ChannelMoments``.
     """
     x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
@@ -51,13 +55,13 @@ def per_sample_stats(x: Tensor, *, precise: bool = False) -> tuple[Tensor, Tenso
     else:
         rows, dim = x.reshape(n, c, -1), 2
     positions = rows.shape[dim]
-    if precise:
+    if rows.is_cuda:  # exact and fast there; no data-dependent branch, so no host sync per layer
         var, mean = torch.var_mean(rows, dim=dim, correction=0)
         return mean, var, positions
     mean = rows.mean(dim)
     second = torch.linalg.vector_norm(rows, dim=dim) ** 2 / positions
     var = (second - mean**2).clamp_min_(0.0)
-    if bool((mean**2 > _CANCELLATION_RATIO * var).any()):
+    if bool((mean**2 > (_PRECISE_RATIO if precise else _CANCELLATION_RATIO) * var).any()):
         var, mean = torch.var_mean(rows, dim=dim, correction=0)
     return mean, var, positions
 

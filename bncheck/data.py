@@ -9,10 +9,12 @@ first batches mix classes instead of holding one class folder.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import re
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -137,6 +139,56 @@ def _image_tensor(path: Path, cfg: DataSettings, source: Optional[DataSource] = 
     return TF.normalize(tensor, list(mean), list(std))
 
 
+DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
+"""Threads decoding the images of one batch."""
+
+
+def prefetched(batches: Iterator[Batch], depth: int = 1) -> Iterator[Batch]:
+    """``batches`` produced one step ahead by a background thread (decode overlaps the model's
+    forward passes); errors surface where the batch would have been; stopping early stops it."""
+    import queue
+    import threading
+
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        slots.put((batch, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer
+            slots.put((None, exc))
+            return
+        slots.put((done, None))
+
+    worker = threading.Thread(target=produce, name="bncheck-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            batch, error = slots.get()
+            if error is not None:
+                raise error
+            if batch is done:
+                return
+            yield batch
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                pass
+            worker.join(timeout=0.05)
+
+
 def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Optional[int]) -> DataSource:
     files = _image_files(root)
     if not files:
@@ -149,36 +201,47 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Op
     wanted = len(files) if num_batches is None else batch_size * num_batches
     skipped: list[str] = []
 
+    def decode(path: Path) -> Optional[Tensor]:
+        try:
+            return _image_tensor(path, cfg, source)
+        except InputError:
+            raise
+        except Exception as exc:
+            skipped.append(f"{path} ({type(exc).__name__}: {first_line(exc, 120)})")
+            return None
+
     def batches() -> Iterator[Batch]:
+        """Batches in the shuffled order, each decoded by a few threads (Pillow and torch release
+        the GIL), the next one decoded while the model runs on this one; an unreadable file is
+        skipped and the next file fills its place, exactly as one image at a time would."""
+        return prefetched(_decoded())
+
+    def _decoded() -> Iterator[Batch]:
         queue = iter(files)
         yielded = 0
-        for _ in itertools.count() if num_batches is None else range(num_batches):
-            images: list[Tensor] = []
-            targets: list[int] = []
-            for path in queue:
-                try:
-                    images.append(_image_tensor(path, cfg, source))
-                except InputError:
-                    raise
-                except Exception as exc:
-                    skipped.append(f"{path} ({type(exc).__name__}: {first_line(exc, 120)})")
-                    continue
-                if labels is not None:
-                    targets.append(labels[path])
-                if len(images) == batch_size:
-                    break
-            if len(images) < 2 and images:
-                break  # a single image cannot form a train-mode BN batch
-            if not images:
-                break
-            shapes = {tuple(t.shape) for t in images}
-            if len(shapes) > 1:
-                raise InputError(
-                    f"images in {root} have different sizes after transforms ({sorted(shapes)[:3]}); "
-                    "set data.crop (and data.resize) in the config"
-                )
-            yielded += 1
-            yield torch.stack(images), torch.tensor(targets) if labels is not None else None
+        with ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="bncheck-decode") as pool:
+            for _ in itertools.count() if num_batches is None else range(num_batches):
+                images: list[Tensor] = []
+                targets: list[int] = []
+                while len(images) < batch_size:
+                    chunk = list(itertools.islice(queue, batch_size - len(images)))
+                    if not chunk:
+                        break
+                    for path, tensor in zip(chunk, pool.map(decode, chunk)):
+                        if tensor is not None:
+                            images.append(tensor)
+                            if labels is not None:
+                                targets.append(labels[path])
+                if len(images) < 2:
+                    break  # none left, or a single image: it cannot form a train-mode BN batch
+                shapes = {tuple(t.shape) for t in images}
+                if len(shapes) > 1:
+                    raise InputError(
+                        f"images in {root} have different sizes after transforms ({sorted(shapes)[:3]}); "
+                        "set data.crop (and data.resize) in the config"
+                    )
+                yielded += 1
+                yield torch.stack(images), torch.tensor(targets) if labels is not None else None
         if not yielded:
             first = skipped[0] if skipped else "fewer than 2 images"
             raise InputError(

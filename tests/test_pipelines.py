@@ -156,3 +156,46 @@ def test_progress_bar_shows_rate_and_time_left() -> None:
             advance("batches", done, None)
         advance("attribution", 0, 8)
         advance("attribution", 4, 8)
+
+
+def test_parallel_decode_gives_the_same_batches_in_the_same_order(tmp_path, monkeypatch) -> None:
+    """Threads decode, the next batch decodes ahead: the sample and its order are those of
+    one image at a time, an unreadable file included (the next file takes its place)."""
+    import shutil
+
+    from conftest import SAMPLES
+
+    import bncheck.data as data_module
+
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLES / "data", folder)
+    broken = sorted((folder / "1_square").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    cfg = load_settings(SAMPLES / "config.yaml").data
+    runs = {}
+    for workers in (1, 4):
+        monkeypatch.setattr(data_module, "DECODE_WORKERS", workers)
+        source = open_data(folder, cfg, 32, None)
+        runs[workers] = (list(source.batches()), list(source.skipped))
+    (one, skipped_one), (four, skipped_four) = runs[1], runs[4]
+    assert len(one) == len(four) == 8 and skipped_one == skipped_four and len(skipped_one) == 1
+    for (x1, y1), (x4, y4) in zip(one, four):
+        assert torch.equal(x1, x4) and torch.equal(y1, y4)
+
+
+def test_prefetch_surfaces_errors_and_stops_early() -> None:
+    from bncheck.data import prefetched
+
+    def source():
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    seen = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetched(source()):
+            seen.append(item)
+    assert seen == [1, 2]
+    endless = prefetched(iter(range(10**9)))
+    assert [next(endless) for _ in range(3)] == [0, 1, 2]
+    endless.close()  # the producer thread stops instead of running on

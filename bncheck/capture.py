@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -84,8 +84,10 @@ InputCallback = Callable[[int, Tensor], None]
 
 
 @contextmanager
-def input_hooks(layers: Sequence[BNLayer], callback: InputCallback) -> Iterator[None]:
-    """Call ``callback(layer_index, input_tensor)`` before every hookable layer runs."""
+def input_hooks(layers: Sequence[BNLayer], callback: InputCallback,
+                after: Optional[dict[int, InputCallback]] = None) -> Iterator[None]:
+    """Call ``callback(layer_index, input_tensor)`` before every hookable layer runs, and
+    ``after[layer_index](layer_index, input_tensor)`` after it ran, for the layers in ``after``."""
     handles = []
     try:
         for index, layer in enumerate(layers):
@@ -97,6 +99,14 @@ def input_hooks(layers: Sequence[BNLayer], callback: InputCallback) -> Iterator[
                     callback(index, args[0])
 
             handles.append(layer.module.register_forward_pre_hook(hook))
+            if after and index in after:
+
+                def post(_module: nn.Module, args: tuple, _out: object, index: int = index,
+                         call: InputCallback = after[index]) -> None:
+                    if args and isinstance(args[0], Tensor):
+                        call(index, args[0])
+
+                handles.append(layer.module.register_forward_hook(post))
         yield
     finally:
         for handle in handles:

@@ -6,6 +6,15 @@ One job, reused by ``analyze`` (an eval-mode and a train-mode forward per batch)
 ``ChannelMoments`` are plain sums). The model is left as it was: every buffer and
 ``training`` flag is restored (buffers after each train-mode forward, so batch ``k`` never
 sees the running-stat updates of batch ``k-1``), and hooks are removed, even on error.
+
+Recalibration can also take each layer's batch statistics from BatchNorm itself (``native``):
+with the layer's momentum set to 1 for the pass, its running buffers hold exactly the batch
+mean and unbiased variance after each call, which BatchNorm computed anyway -- the hook's own
+reduction over the input (about what the layer itself costs) is skipped. Per-sample statistics
+are still taken on some batches (the first ``NATIVE_SPREAD_SAMPLES`` samples, then batches 4,
+8, 16, ... so they span the data), because the noise estimate needs their spread, and on those
+batches the buffers are checked against the hook's numbers: a layer whose buffers disagree (a
+forward that chunks its input, runs elsewhere, ignores momentum) stays on the hook.
 """
 
 from __future__ import annotations
@@ -21,7 +30,17 @@ from torch import Tensor, nn
 from .batches import batch_len, forward
 from .capture import StateSnapshot, input_hooks, preserved_state, set_bn_train_mode
 from .discovery import BNLayer
+from .errors import InternalError
 from .metrics import ChannelMoments
+
+NATIVE_SPREAD_SAMPLES = 32
+"""With ``native``: per-sample statistics (the noise estimate's groups) on every batch until
+this many samples were seen, then on batches whose number is a power of two."""
+# BN modules whose forward is torch's (a momentum-1 update stores exactly the batch statistics);
+# anything else keeps the hook. SyncBatchNorm is left out: its buffers hold every rank's batch.
+_NATIVE_FORWARDS = ("BatchNormAct2d",)
+# Buffers must match the hook's statistics to this fraction of the channel's std / variance.
+_NATIVE_TOLERANCE = 1e-3
 
 # Above this ratio of squared mean to variance, E[x^2] - mean^2 in float32 loses more than
 # ~0.1% of the variance to cancellation; such inputs take the exact (slower) path.
@@ -89,7 +108,8 @@ class StatisticsPass:
     module in eval) or ``train`` (only BN layers in train mode) and pools each BN input into
     that mode's moments."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[BNLayer], snapshot: StateSnapshot, precise: bool) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[BNLayer], snapshot: StateSnapshot, precise: bool,
+                 native: bool = False) -> None:
         self.model = model
         self.layers = list(layers)
         self.stats = [LayerStats(layer, layer.module.training) for layer in layers]
@@ -97,6 +117,13 @@ class StatisticsPass:
         self._precise = precise
         self._mode = "eval"
         self._next_depth = 0
+        self.native: dict[int, bool] = {i: False for i, layer in enumerate(self.layers) if native and
+                                        _native_candidate(layer)}
+        """Layers that may use BN's own batch statistics; True once their buffers were checked."""
+        self._checking: dict[int, tuple[Tensor, Tensor]] = {}
+        self._train_batches = 0
+        self._train_samples = 0
+        self._hook_all = True
         self.batch_means: dict[int, list[tuple[Tensor, Tensor, int]]] = {}
         """Per layer (index) and eval-mode call: mean and variance of the per-sample channel
         means, and the number of samples."""
@@ -107,9 +134,14 @@ class StatisticsPass:
     def forward(self, inputs: Any, mode: str) -> Any:
         self._mode = mode
         set_bn_train_mode(self.model, self.layers, bn_training=mode == "train")
+        if mode == "train":
+            self._train_batches += 1
+            number = self._train_batches
+            self._hook_all = self._train_samples < NATIVE_SPREAD_SAMPLES or number & (number - 1) == 0
         out = forward(self.model, inputs, mode)
         if mode == "train":
             n = batch_len(inputs)
+            self._train_samples += n
             for entry in self.stats:
                 if entry.scripted_before is not None:
                     self._recover_scripted(entry, n)
@@ -137,8 +169,12 @@ class StatisticsPass:
         self._mark_called(entry)
         if x.dim() < 2 or x.shape[0] == 0:
             return
+        if self._mode == "train" and self.native.get(index) and not self._hook_all:
+            return  # after_call takes BN's own statistics
         means, variances, positions = per_sample_stats(x, precise=self._precise)
         self._add(entry, means, variances, positions)
+        if self._mode == "train" and index in self.native:
+            self._checking[index] = (means, variances)
         if self._mode == "eval" and means.shape[0] >= 2:
             # per layer and batch: how batch means spread tells whether batches were drawn
             # alike (a batch of one class differs from the others far beyond sampling). The
@@ -147,6 +183,36 @@ class StatisticsPass:
             self.batch_means.setdefault(index, []).append(
                 (means.double().mean(0), means.double().var(0, correction=1), int(means.shape[0]))
             )
+
+    def after_call(self, index: int, x: Tensor) -> None:
+        """After a native-candidate layer ran in train mode: its buffers hold this call's batch
+        mean and unbiased variance (momentum 1). Check them against the hook's numbers, or
+        pool them when the hook was skipped."""
+        if self._mode != "train" or index not in self.native or x.dim() < 2 or x.shape[0] == 0:
+            return
+        layer = self.layers[index]
+        values = x.numel() // x.shape[1]
+        if values < 2:
+            return
+        mean = layer.running_mean.detach().to(torch.float64)
+        var = layer.running_var.detach().to(torch.float64) * ((values - 1) / values)
+        checking = self._checking.pop(index, None)
+        if checking is not None:
+            means, variances = (t.to(torch.float64) for t in checking)
+            hook_mean = means.mean(0)
+            hook_var = variances.mean(0) + ((means - hook_mean) ** 2).mean(0)
+            scale = hook_var + layer.eps
+            agree = bool(((mean - hook_mean) ** 2 <= _NATIVE_TOLERANCE**2 * scale).all()
+                         and ((var - hook_var).abs() <= _NATIVE_TOLERANCE * scale).all())
+            if agree:
+                self.native[index] = True
+            else:
+                del self.native[index]  # this layer's buffers do not hold its batch statistics
+            return
+        if not self.native[index]:  # never checked: cannot happen (the first batch is hooked)
+            raise InternalError(f"{layer.name}: BN statistics taken before they were checked")
+        moments = self.stats[index].train
+        moments.add_pooled(mean.to(moments.mean.device), var.to(moments.mean.device), float(values))
 
     def _recover_scripted(self, entry: LayerStats, batch_size: int) -> None:
         """Batch statistics of a TorchScript BN layer from its buffer update (no hooks there):
@@ -176,11 +242,39 @@ def _scripted_before(layer: BNLayer) -> tuple[Tensor, Tensor, int]:
     )
 
 
+def _native_candidate(layer: BNLayer) -> bool:
+    module = layer.module
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and not isinstance(module, nn.SyncBatchNorm)
+        and (type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+             or type(module).__name__ in _NATIVE_FORWARDS)
+        and layer.kind == "batchnorm" and not layer.scripted and layer.track_running_stats
+        and layer.running_mean is not None and layer.running_var is not None
+    )
+
+
 @contextmanager
-def statistics_pass(model: nn.Module, layers: Sequence[BNLayer], *, precise: bool = False) -> Iterator[StatisticsPass]:
+def _momentum_one(layers: Sequence[BNLayer]) -> Iterator[None]:
+    saved = [(layer.module, layer.module.momentum) for layer in layers]
+    try:
+        for module, _ in saved:
+            module.momentum = 1.0
+        yield
+    finally:
+        for module, momentum in saved:
+            module.momentum = momentum
+
+
+@contextmanager
+def statistics_pass(model: nn.Module, layers: Sequence[BNLayer], *, precise: bool = False,
+                    native: bool = False) -> Iterator[StatisticsPass]:
     """Hooks on ``layers`` and a snapshot of ``model``; on exit (also on error) the hooks
-    are removed and every buffer and mode flag is restored."""
+    are removed and every buffer, mode flag and momentum is restored. ``native``: take batch
+    statistics from BatchNorm itself where its buffers prove to hold them (train mode only)."""
     with torch.no_grad(), preserved_state(model) as snapshot:
-        collector = StatisticsPass(model, layers, snapshot, precise)
-        with input_hooks(layers, collector):
+        collector = StatisticsPass(model, layers, snapshot, precise, native)
+        candidates = [collector.layers[i] for i in collector.native]
+        after = {i: collector.after_call for i in collector.native}
+        with _momentum_one(candidates), input_hooks(layers, collector, after=after):
             yield collector

@@ -141,6 +141,19 @@ class ChannelMoments:
         self.batches += 1
         self.group_size_values = float(values_per_group)
 
+    def add_pooled(self, batch_mean: Tensor, batch_var: Tensor, values: float) -> None:
+        """Pool one batch known only by its per-channel mean and biased variance over
+        ``values`` values (e.g. BatchNorm's own batch statistics). It counts in the population
+        moments, not in the group spread: the noise estimate keeps coming from the groups
+        added with ``add_groups``, scaled to every value pooled."""
+        mean = batch_mean.to(torch.float64)
+        total = self.values + values
+        delta = mean - self.mean
+        self.mean += delta * (values / total)
+        self.m2 += batch_var.to(torch.float64) * values + delta**2 * (self.values * values / total)
+        self.values = total
+        self.batches += 1
+
     def _merge_spread(self, means: Tensor, second: Tensor) -> None:
         n_b = means.shape[0]
         n_a = self.groups

@@ -7,7 +7,10 @@ Per batch, the hook pools the per-sample means and variances with Chan's merge i
 so every value counts once (an uneven last batch weighs what it holds, a BN module called
 several times per forward -- ghost BN, a head shared across FPN levels -- pools every
 call), and the result equals the mean and variance over all values at once. The running
-variance stores the unbiased estimate (``n / (n - 1)``), as PyTorch's BN does.
+variance stores the unbiased estimate (``n / (n - 1)``), as PyTorch's BN does. Standard BN
+layers hand over their own batch statistics after the first samples (``collect``'s native
+mode: momentum 1 for the pass, checked against the hook's numbers), so most batches cost no
+more than a bare train-mode forward.
 
 Only BN layers run in train mode; dropout and everything else stay in eval (unlike
 ``torch.optim.swa_utils.update_bn``). Each layer sees its input as in training: the
@@ -241,7 +244,7 @@ def _measure(
     samples = seen = 0
     failure: Optional[BaseException] = None
     try:
-        with statistics_pass(model, layers, precise=True) as stats:
+        with statistics_pass(model, layers, precise=True, native=True) as stats:
             for batch in batches:
                 inputs, _ = split_batch(batch)
                 inputs = to_device(inputs, device, float_dtype)

@@ -65,3 +65,34 @@ def test_fix_on_cuda_writes_a_checkpoint_that_loads_on_cpu(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     state = torch.load(out, map_location="cpu", weights_only=True)
     assert all(t.device.type == "cpu" for t in state.values())
+
+
+def _syncs(layers_count: int, native: bool) -> int:
+    """Host synchronisations torch reports in two statistics passes (eval + train, or two native
+    recalibration batches after the hooked ones) over a stack of conv+BN blocks."""
+    import warnings
+
+    from bncheck.collect import statistics_pass
+    from bncheck.discovery import find_bn_layers
+
+    blocks = [torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)) for _ in range(layers_count)]
+    model = torch.nn.Sequential(*blocks).cuda().eval()
+    x = torch.randn(16, 4, 6, 6, device="cuda")
+    with statistics_pass(model, find_bn_layers(model), precise=native, native=native) as stats:
+        modes = ["train"] * 4 if native else ["eval", "train"]
+        for mode in modes:  # warm-up; native: batches 1-4 are the hooked, checked ones
+            stats.forward(x, mode)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for mode in (["train"] * 3 if native else ["eval", "train"]):  # native: batches 5-7
+                    stats.forward(x, mode)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["analyze", "recalibrate-native"])
+def test_no_host_synchronisation_per_layer(native: bool) -> None:
+    assert _syncs(12, native) == _syncs(3, native)

@@ -107,6 +107,21 @@ def test_group_spread_gives_variance_of_sample_means() -> None:
     assert moments.noise_variances(values_in_estimate=4)[0].item() == pytest.approx(14 / 12)
 
 
+def test_pooled_batches_count_in_the_moments_but_not_in_the_spread() -> None:
+    # Hand example, 1 channel: groups {1, 2} and {3, 6} (spread 14/3 as above), then a batch
+    # known only by its statistics: 4 values with mean 8, biased variance 2.
+    moments = ChannelMoments(1)
+    moments.add_groups(t(1.0, 2.0)[:, None], t(0.0, 0.0)[:, None], 1)
+    moments.add_groups(t(3.0, 6.0)[:, None], t(0.0, 0.0)[:, None], 1)
+    moments.add_pooled(t(8.0), t(2.0), 4.0)
+    # every value: 1, 2, 3, 6 and four values of mean 8, variance 2 (sum of squares 4*(64+2)=264)
+    mean = (12 + 32) / 8
+    var = (1 + 4 + 9 + 36 + 264) / 8 - mean**2
+    assert moments.mean.item() == pytest.approx(mean) and moments.var.item() == pytest.approx(var)
+    assert moments.values == 8 and moments.groups == 4 and moments.batches == 3
+    assert moments.noise_variances(values_in_estimate=8)[0].item() == pytest.approx(14 / 3 / 8)
+
+
 def test_noise_floor_matches_sampling_theory_for_iid_data() -> None:
     # iid N(0, 1) values: the mean of n values has sd 1/sqrt(n), the variance sd sqrt(2/n).
     # Expected layer noise floor: sqrt(1/n + 2/n / 4) = sqrt(1.5 / n).

@@ -146,3 +146,98 @@ def test_errors_name_python_arguments_and_the_cli_spells_flags() -> None:
     assert "batch_size must be" in str(caught.value) and "--batch-size must be" in caught.value.for_cli()
     with pytest.raises(UsageError, match="thresholds.stale_eror"):
         bncheck.analyze(TinyNet(), torch.randn(8, 3, 8, 8), thresholds={"stale_eror": 1})
+
+
+# BN's own statistics (momentum 1 for the pass) replace the hook's reduction after the first
+# NATIVE_SPREAD_SAMPLES samples, except on batches 4, 8, 16, ...: the result must not change.
+
+
+class ChunkingBNAct(nn.BatchNorm2d):
+    """A BN whose own forward normalizes in chunks (its buffers end up holding the last chunk's
+    statistics, not the call's): the check must keep it on the hook. Named like timm's layer,
+    whose forward is trusted."""
+
+    def forward(self, x):
+        return torch.cat([nn.functional.batch_norm(c, self.running_mean, self.running_var, self.weight, self.bias,
+                                                   self.training, self.momentum, self.eps) for c in x.split(2)])
+
+
+ChunkingBNAct.__name__ = "BatchNormAct2d"
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4, momentum=None)  # cumulative average: momentum must come back as None
+        self.shared = nn.BatchNorm2d(4, momentum=0.0)  # the seed bug's momentum: still measured
+        self.chunky = ChunkingBNAct(4)
+        self.flat = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y = self.shared(y) + self.shared(y[..., :2, :2] * 3 - 1).mean()
+        y = self.chunky(y)
+        return self.flat(y.mean((2, 3)))
+
+
+def _hook_only(model: nn.Module, data: torch.Tensor, batch_size: int):
+    from bncheck import collect
+    saved = collect.NATIVE_SPREAD_SAMPLES
+    collect.NATIVE_SPREAD_SAMPLES = 10**9
+    try:
+        return bncheck.recalibrate(model, data, batch_size=batch_size, in_place=False)
+    finally:
+        collect.NATIVE_SPREAD_SAMPLES = saved
+
+
+def test_bn_own_statistics_give_the_hook_result_and_every_variant_stays_exact() -> None:
+    model = Mixed().eval()
+    data = torch.randn(120, 3, 6, 6) * 2 + 3  # 15 batches of 8: 6 hooked (1-4, 8), 9 from BN itself
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    native = bncheck.recalibrate(model, data, batch_size=8, in_place=False)
+    hook = _hook_only(model, data, 8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.bn.momentum is None and model.shared.momentum == 0.0 and model.chunky.momentum == 0.1
+    assert native.state.keys() == hook.state.keys()
+    for key, value in hook.state.items():
+        torch.testing.assert_close(native.state[key], value, rtol=2e-6, atol=1e-7)
+    for a, b in zip(native.layers, hook.layers):
+        assert (a.name, a.values, a.calls) == (b.name, b.values, b.calls)
+        assert a.standard_error == pytest.approx(b.standard_error, rel=0.5)  # fewer groups, same scale
+    with torch.no_grad():  # and both equal numpy over every value
+        inputs = model.conv(data).numpy()
+    mean, var = population(inputs)
+    np.testing.assert_allclose(native.state["bn.running_mean"].numpy(), mean, rtol=1e-5)
+    np.testing.assert_allclose(native.state["bn.running_var"].numpy(), var, rtol=1e-5)
+
+
+def test_which_layers_use_bn_own_statistics() -> None:
+    from bncheck.collect import statistics_pass
+    from bncheck.discovery import find_bn_layers
+
+    model = Mixed().eval()
+    layers = find_bn_layers(model)
+    with statistics_pass(model, layers, precise=True, native=True) as stats:
+        assert all(layer.module.momentum == 1.0 for i, layer in enumerate(layers) if i in stats.native)
+        for batch in torch.randn(48, 3, 6, 6).split(8):  # 6 batches: 1-4 hooked, 5 and 6 native
+            stats.forward(batch, "train")
+    by_name = {layers[i].name: checked for i, checked in stats.native.items()}
+    assert by_name == {"bn": True, "shared": True, "flat": True}  # the chunking layer failed its check
+    moments = {entry.layer.name: entry.train for entry in stats.stats}
+    assert moments["bn"].groups == 32 and moments["bn"].batches == 6  # groups only from hooked batches
+    assert moments["chunky"].groups == 48
+    assert model.bn.momentum is None and model.chunky.momentum == 0.1
+
+
+def test_momentum_comes_back_when_the_forward_fails() -> None:
+    model = Mixed().eval()
+
+    def batches():
+        yield from torch.randn(40, 3, 6, 6).split(8)
+        raise RuntimeError("loader broke")
+
+    with pytest.raises(RuntimeError, match="loader broke"):
+        bncheck.recalibrate(model, batches())
+    assert model.bn.momentum is None and model.shared.momentum == 0.0 and model.flat.momentum == 0.1

@@ -80,7 +80,7 @@ def _syncs(layers_count: int, native: bool) -> int:
     x = torch.randn(16, 4, 6, 6, device="cuda")
     with statistics_pass(model, find_bn_layers(model), precise=native, native=native) as stats:
         modes = ["train"] * 4 if native else ["eval", "train"]
-        for mode in modes:  # warm-up; native: batches 1-4 are the hooked, checked ones
+        for mode in modes:  # warm-up; native: batches 1, 2 and 4 are hooked and checked
             stats.forward(x, mode)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

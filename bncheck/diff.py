@@ -108,13 +108,32 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint, *, fail_on: str = "error") ->
     feeding = _feeding(a.module)
     diffs = [_layer_diff(n, layers_a[n], layers_b[n], a.module, b.module, feeding.get(n)) for n in common]
     findings = _findings(diffs)
-    diffs.sort(key=lambda d: -((d.mean_shift or 0.0) + (d.var_log_change or 0.0)))
+    diffs.sort(key=_ranking({f.layer: f.severity for f in findings}))
+    position = {d.name: i for i, d in enumerate(diffs)}
+    findings.sort(key=lambda f: position.get(f.layer or "", len(position)))
     return DiffReport(
         a=a.info, b=b.info, layers=tuple(diffs), findings=tuple(findings),
         only_in_a=tuple(n for n in layers_a if n not in layers_b),
         only_in_b=tuple(n for n in layers_b if n not in layers_a),
         verdict="fail" if fails_gate(findings, fail_on) else "pass", fail_on=fail_on,
     )
+
+
+def _ranking(severity: dict[Optional[str], str]):
+    """Flagged layers first (errors, then warnings), each by the size of what its finding is
+    about: how far the weights moved around identical statistics, or how far the statistics
+    moved; then the rest by how far their statistics moved."""
+    order = {"error": 0, "warning": 1}
+
+    def key(d: LayerDiff) -> tuple[int, float]:
+        flagged = severity.get(d.name)
+        if flagged and d.stats_identical:
+            size = max(d.affine_change or 0.0, d.feeding_change or 0.0)
+        else:
+            size = (d.mean_shift or 0.0) + (d.var_log_change or 0.0)
+        return order.get(flagged, 2), -size
+
+    return key
 
 
 def _moved(value: Optional[float]) -> bool:

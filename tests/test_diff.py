@@ -52,6 +52,18 @@ def test_identical_statistics_around_changed_weights_are_blamed(checkpoints, tmp
     assert "running stats identical in 3" in result.output
 
 
+def test_layers_and_findings_rank_by_how_far_the_weights_moved(checkpoints, tmp_path) -> None:
+    model = TinyNet()
+    model.load_state_dict(torch.load(checkpoints["stuck"], weights_only=True))
+    with torch.no_grad():
+        model.conv3.weight.mul_(1.5)  # bn3's weights moved most (1.2 x 1.5), then bn1 and bn2 (1.2)
+    torch.save(model.state_dict(), tmp_path / "stuck3.pt")
+    result = CliRunner().invoke(cli, ["diff", str(checkpoints["base"]), str(tmp_path / "stuck3.pt"), *ARCH, "--json"])
+    doc = json.loads(result.stdout)
+    assert doc["layers"][0]["name"] == "bn3" and doc["layers"][0]["feeding_change"] == pytest.approx(0.8)
+    assert [f["layer"] for f in doc["findings"]][0] == "bn3"
+
+
 def test_statistics_that_moved_under_frozen_weights_are_blamed(checkpoints) -> None:
     result = CliRunner().invoke(cli, ["diff", str(checkpoints["base"]), str(checkpoints["drifted"]), *ARCH,
                                       "--json"])

@@ -194,11 +194,11 @@ class StatisticsPass:
         values = x.numel() // x.shape[1]
         if values < 2:
             return
-        mean = layer.running_mean.detach().to(torch.float64)
-        var = layer.running_var.detach().to(torch.float64) * ((values - 1) / values)
+        mean = _float64(layer.running_mean)
+        var = _float64(layer.running_var) * ((values - 1) / values)
         checking = self._checking.pop(index, None)
         if checking is not None:
-            means, variances = (t.to(torch.float64) for t in checking)
+            means, variances = (_float64(t) for t in checking)
             hook_mean = means.mean(0)
             hook_var = variances.mean(0) + ((means - hook_mean) ** 2).mean(0)
             scale = hook_var + layer.eps
@@ -231,6 +231,14 @@ class StatisticsPass:
         batch_mean = (mean_new.double() - (1.0 - momentum) * mean_old.double()) / momentum
         batch_var = (var_new.double() - (1.0 - momentum) * var_old.double()) / momentum
         self._add(entry, batch_mean[None], batch_var.clamp_min(0.0)[None], max(batch_size, 1))
+
+
+def _float64(t: Tensor) -> Tensor:
+    """``t`` in float64, on the host where the device has no float64 (e.g. MPS)."""
+    t = t.detach()
+    if t.device.type not in ("cpu", "cuda"):
+        t = t.cpu()
+    return t.to(torch.float64)
 
 
 def _scripted_before(layer: BNLayer) -> tuple[Tensor, Tensor, int]:

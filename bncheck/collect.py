@@ -32,6 +32,7 @@ from .capture import StateSnapshot, input_hooks, preserved_state, set_bn_train_m
 from .discovery import BNLayer
 from .errors import InternalError
 from .metrics import ChannelMoments
+from .scripted import recovery_momentum
 
 NATIVE_SPREAD_SAMPLES = 32
 """With ``native``: per-sample statistics (the noise estimate's groups) on every batch until
@@ -221,7 +222,7 @@ class StatisticsPass:
         (an over-estimate by n/(n-1): under 1% once n = N*H*W > 100)."""
         layer = entry.layer
         mean_old, var_old, tracked_old = entry.scripted_before
-        momentum = layer.momentum
+        momentum = recovery_momentum(layer.module, layer.momentum)
         if momentum is None:
             momentum = 1.0 / (tracked_old + 1)
         mean_new, var_new = layer.running_mean.detach(), layer.running_var.detach()

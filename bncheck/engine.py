@@ -41,6 +41,7 @@ from .errors import InputError, InternalError, UsageError
 from .outputs import OutputTally, output_gap
 from .report import DataInfo, Finding, ModelInfo, OutputDivergence, Report
 from .scoring import build_report
+from .scripted import measurable
 
 KEEP_SAMPLES = 256
 """Samples kept on the host for attribution, the output-noise check and the conclusion
@@ -138,6 +139,7 @@ def analyze(
     world = distributed.current()
     if world.active and (shard or (shard is None and _dataset_pair(data) is not None)):
         batches = world.shard(batches)
+    model = measurable(model)  # a TorchScript model with momentum-0 BN: measured on a twin
     layers, ignored = _discover(model, ignore)
     with OnDevice(model, device) as target:
         divergent = distributed.rank_divergence(world, layers)

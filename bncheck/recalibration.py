@@ -36,6 +36,7 @@ from .collect import LayerStats, statistics_pass
 from .discovery import BNLayer, find_bn_layers
 from .errors import InputError, InternalError, UsageError
 from .metrics import channel_weights, noise_floor
+from .scripted import measurable, recovery_momentum
 
 STABLE_ERROR = 0.05
 """Expected error of recalibrated statistics (in output stds, like a layer score) above
@@ -181,6 +182,8 @@ def recalibrate(
     """
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 2):
         raise UsageError(f"$num_samples must be an integer of at least 2, got {num_samples!r}")
+    original = model
+    model = measurable(model)  # a TorchScript model with momentum-0 BN: measured on a twin
     all_layers = find_bn_layers(model)
     chosen, skipped = _selected(all_layers, layers)
     batches = iter_batches(data, batch_size=batch_size, num_batches=None)
@@ -201,7 +204,8 @@ def recalibrate(
             skipped.append((layer.name, "never ran in the forward pass" if entry.depth is None
                             else "saw fewer than two values per channel"))
             continue
-        if entry.layer.scripted and layer.momentum is not None and layer.momentum <= 0:
+        if entry.layer.scripted and (momentum := recovery_momentum(layer.module, layer.momentum)) is not None \
+                and momentum <= 0:
             skipped.append((layer.name, "TorchScript layer with momentum 0: its statistics cannot be observed"))
             continue
         new_mean = moments.mean
@@ -225,6 +229,10 @@ def recalibrate(
             # the statistics now summarize this many batches (it weighs later cumulative updates)
             state[key + "num_batches_tracked"] = torch.tensor(entry.train_calls, dtype=tracked.dtype)
         results.append(_summary(layer, entry, old_mean, old_var, new_mean, new_var))
+    if original is not model:  # measured on a twin: write into the caller's own buffers
+        own = dict(original.named_buffers())
+        targets = {key: own[key] for key in targets}
+        previous = {key: own[key].detach().clone() for key in previous}
     if in_place:
         with torch.no_grad():
             for key, value in state.items():

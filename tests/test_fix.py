@@ -256,6 +256,37 @@ def test_torchscript_archive_is_written_back(tmp_path) -> None:
     torch.testing.assert_close(loaded.bn1.running_var, expected["bn1.running_var"], rtol=2e-3, atol=1e-5)
 
 
+def test_torchscript_with_momentum_zero_is_recalibrated_and_keeps_its_momentum(tmp_path) -> None:
+    """The seed bug scripted for deployment: momentum 0 is a constant in each BN graph, so the
+    statistics are measured on an in-memory twin whose graphs update with momentum 1; the
+    written archive keeps the model's own momentum 0 and the new statistics."""
+    model, data = stale_tiny()
+    for bn in (model.bn1, model.bn2, model.bn3):
+        bn.momentum = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(model), str(tmp_path / "m.pt"))
+    before = (tmp_path / "m.pt").read_bytes()
+    expected = recalibrated_buffers(model, data)
+    ckpt = open_checkpoint(tmp_path / "m.pt")
+    code = ckpt.module.bn2.code
+    result = bncheck.recalibrate(ckpt.module, data, batch_size=16)
+    assert [layer.name for layer in result.layers] == ["bn1", "bn2", "bn3"] and not result.skipped
+    assert ckpt.module.bn2.code == code  # the caller's graph is not the twin's
+    torch.testing.assert_close(ckpt.module.bn2.running_mean, expected["bn2.running_mean"], rtol=1e-5, atol=1e-6)
+    ckpt.write(tmp_path / "out.pt")
+    assert (tmp_path / "m.pt").read_bytes() == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(str(tmp_path / "out.pt"))
+    torch.testing.assert_close(loaded.bn1.running_mean, expected["bn1.running_mean"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded.bn1.running_var, expected["bn1.running_var"], rtol=2e-3, atol=1e-5)
+    loaded.train()
+    kept = loaded.bn3.running_mean.clone()
+    loaded(data[:16])  # still momentum 0: a train-mode forward leaves the statistics where they are
+    assert torch.equal(loaded.bn3.running_mean, kept)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_exported_program_is_written_back(tmp_path) -> None:
     model, data = stale_tiny()

@@ -31,11 +31,39 @@ def sample(batch_size: int = 32, num_batches: int = 4, seed: int = 0) -> list:
     return list(open_data(SAMPLES / "data", cfg, batch_size, num_batches).batches())
 
 
-def test_torchscript_with_momentum_zero_no_longer_passes(tmp_path) -> None:
+def test_torchscript_with_momentum_zero_is_measured_like_the_eager_model() -> None:
     model = trained("pseudo_frozen")
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = 0.0  # the seed bug, then scripted for deployment
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model)
+    graph = dict(scripted.named_modules())["conv1.1"].code
+    state = {k: v.clone() for k, v in scripted.state_dict().items()}
+    data = sample()
+    report = bncheck.analyze(scripted, data)
+    eager = bncheck.analyze(model, data)
+    assert report.verdict == "fail"
+    assert not any(f.code == "unmeasurable" for f in report.findings)
+    assert (report.findings[0].code, report.findings[0].layer) == ("pseudo-frozen", "conv1.1")
+    by_name = {layer.name: layer for layer in eager.layers}
+    assert all(layer.score is not None for layer in report.layers)
+    for layer in report.layers:  # batch statistics from the buffers equal the hooks' to a few percent
+        assert layer.score == pytest.approx(by_name[layer.name].score, rel=0.05, abs=0.01)
+    assert report.output == eager.output
+    assert dict(scripted.named_modules())["conv1.1"].code == graph  # the caller's module is untouched
+    assert all(torch.equal(state[k], v) for k, v in scripted.state_dict().items())
+
+
+def test_torchscript_layers_that_cannot_be_measured_do_not_pass_silently(monkeypatch) -> None:
+    from bncheck import scripted as twins
+
+    monkeypatch.setattr(twins, "_momentum_one", lambda module: False)  # a graph bncheck cannot edit
+    model = trained("pseudo_frozen")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scripted = torch.jit.script(model)

@@ -139,3 +139,58 @@ def test_timm_batchnormact(name) -> None:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10)
     check(f"timm:{name}", model, images(4, 96, 1), images(3, 96, 2), "8×96²")
+
+
+NATIVE = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "timm:efficientnet_b0", "r3d_18",
+          "fasterrcnn_mobilenet_v3_large_320_fpn", "deeplabv3_mobilenet_v3_large"]
+
+
+def _native_model(name: str) -> tuple[torch.nn.Module, list]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    if name.startswith("timm:"):
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name[5:], pretrained=False, num_classes=10), images(10, 64, 3)
+    if name == "r3d_18":
+        return (torchvision.models.video.r3d_18(weights=None, num_classes=5),
+                [torch.randn(8, 3, 4, 32, 32, generator=gen) for _ in range(10)])
+    if name in DETECTION:
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=3)
+        return model, [[torch.rand(3, 128, 160, generator=gen) for _ in range(4)] for _ in range(10)]
+    if name in SEGMENTATION:
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=3, aux_loss=None)
+        return model, images(10, 64, 3)
+    return torchvision.models.get_model(name, weights=None, num_classes=10), images(10, 64, 3)
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_recalibration_from_bn_own_statistics_equals_the_hooks(name, monkeypatch) -> None:
+    """Recalibration takes standard BN layers' own batch statistics after the first 32 samples
+    (batches 5-7, 9, 10 here): across architectures, BN variants and input layouts the result
+    equals the all-hooks one."""
+    from bncheck import collect
+    from bncheck.metrics import ChannelMoments
+
+    model, batches = _native_model(name)
+    model.eval()
+    native = bncheck.recalibrate(model, batches, in_place=False)
+    pooled = []
+    original = ChannelMoments.add_pooled
+    monkeypatch.setattr(ChannelMoments, "add_pooled", lambda self, *a: (pooled.append(1), original(self, *a)))
+    monkeypatch.setattr(collect, "NATIVE_SPREAD_SAMPLES", 10**9)
+    hooks = bncheck.recalibrate(model, batches, in_place=False)
+    assert not pooled  # the reference took no BN statistics
+    monkeypatch.setattr(collect, "NATIVE_SPREAD_SAMPLES", 32)
+    again = bncheck.recalibrate(model, batches, in_place=False)
+    assert pooled, f"{name}: no layer used BN's own statistics"
+    assert native.state.keys() == hooks.state.keys() == again.state.keys()
+    worst = 0.0
+    for key in native.state:
+        if key.endswith("num_batches_tracked"):
+            continue
+        difference = (native.state[key].double() - hooks.state[key].double()).abs()
+        var = hooks.state[key.replace("running_mean", "running_var")].double() + 1e-5
+        scale = var.sqrt() if key.endswith("running_mean") else var  # in stds / relative variance
+        worst = max(worst, float((difference / scale).max()))
+    print(f"native-vs-hooks {name}: worst {worst:.2e}, {len(pooled)} pooled calls")
+    assert worst < 1e-4, (name, worst)

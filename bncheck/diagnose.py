@@ -63,6 +63,9 @@ class LayerFacts:
     """Share of the initial running_var still in the buffer: (1 - momentum) ** num_batches_tracked."""
     unconverged_channels: int = 0
     """Channels whose variance in the data is below that residual (the init dominates them)."""
+    traced_training: Optional[bool] = None
+    """TorchScript traced with ``training`` frozen into the graph (True: batch statistics even
+    in eval mode); None when the layer follows its module's flag."""
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
@@ -99,6 +102,18 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "info",
             "never ran in the forward pass on this data, so its running statistics play no part in the outputs.",
             "Nothing to do; remove the module if it is dead code, or feed data that takes its branch.",
+        )
+        return out
+    if f.traced_training is True:
+        # eval mode does not exist for this layer: its running statistics never touch an output
+        add(
+            "traced-in-train-mode",
+            "error",
+            "traced in train mode: training=True is frozen into this layer's graph, so even after .eval() it "
+            "normalizes every input with the statistics of its own batch -- a sample's output depends on the rest "
+            "of its batch, and the running statistics are never used.",
+            "Re-export the model after model.eval() (torch.jit.trace or torch.export) and check the new file with "
+            "bncheck; recalibrating this archive changes nothing it computes.",
         )
         return out
     if has_data and f.scripted and f.score is None and f.track_running_stats and not f.nonfinite_running:

@@ -4,6 +4,9 @@ Refusals exist because recalibration can hide a bug or break a good model:
 
 * ``input-distribution`` before: the data itself looks wrongly preprocessed; new running
   statistics would bake that into the checkpoint.
+* ``traced-in-train-mode`` before: a TorchScript archive traced with ``training=True``
+  frozen into its BN calls never reads its running statistics; writing new ones would only
+  look like a cure.
 * with labels, a lower eval-mode accuracy after than before: BN kept in eval mode on
   purpose during a fine-tune leaves running statistics that disagree with the new data,
   yet the layers after them learned with exactly those statistics.
@@ -64,6 +67,14 @@ def run_fix(
         blocking.append(
             f"the data looks wrongly preprocessed for this model (input-distribution on {bad_input[0].layer}): "
             "recalibrating on it would bake that into the checkpoint; fix the preprocessing first"
+        )
+
+    traced = [f for f in before.findings if f.code == "traced-in-train-mode"]
+    if traced:
+        blocking.append(
+            f"{len(traced)} BN layer(s) were traced in train mode (first: {traced[0].layer}): they normalize with "
+            "batch statistics even after .eval(), so new running statistics change nothing; re-export the model "
+            "after model.eval()"
         )
 
     result = recalibrate(model, recalibration_data, layers=layers, num_samples=num_samples,

@@ -52,6 +52,7 @@ from .report import (
     Report,
     fails_gate,
 )
+from .scripted import traced_training
 
 WORST_CHANNELS = 5
 
@@ -176,6 +177,7 @@ def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -
         saved_training=run.saved_training,
         eps=layer.eps,
         scripted=layer.scripted,
+        traced_training=traced_training(layer.module) if layer.scripted else None,
         max_abs_log_scale=s.max_abs_log_scale,
         init_residual=residual,
         unconverged_channels=unconverged,

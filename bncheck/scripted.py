@@ -8,8 +8,10 @@ memory (the user's module is never touched), whose BN graphs get momentum 1 befo
 first run. The twin's layers then store exactly their batch mean and unbiased variance after
 each train-mode call. Their ``momentum`` attribute still reads the real value, so every
 finding reasons from what the model does; ``recovery_momentum`` tells the recovery the
-factor actually applied. A layer whose graph does not have the expected single batch_norm
-call is left alone (it stays ``unmeasurable``).
+factor actually applied. A model traced in eval mode has ``training=False`` frozen into each
+BN call, so its buffers never move either: the twin's calls follow the module's flag again.
+A layer whose graph does not have the expected single batch_norm call is left alone (it
+stays ``unmeasurable``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import io
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -33,12 +35,13 @@ def recovery_momentum(module: nn.Module, default: Any) -> Any:
 
 
 def measurable(model: nn.Module) -> nn.Module:
-    """``model`` itself, or -- for a TorchScript model with a BN layer of momentum 0 -- a twin
-    whose BN layers update with momentum 1 (same parameters and buffers, separate tensors)."""
+    """``model`` itself, or -- for a TorchScript model with a BN layer whose buffer update
+    carries nothing (momentum 0, or traced in eval mode: ``training`` a constant False) -- a
+    twin whose BN layers follow the module's mode and update with momentum 1 (same
+    parameters and buffers, separate tensors)."""
     if not isinstance(model, torch.jit.ScriptModule):
         return model
-    stuck = [layer for layer in find_bn_layers(model) if layer.scripted and layer.momentum == 0.0]
-    if not stuck:
+    if not any(_stuck(layer) for layer in find_bn_layers(model) if layer.scripted):
         return model
     try:
         twin = _reloaded(model)
@@ -46,10 +49,34 @@ def measurable(model: nn.Module) -> nn.Module:
         return model
     edited = 0
     for layer in find_bn_layers(twin):
-        if layer.scripted and layer.momentum == 0.0 and _momentum_one(layer.module):
+        if layer.scripted and _stuck(layer) and _edit(layer.module):
             _RECOVERY[layer.module] = 1.0
             edited += 1
     return twin if edited else model
+
+
+def _stuck(layer: Any) -> bool:
+    """A scripted BN layer whose train-mode call tells nothing through its buffers."""
+    if layer.momentum == 0.0:
+        return True
+    call = _bn_call(layer.module)
+    return call is not None and _constant(call[0].inputsAt(call[2])) is False
+
+
+def traced_training(module: nn.Module) -> Optional[bool]:
+    """The ``training`` value tracing froze into a TorchScript BN layer's batch_norm call, or
+    None when the call follows the module's flag (scripted code, or a twin already edited).
+    True means the layer normalizes with batch statistics even after ``.eval()``."""
+    call = _bn_call(module)
+    if call is None:
+        return None
+    value = _constant(call[0].inputsAt(call[2]))
+    return value if isinstance(value, bool) else None
+
+
+def _constant(value: Any) -> Any:
+    node = value.node()
+    return node.output().toIValue() if node.kind() == "prim::Constant" else None
 
 
 def _reloaded(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
@@ -66,26 +93,44 @@ def _reloaded(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     return twin
 
 
-def _momentum_one(module: nn.Module) -> bool:
-    """Replace the momentum argument of the layer's one batch_norm call with 1.0, before the
-    graph ever ran (a graph already run keeps its compiled plan)."""
+def _bn_call(module: nn.Module) -> Optional[tuple[Any, int, int, Any]]:
+    """The layer's one batch_norm call in its forward graph, with the positions of its
+    momentum and training arguments; None when there is not exactly one."""
     try:
         graph = module._c._get_method("forward").graph
     except Exception:
-        return False
+        return None
     calls = []
+    # scripted: F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     for node in graph.findAllNodes("prim::CallFunction"):
         function = node.inputsAt(0).node()
         if function.kind() == "prim::Constant" and function.hasAttribute("name") and function.s("name") == "batch_norm":
-            calls.append((node, 7))  # (fn, input, running_mean, running_var, weight, bias, training, momentum, eps)
-    # aten::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
-    calls += [(node, 6) for node in graph.findAllNodes("aten::batch_norm")]
+            calls.append((node, 7, 6, graph))  # inputs after the function itself
+    # traced: aten::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
+    calls += [(node, 6, 5, graph) for node in graph.findAllNodes("aten::batch_norm")]
     if len(calls) != 1:
+        return None
+    node, momentum, _, _ = calls[0]
+    if node.inputsSize() <= momentum or node.inputsAt(momentum).type().kind() != "FloatType":
+        return None
+    return calls[0]
+
+
+def _edit(module: nn.Module) -> bool:
+    """Before the graph ever ran (a graph already run keeps its compiled plan): the batch_norm
+    call's momentum becomes 1.0, and a ``training`` frozen into the graph by tracing becomes
+    the module's own flag again."""
+    call = _bn_call(module)
+    if call is None:
         return False
-    node, index = calls[0]
-    if node.inputsSize() <= index or node.inputsAt(index).type().kind() != "FloatType":
-        return False
+    node, momentum, training, graph = call
+    if _constant(node.inputsAt(training)) is False:
+        flag = graph.create("prim::GetAttr", [next(graph.inputs())])
+        flag.s_("name", "training")
+        flag.output().setType(torch._C.BoolType.get())
+        flag.insertBefore(node)
+        node.replaceInput(training, flag.output())
     one = graph.insertConstant(1.0)
     one.node().moveBefore(node)
-    node.replaceInput(index, one)
+    node.replaceInput(momentum, one)
     return True

@@ -287,6 +287,57 @@ def test_torchscript_with_momentum_zero_is_recalibrated_and_keeps_its_momentum(t
     assert torch.equal(loaded.bn3.running_mean, kept)
 
 
+def _traced(model: nn.Module, data: torch.Tensor, path: Path, *, train: bool) -> Path:
+    model.train(train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, data[:16])
+        model.eval()
+        torch.jit.save(traced, str(path))
+    return path
+
+
+def test_a_model_traced_in_eval_mode_is_measured_and_recalibrated(tmp_path) -> None:
+    """torch.jit.trace after .eval() -- the usual export -- freezes training=False into each BN
+    call: its buffers never move in train mode. Measured on a twin whose calls follow the mode."""
+    model, data = stale_tiny()
+    eager = bncheck.analyze(model, data, batch_size=16)
+    expected = recalibrated_buffers(model, data)
+    ckpt = open_checkpoint(_traced(model, data, tmp_path / "t.pt", train=False))
+    code = ckpt.module.bn1.code
+    report = bncheck.analyze(ckpt.module, data, batch_size=16)
+    assert not any(f.code == "unmeasurable" for f in report.findings)
+    errors = {(f.code, f.layer) for f in report.findings if f.severity == "error"}
+    assert errors and errors == {(f.code, f.layer) for f in eager.findings if f.severity == "error"}
+    scores = {layer.name: layer.score for layer in eager.layers}
+    for layer in report.layers:
+        assert layer.score == pytest.approx(scores[layer.name], rel=1e-3)
+    bncheck.recalibrate(ckpt.module, data, batch_size=16)
+    assert ckpt.module.bn1.code == code  # the caller's graph still says training=False
+    ckpt.write(tmp_path / "out.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(str(tmp_path / "out.pt"))
+    torch.testing.assert_close(loaded.bn2.running_mean, expected["bn2.running_mean"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded.bn2.running_var, expected["bn2.running_var"], rtol=2e-3, atol=1e-5)
+
+
+def test_a_model_traced_in_train_mode_is_an_error_and_fix_refuses(tmp_path) -> None:
+    model, data = stale_tiny()
+    path = _traced(model, data, tmp_path / "t.pt", train=True)
+    report = bncheck.analyze(open_checkpoint(path).module, data, batch_size=16)
+    assert report.verdict == "fail"
+    assert {(f.code, f.layer) for f in report.findings} == {("traced-in-train-mode", n) for n in ("bn1", "bn2", "bn3")}
+    assert "even after .eval()" in report.findings[0].message and "model.eval()" in report.findings[0].hint
+    torch.save(data, tmp_path / "x.pt")
+    result = run_fix([str(path), "--data", str(tmp_path / "x.pt"), "--batch-size", "16", "--out",
+                      str(tmp_path / "o.pt"), "--json", "-"])
+    assert result.exit_code == 1, result.output
+    document = json.loads(result.stdout)
+    assert document["outcome"] == "refused" and any("traced in train mode" in r for r in document["reasons"])
+    assert not (tmp_path / "o.pt").exists()
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_exported_program_is_written_back(tmp_path) -> None:
     model, data = stale_tiny()

@@ -6,13 +6,15 @@
   ``_BatchNorm`` (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) always
   normalize with their buffers: ``kind = "frozen"``; they are compared with the data.
 * Submodules of a TorchScript archive keep their class in ``original_name``; the
-  BatchNorm ones are ``kind = "batchnorm"`` with ``scripted = True`` (no hooks there).
+  BatchNorm ones (by name, or any module with running buffers whose forward graph makes one
+  ``batch_norm`` call: timm's BatchNormAct2d) are ``kind = "batchnorm"`` with
+  ``scripted = True`` (no hooks there).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +71,29 @@ class BNLayer:
         return int(getattr(self.module, "num_features", 0) or 0)
 
 
+def scripted_bn_call(module: nn.Module) -> Optional[tuple[Any, int, int, Any]]:
+    """The layer's one batch_norm call in its forward graph, with the positions of its
+    momentum and training arguments; None when there is not exactly one."""
+    try:
+        graph = module._c._get_method("forward").graph
+    except Exception:
+        return None
+    calls = []
+    # scripted: F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    for node in graph.findAllNodes("prim::CallFunction"):
+        function = node.inputsAt(0).node()
+        if function.kind() == "prim::Constant" and function.hasAttribute("name") and function.s("name") == "batch_norm":
+            calls.append((node, 7, 6, graph))  # inputs after the function itself
+    # traced: aten::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
+    calls += [(node, 6, 5, graph) for node in graph.findAllNodes("aten::batch_norm")]
+    if len(calls) != 1:
+        return None
+    node, momentum, _, _ = calls[0]
+    if node.inputsSize() <= momentum or node.inputsAt(momentum).type().kind() != "FloatType":
+        return None
+    return calls[0]
+
+
 def _type_name(module: nn.Module) -> str:
     if isinstance(module, torch.jit.ScriptModule):
         return getattr(module, "original_name", type(module).__name__)
@@ -92,7 +117,10 @@ def find_bn_layers(model: nn.Module) -> list[BNLayer]:
         if isinstance(module, _BatchNorm):
             layers.append(BNLayer(name, module, _type_name(module), "batchnorm", False))
         elif isinstance(module, torch.jit.ScriptModule):
-            if _type_name(module) in _SCRIPTED_BN_NAMES and _has_running_buffers(module):
+            # by class name, or by what it does: BatchNorm subclasses (timm's BatchNormAct2d, ...)
+            # keep their own name but make one batch_norm call on their running buffers
+            if _has_running_buffers(module) and (_type_name(module) in _SCRIPTED_BN_NAMES
+                                                 or scripted_bn_call(module) is not None):
                 layers.append(BNLayer(name, module, _type_name(module), "batchnorm", True))
         elif _has_running_buffers(module):
             layers.append(BNLayer(name, module, _type_name(module), "frozen", False))

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .discovery import find_bn_layers
+from .discovery import find_bn_layers, scripted_bn_call
 
 _RECOVERY: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
 
@@ -59,7 +59,7 @@ def _stuck(layer: Any) -> bool:
     """A scripted BN layer whose train-mode call tells nothing through its buffers."""
     if layer.momentum == 0.0:
         return True
-    call = _bn_call(layer.module)
+    call = scripted_bn_call(layer.module)
     return call is not None and _constant(call[0].inputsAt(call[2])) is False
 
 
@@ -67,7 +67,7 @@ def traced_training(module: nn.Module) -> Optional[bool]:
     """The ``training`` value tracing froze into a TorchScript BN layer's batch_norm call, or
     None when the call follows the module's flag (scripted code, or a twin already edited).
     True means the layer normalizes with batch statistics even after ``.eval()``."""
-    call = _bn_call(module)
+    call = scripted_bn_call(module)
     if call is None:
         return None
     value = _constant(call[0].inputsAt(call[2]))
@@ -93,34 +93,11 @@ def _reloaded(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     return twin
 
 
-def _bn_call(module: nn.Module) -> Optional[tuple[Any, int, int, Any]]:
-    """The layer's one batch_norm call in its forward graph, with the positions of its
-    momentum and training arguments; None when there is not exactly one."""
-    try:
-        graph = module._c._get_method("forward").graph
-    except Exception:
-        return None
-    calls = []
-    # scripted: F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    for node in graph.findAllNodes("prim::CallFunction"):
-        function = node.inputsAt(0).node()
-        if function.kind() == "prim::Constant" and function.hasAttribute("name") and function.s("name") == "batch_norm":
-            calls.append((node, 7, 6, graph))  # inputs after the function itself
-    # traced: aten::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
-    calls += [(node, 6, 5, graph) for node in graph.findAllNodes("aten::batch_norm")]
-    if len(calls) != 1:
-        return None
-    node, momentum, _, _ = calls[0]
-    if node.inputsSize() <= momentum or node.inputsAt(momentum).type().kind() != "FloatType":
-        return None
-    return calls[0]
-
-
 def _edit(module: nn.Module) -> bool:
     """Before the graph ever ran (a graph already run keeps its compiled plan): the batch_norm
     call's momentum becomes 1.0, and a ``training`` frozen into the graph by tracing becomes
     the module's own flag again."""
-    call = _bn_call(module)
+    call = scripted_bn_call(module)
     if call is None:
         return False
     node, momentum, training, graph = call

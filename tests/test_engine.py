@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from conftest import TinyNet, calibrate, make_batches
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+import bncheck
 from bncheck.capture import fingerprint
 from bncheck.discovery import find_bn_layers
 from bncheck.engine import analyze
@@ -200,6 +202,29 @@ def test_torchscript_model_recovers_batch_stats_from_buffers(batches) -> None:
     assert report.verdict == "fail"
     healthy = torch.jit.script(calibrate(TinyNet(), make_batches(8, seed=123)))
     assert analyze(healthy, batches).verdict == "pass"
+
+
+@pytest.mark.parametrize("export", ["script", "trace"])
+def test_torchscript_bn_subclasses_are_found_by_what_they_do(export) -> None:
+    """timm's BatchNormAct2d keeps its own class name in a TorchScript archive: found because it
+    makes one batch_norm call on running buffers (was: 'no-batchnorm', a pass)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=4).eval()
+    data = torch.randn(32, 3, 32, 32)
+    bncheck.recalibrate(model, data, batch_size=16)
+    layer = next(m for m in model.modules() if type(m).__name__ == "BatchNormAct2d" and m.num_features >= 16)
+    with torch.no_grad():
+        layer.running_mean += 3 * layer.running_var.sqrt()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.jit.script(model) if export == "script" else torch.jit.trace(model, data[:4])
+    eager, report = analyze(model, data, batch_size=16), analyze(exported, data, batch_size=16)
+    assert report.model.bn_layers == eager.model.bn_layers > 10
+    assert all(la.score is not None for la in report.layers if la.depth is not None)
+    assert report.verdict == eager.verdict == "fail"
+    assert report.layers[0].name == eager.layers[0].name
+    assert report.layers[0].score == pytest.approx(eager.layers[0].score, rel=1e-3)
 
 
 def test_ignore_globs_and_no_batchnorm(tiny, batches) -> None:

@@ -136,8 +136,27 @@ def _init_residual(momentum: Optional[float], count: Optional[int], run: LayerSt
     # holds at least (about) the residual where the data's variance is smaller. Statistics set
     # some other way (update_bn, bncheck fix, a cumulative average) leave a small counter
     # without the residual, and are not called unconverged.
-    carries = running_var.detach().to(run.train.var) >= 0.5 * residual
-    return residual, int(((run.train.var < residual) & carries).sum())
+    data_mean, data_var = run.train.mean, run.train.var
+    running_var = running_var.detach().to(data_var)
+    carries = running_var >= 0.5 * residual
+    unconverged = (data_var < residual) & carries
+    if not bool(unconverged.any()) or run.layer.running_mean is None:
+        return residual, 0
+    # And the reading must explain the buffers: an EMA from the init (mean 0, var 1) over this
+    # data predicts running stats ((1 - r) mu, r + (1 - r) var). A converged buffer that merely
+    # disagrees with new data (drift after a recalibration, whose counter is small) is not it.
+    running_mean = run.layer.running_mean.detach().to(data_mean)
+    eps = run.layer.eps
+    predicted_error = normalization_error(
+        scale_ratio((1.0 - residual) * data_var + residual, running_var, eps),
+        mean_shift((1.0 - residual) * data_mean, running_mean, running_var, eps),
+    )[unconverged]
+    data_error = normalization_error(
+        scale_ratio(data_var, running_var, eps), mean_shift(data_mean, running_mean, running_var, eps)
+    )[unconverged]
+    if float(predicted_error.square().mean().sqrt()) > 0.5 * float(data_error.square().mean().sqrt()):
+        return residual, 0
+    return residual, int(unconverged.sum())
 
 
 def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -> LayerFacts:

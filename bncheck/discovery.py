@@ -13,12 +13,17 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+_MISSING = object()
+_MOMENTUM_AS_SAVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Scripted layers whose graph bncheck edited (a measuring twin): the momentum as saved."""
 
 _SCRIPTED_BN_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "_BatchNorm"}
 
@@ -56,7 +61,11 @@ class BNLayer:
 
     @property
     def momentum(self) -> Optional[float]:
-        value = getattr(self.module, "momentum", 0.1)
+        """The module's momentum; for a traced TorchScript layer (no attribute) the constant
+        its graph updates with; 0.1 (PyTorch's default) when nothing says."""
+        value = getattr(self.module, "momentum", _MISSING)
+        if value is _MISSING:
+            value = scripted_momentum(self.module) if self.scripted else 0.1
         return None if value is None else float(value)
 
     @property
@@ -92,6 +101,27 @@ def scripted_bn_call(module: nn.Module) -> Optional[tuple[Any, int, int, Any]]:
     if node.inputsSize() <= momentum or node.inputsAt(momentum).type().kind() != "FloatType":
         return None
     return calls[0]
+
+
+def scripted_momentum(module: nn.Module) -> Optional[float]:
+    """The update factor a TorchScript layer's batch_norm call uses, when it is a constant
+    (traced graphs); 0.1 when it is computed (scripted code reads ``momentum`` at run time)
+    or unknown."""
+    if module in _MOMENTUM_AS_SAVED:
+        return _MOMENTUM_AS_SAVED[module]
+    call = scripted_bn_call(module)
+    if call is not None:
+        node = call[0].inputsAt(call[1]).node()
+        if node.kind() == "prim::Constant":
+            value = node.output().toIValue()
+            if isinstance(value, float):
+                return value
+    return 0.1
+
+
+def remember_momentum(module: nn.Module, momentum: Optional[float]) -> None:
+    """Before bncheck edits a scripted layer's graph: what its momentum was."""
+    _MOMENTUM_AS_SAVED[module] = momentum
 
 
 def _type_name(module: nn.Module) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .discovery import find_bn_layers, scripted_bn_call
+from .discovery import find_bn_layers, remember_momentum, scripted_bn_call
 
 _RECOVERY: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
 
@@ -49,7 +49,9 @@ def measurable(model: nn.Module) -> nn.Module:
         return model
     edited = 0
     for layer in find_bn_layers(twin):
+        saved = layer.momentum
         if layer.scripted and _stuck(layer) and _edit(layer.module):
+            remember_momentum(layer.module, saved)
             _RECOVERY[layer.module] = 1.0
             edited += 1
     return twin if edited else model

@@ -227,6 +227,26 @@ def test_torchscript_bn_subclasses_are_found_by_what_they_do(export) -> None:
     assert report.layers[0].score == pytest.approx(eager.layers[0].score, rel=1e-3)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.01])
+def test_a_trace_after_eval_reads_momentum_from_its_graph_and_matches_the_eager_findings(momentum, batches) -> None:
+    """A traced BN module has no momentum attribute: the constant in its graph is the momentum
+    (0: the seed bug, pseudo-frozen; 0.01: not the 0.1 default)."""
+    model = calibrate(TinyNet(), make_batches(8, seed=1))
+    with torch.no_grad():
+        model.bn2.running_mean += 2 * model.bn2.running_var.sqrt()
+    for bn in (model.bn1, model.bn2, model.bn3):
+        bn.momentum = momentum
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model.eval(), batches[0])
+    assert [layer.momentum for layer in find_bn_layers(traced)] == [momentum] * 3
+    report, eager = analyze(traced, batches), analyze(model, batches)
+    assert [layer.momentum for layer in report.layers] == [momentum] * 3
+    assert [(f.code, f.layer) for f in report.findings] == [(f.code, f.layer) for f in eager.findings]
+    assert report.findings[0].code == ("pseudo-frozen" if momentum == 0.0 else "stale-running-stats")
+    assert [layer.momentum for layer in find_bn_layers(traced)] == [momentum] * 3  # the caller's graph as it was
+
+
 def test_ignore_globs_and_no_batchnorm(tiny, batches) -> None:
     with torch.no_grad():
         tiny.bn2.running_mean += 10.0

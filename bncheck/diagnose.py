@@ -64,8 +64,8 @@ class LayerFacts:
     unconverged_channels: int = 0
     """Channels whose variance in the data is below that residual (the init dominates them)."""
     traced_training: Optional[bool] = None
-    """TorchScript traced with ``training`` frozen into the graph (True: batch statistics even
-    in eval mode); None when the layer follows its module's flag."""
+    """``training`` frozen into the layer's graph by ``torch.jit.trace`` or ``torch.export``
+    (True: batch statistics even in eval mode); None when the layer follows its module's flag."""
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
@@ -109,7 +109,8 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
         add(
             "traced-in-train-mode",
             "error",
-            "traced in train mode: training=True is frozen into this layer's graph, so even after .eval() it "
+            "traced or exported in train mode: training=True is frozen into this layer's graph, so even after "
+            ".eval() it "
             "normalizes every input with the statistics of its own batch -- a sample's output depends on the rest "
             "of its batch, and the running statistics are never used.",
             "Re-export the model after model.eval() (torch.jit.trace or torch.export) and check the new file with "

@@ -36,6 +36,16 @@ class ExportedBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
 
+def _baked_training(node: Any) -> Optional[bool]:
+    """The ``training`` flag an exported BN call carries (None: not a constant)."""
+    if node.target is aten._native_batch_norm_legit_no_training.default:
+        return False
+    if node.target is aten._native_batch_norm_legit.default:
+        return True
+    value = node.args[5] if len(node.args) > 5 else None  # batch_norm / native_batch_norm
+    return value if isinstance(value, bool) else None
+
+
 def _attr_name(node: Any) -> Optional[str]:
     return node.target if getattr(node, "op", None) == "get_attr" else None
 
@@ -79,6 +89,9 @@ class ExportedProgramModule(nn.Module):
                 bn.num_batches_tracked = tracked
         bn.eval()
         bn.bncheck_type_name = _original_type(node)
+        # exported from a model in train(): the program normalizes with batch statistics for
+        # good (bncheck's routing would hide that, so it is recorded here)
+        bn.bncheck_frozen_training = _baked_training(node)
         layer_name = next((n.rsplit(".", 1)[0] for n in (names[2], names[0]) if n and "." in n), None)
         self._attach(layer_name or str(node.name), bn)
         return bn

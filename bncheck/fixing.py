@@ -72,7 +72,8 @@ def run_fix(
     traced = [f for f in before.findings if f.code == "traced-in-train-mode"]
     if traced:
         blocking.append(
-            f"{len(traced)} BN layer(s) were traced in train mode (first: {traced[0].layer}): they normalize with "
+            f"{len(traced)} BN layer(s) were traced or exported in train mode (first: {traced[0].layer}): they "
+            "normalize with "
             "batch statistics even after .eval(), so new running statistics change nothing; re-export the model "
             "after model.eval()"
         )

@@ -196,7 +196,8 @@ def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -
         saved_training=run.saved_training,
         eps=layer.eps,
         scripted=layer.scripted,
-        traced_training=traced_training(layer.module) if layer.scripted else None,
+        traced_training=(traced_training(layer.module) if layer.scripted
+                         else getattr(layer.module, "bncheck_frozen_training", None)),
         max_abs_log_scale=s.max_abs_log_scale,
         init_residual=residual,
         unconverged_channels=unconverged,

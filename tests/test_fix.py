@@ -334,8 +334,21 @@ def test_a_model_traced_in_train_mode_is_an_error_and_fix_refuses(tmp_path) -> N
                       str(tmp_path / "o.pt"), "--json", "-"])
     assert result.exit_code == 1, result.output
     document = json.loads(result.stdout)
-    assert document["outcome"] == "refused" and any("traced in train mode" in r for r in document["reasons"])
+    assert document["outcome"] == "refused"
+    assert any("traced or exported in train mode" in r for r in document["reasons"])
     assert not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_program_exported_in_train_mode_is_an_error_and_one_exported_in_eval_mode_is_not(tmp_path) -> None:
+    model, data = stale_tiny()
+    torch.export.save(torch.export.export(model.train(), (data[:16],)), tmp_path / "train.pt2")
+    torch.export.save(torch.export.export(model.eval(), (data[:16],)), tmp_path / "eval.pt2")
+    trained = bncheck.analyze(open_checkpoint(tmp_path / "train.pt2").module, data, batch_size=16)
+    assert {f.code for f in trained.findings} == {"traced-in-train-mode"} and trained.verdict == "fail"
+    evaluated = bncheck.analyze(open_checkpoint(tmp_path / "eval.pt2").module, data, batch_size=16)
+    assert not any(f.code == "traced-in-train-mode" for f in evaluated.findings)
+    assert any(f.code == "stale-running-stats" for f in evaluated.findings)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

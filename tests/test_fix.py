@@ -238,6 +238,19 @@ def test_safetensors_keeps_its_metadata(tmp_path) -> None:
         assert torch.equal(reader.get_tensor("bn2.running_var"), expected["bn2.running_var"])
 
 
+def written_torchscript(ckpt, out: Path, expected: dict, layer: str) -> torch.jit.ScriptModule:
+    """Write ``ckpt`` to ``out``, load it back, and check ``layer``'s buffers against ``expected``
+    (TorchScript statistics come from buffer updates, unbiased per batch: var to 2e-3)."""
+    ckpt.write(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(str(out))
+    module = dict(loaded.named_modules())[layer]
+    torch.testing.assert_close(module.running_mean, expected[f"{layer}.running_mean"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.running_var, expected[f"{layer}.running_var"], rtol=2e-3, atol=1e-5)
+    return loaded
+
+
 def test_torchscript_archive_is_written_back(tmp_path) -> None:
     model, data = stale_tiny()
     with warnings.catch_warnings():
@@ -247,13 +260,7 @@ def test_torchscript_archive_is_written_back(tmp_path) -> None:
     ckpt = open_checkpoint(tmp_path / "m.pt")
     result = bncheck.recalibrate(ckpt.module, data, batch_size=16)
     assert len(result.layers) == 3
-    ckpt.write(tmp_path / "out.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = torch.jit.load(str(tmp_path / "out.pt"))
-    # TorchScript statistics come from the buffer update (no hooks): unbiased per batch
-    torch.testing.assert_close(loaded.bn1.running_mean, expected["bn1.running_mean"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loaded.bn1.running_var, expected["bn1.running_var"], rtol=2e-3, atol=1e-5)
+    written_torchscript(ckpt, tmp_path / "out.pt", expected, "bn1")
 
 
 def test_torchscript_with_momentum_zero_is_recalibrated_and_keeps_its_momentum(tmp_path) -> None:
@@ -274,13 +281,8 @@ def test_torchscript_with_momentum_zero_is_recalibrated_and_keeps_its_momentum(t
     assert [layer.name for layer in result.layers] == ["bn1", "bn2", "bn3"] and not result.skipped
     assert ckpt.module.bn2.code == code  # the caller's graph is not the twin's
     torch.testing.assert_close(ckpt.module.bn2.running_mean, expected["bn2.running_mean"], rtol=1e-5, atol=1e-6)
-    ckpt.write(tmp_path / "out.pt")
+    loaded = written_torchscript(ckpt, tmp_path / "out.pt", expected, "bn1")
     assert (tmp_path / "m.pt").read_bytes() == before
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = torch.jit.load(str(tmp_path / "out.pt"))
-    torch.testing.assert_close(loaded.bn1.running_mean, expected["bn1.running_mean"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loaded.bn1.running_var, expected["bn1.running_var"], rtol=2e-3, atol=1e-5)
     loaded.train()
     kept = loaded.bn3.running_mean.clone()
     loaded(data[:16])  # still momentum 0: a train-mode forward leaves the statistics where they are
@@ -314,12 +316,7 @@ def test_a_model_traced_in_eval_mode_is_measured_and_recalibrated(tmp_path) -> N
         assert layer.score == pytest.approx(scores[layer.name], rel=1e-3)
     bncheck.recalibrate(ckpt.module, data, batch_size=16)
     assert ckpt.module.bn1.code == code  # the caller's graph still says training=False
-    ckpt.write(tmp_path / "out.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = torch.jit.load(str(tmp_path / "out.pt"))
-    torch.testing.assert_close(loaded.bn2.running_mean, expected["bn2.running_mean"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loaded.bn2.running_var, expected["bn2.running_var"], rtol=2e-3, atol=1e-5)
+    written_torchscript(ckpt, tmp_path / "out.pt", expected, "bn2")
 
 
 def test_a_model_traced_in_train_mode_is_an_error_and_fix_refuses(tmp_path) -> None:

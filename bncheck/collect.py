@@ -147,6 +147,10 @@ class StatisticsPass:
                 if entry.scripted_before is not None:
                     self._recover_scripted(entry, n)
             self._snapshot.restore_buffers()
+        elif any(entry.scripted_before is not None for entry in self.stats):
+            # a graph traced in train mode updates its buffers even in eval mode; the next
+            # train-mode recovery must start from the saved ones
+            self._snapshot.restore_buffers()
         return out
 
     def _mark_called(self, entry: LayerStats) -> None:

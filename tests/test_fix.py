@@ -326,6 +326,13 @@ def test_a_model_traced_in_train_mode_is_an_error_and_fix_refuses(tmp_path) -> N
     assert report.verdict == "fail"
     assert {(f.code, f.layer) for f in report.findings} == {("traced-in-train-mode", n) for n in ("bn1", "bn2", "bn3")}
     assert "even after .eval()" in report.findings[0].message and "model.eval()" in report.findings[0].hint
+    # its eval-mode calls update the buffers too: they are restored, so the scores (running vs
+    # batch statistics) are the eager model's with the same buffers
+    twin = TinyNet()
+    twin.load_state_dict(open_checkpoint(path).module.state_dict())
+    eager = {layer.name: layer.score for layer in bncheck.analyze(twin, data, batch_size=16).layers}
+    for layer in report.layers:
+        assert layer.score == pytest.approx(eager[layer.name], rel=1e-2)
     torch.save(data, tmp_path / "x.pt")
     result = run_fix([str(path), "--data", str(tmp_path / "x.pt"), "--batch-size", "16", "--out",
                       str(tmp_path / "o.pt"), "--json", "-"])

@@ -131,6 +131,7 @@ class StatisticsPass:
         for entry in self.stats:
             if entry.layer.scripted and entry.layer.track_running_stats:
                 entry.scripted_before = _scripted_before(entry.layer)
+        self._scripted = [entry for entry in self.stats if entry.scripted_before is not None]
 
     def forward(self, inputs: Any, mode: str) -> Any:
         self._mode = mode
@@ -143,11 +144,10 @@ class StatisticsPass:
         if mode == "train":
             n = batch_len(inputs)
             self._train_samples += n
-            for entry in self.stats:
-                if entry.scripted_before is not None:
-                    self._recover_scripted(entry, n)
+            for entry in self._scripted:
+                self._recover_scripted(entry, n)
             self._snapshot.restore_buffers()
-        elif any(entry.scripted_before is not None for entry in self.stats):
+        elif self._scripted:
             # a graph traced in train mode updates its buffers even in eval mode; the next
             # train-mode recovery must start from the saved ones
             self._snapshot.restore_buffers()

@@ -110,9 +110,8 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "traced-in-train-mode",
             "error",
             "traced or exported in train mode: training=True is frozen into this layer's graph, so even after "
-            ".eval() it "
-            "normalizes every input with the statistics of its own batch -- a sample's output depends on the rest "
-            "of its batch, and the running statistics are never used.",
+            ".eval() it normalizes every input with the statistics of its own batch -- a sample's output depends "
+            "on the rest of its batch, and the running statistics are never used.",
             "Re-export the model after model.eval() (torch.jit.trace or torch.export) and check the new file with "
             "bncheck; recalibrating this archive changes nothing it computes.",
         )

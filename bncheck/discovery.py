@@ -110,18 +110,24 @@ def scripted_momentum(module: nn.Module) -> Optional[float]:
     if module in _MOMENTUM_AS_SAVED:
         return _MOMENTUM_AS_SAVED[module]
     call = scripted_bn_call(module)
-    if call is not None:
-        node = call[0].inputsAt(call[1]).node()
-        if node.kind() == "prim::Constant":
-            value = node.output().toIValue()
-            if isinstance(value, float):
-                return value
-    return 0.1
+    value = graph_constant(call[0].inputsAt(call[1])) if call is not None else None
+    return value if isinstance(value, float) else 0.1
+
+
+def graph_constant(value: Any) -> Any:
+    """The value of a TorchScript graph value produced by a constant; None otherwise."""
+    node = value.node()
+    return node.output().toIValue() if node.kind() == "prim::Constant" else None
 
 
 def remember_momentum(module: nn.Module, momentum: Optional[float]) -> None:
     """Before bncheck edits a scripted layer's graph: what its momentum was."""
     _MOMENTUM_AS_SAVED[module] = momentum
+
+
+def graph_edited(module: nn.Module) -> bool:
+    """Whether bncheck edited this scripted layer's graph (a measuring twin's layer)."""
+    return module in _MOMENTUM_AS_SAVED
 
 
 def _type_name(module: nn.Module) -> str:

@@ -139,7 +139,7 @@ def analyze(
     world = distributed.current()
     if world.active and (shard or (shard is None and _dataset_pair(data) is not None)):
         batches = world.shard(batches)
-    model = measurable(model)  # a TorchScript model with momentum-0 BN: measured on a twin
+    model = measurable(model)  # TorchScript BN with momentum 0 or traced in eval: measured on a twin
     layers, ignored = _discover(model, ignore)
     with OnDevice(model, device) as target:
         divergent = distributed.rank_divergence(world, layers)

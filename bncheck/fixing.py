@@ -4,8 +4,8 @@ Refusals exist because recalibration can hide a bug or break a good model:
 
 * ``input-distribution`` before: the data itself looks wrongly preprocessed; new running
   statistics would bake that into the checkpoint.
-* ``traced-in-train-mode`` before: a TorchScript archive traced with ``training=True``
-  frozen into its BN calls never reads its running statistics; writing new ones would only
+* ``traced-in-train-mode`` before: a TorchScript trace or ``torch.export`` program with
+  ``training=True`` frozen into its BN calls never reads its running statistics; writing new ones would only
   look like a cure.
 * with labels, a lower eval-mode accuracy after than before: BN kept in eval mode on
   purpose during a fine-tune leaves running statistics that disagree with the new data,
@@ -73,9 +73,8 @@ def run_fix(
     if traced:
         blocking.append(
             f"{len(traced)} BN layer(s) were traced or exported in train mode (first: {traced[0].layer}): they "
-            "normalize with "
-            "batch statistics even after .eval(), so new running statistics change nothing; re-export the model "
-            "after model.eval()"
+            "normalize with batch statistics even after .eval(), so new running statistics change nothing; "
+            "re-export the model after model.eval()"
         )
 
     result = recalibrate(model, recalibration_data, layers=layers, num_samples=num_samples,

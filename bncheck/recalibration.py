@@ -183,7 +183,7 @@ def recalibrate(
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 2):
         raise UsageError(f"$num_samples must be an integer of at least 2, got {num_samples!r}")
     original = model
-    model = measurable(model)  # a TorchScript model with momentum-0 BN: measured on a twin
+    model = measurable(model)  # TorchScript BN with momentum 0 or traced in eval: measured on a twin
     all_layers = find_bn_layers(model)
     chosen, skipped = _selected(all_layers, layers)
     batches = iter_batches(data, batch_size=batch_size, num_batches=None)

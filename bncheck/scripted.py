@@ -1,4 +1,4 @@
-"""Making TorchScript BN layers with momentum 0 measurable.
+"""Making TorchScript BN layers measurable whose buffer update carries nothing.
 
 A scripted BN layer has no hooks; its batch statistics are recovered from its buffer update
 (``collect``): ``mu_B = (r_new - (1 - m) r_old) / m``. With momentum 0 -- the seed bug,
@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import io
 import warnings
-import weakref
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .discovery import find_bn_layers, remember_momentum, scripted_bn_call
-
-_RECOVERY: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+from .discovery import find_bn_layers, graph_constant, graph_edited, remember_momentum, scripted_bn_call
 
 
 def recovery_momentum(module: nn.Module, default: Any) -> Any:
     """The update factor a scripted layer applies in this run (1.0 on a twin)."""
-    return _RECOVERY.get(module, default)
+    return 1.0 if graph_edited(module) else default
 
 
 def measurable(model: nn.Module) -> nn.Module:
@@ -52,17 +49,13 @@ def measurable(model: nn.Module) -> nn.Module:
         saved = layer.momentum
         if layer.scripted and _stuck(layer) and _edit(layer.module):
             remember_momentum(layer.module, saved)
-            _RECOVERY[layer.module] = 1.0
             edited += 1
     return twin if edited else model
 
 
 def _stuck(layer: Any) -> bool:
     """A scripted BN layer whose train-mode call tells nothing through its buffers."""
-    if layer.momentum == 0.0:
-        return True
-    call = scripted_bn_call(layer.module)
-    return call is not None and _constant(call[0].inputsAt(call[2])) is False
+    return layer.momentum == 0.0 or traced_training(layer.module) is False
 
 
 def traced_training(module: nn.Module) -> Optional[bool]:
@@ -72,13 +65,8 @@ def traced_training(module: nn.Module) -> Optional[bool]:
     call = scripted_bn_call(module)
     if call is None:
         return None
-    value = _constant(call[0].inputsAt(call[2]))
+    value = graph_constant(call[0].inputsAt(call[2]))
     return value if isinstance(value, bool) else None
-
-
-def _constant(value: Any) -> Any:
-    node = value.node()
-    return node.output().toIValue() if node.kind() == "prim::Constant" else None
 
 
 def _reloaded(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
@@ -103,7 +91,7 @@ def _edit(module: nn.Module) -> bool:
     if call is None:
         return False
     node, momentum, training, graph = call
-    if _constant(node.inputsAt(training)) is False:
+    if graph_constant(node.inputsAt(training)) is False:
         flag = graph.create("prim::GetAttr", [next(graph.inputs())])
         flag.s_("name", "training")
         flag.output().setType(torch._C.BoolType.get())

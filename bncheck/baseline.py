@@ -74,10 +74,11 @@ def compare(baseline: Report, current: Report, source: str, worsen: float) -> Ba
 
 def apply_baseline(current: Report, baseline: Report, source: str) -> Report:
     """``current`` with the comparison attached and the verdict decided by new or worsened
-    findings only (a ``no-batchnorm`` verdict stays)."""
+    findings only (a ``no-batchnorm`` verdict stays when nothing fails)."""
     worsen = current.thresholds.get("baseline_worsen", 0.25)
     comparison = compare(baseline, current, source, worsen)
-    verdict = current.verdict
-    if verdict != "no-batchnorm":
-        verdict = "fail" if fails_gate((*comparison.new, *comparison.worsened), current.fail_on) else "pass"
+    if fails_gate((*comparison.new, *comparison.worsened), current.fail_on):
+        verdict = "fail"
+    else:
+        verdict = "no-batchnorm" if current.verdict == "no-batchnorm" else "pass"
     return replace(current, baseline=comparison, verdict=verdict)

@@ -16,7 +16,6 @@ import logging
 import pickle
 import re
 import warnings
-import zipfile
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from .errors import InputError, UsageError, first_line
 from .files import atomic_write, atomic_write_folder, check_output_folder, check_output_path
 from .loading import NESTED_KEYS, build_arch, guess_arch, load_state_into, locate_state_dict, sha256_of
 from .report import ModelInfo
+from .untrusted import check_regular_file, inflation_problem, zip_members
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -89,10 +89,10 @@ class Checkpoint:
         out = Path(out)
         if isinstance(self.handler, ModelFolderFormat):
             check_output_folder(out, self.path, force=force)
-            atomic_write_folder(out, lambda tmp: self.handler.write(self, tmp))
+            atomic_write_folder(out, lambda tmp: self.handler.write(self, tmp), replace_existing=force)
             return
         check_output_path(out, self.path, force=force)
-        atomic_write(out, lambda tmp: self.handler.write(self, tmp))
+        atomic_write(out, lambda tmp: self.handler.write(self, tmp), exclusive=not force)
 
 
 def _buffers_by_key(module: nn.Module, keys: list[str]) -> dict[str, Tensor]:
@@ -137,6 +137,12 @@ class TorchScriptFormat(Format):
         return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
     def read(self, probe: Probe, arch: Optional[str], arch_kwargs: dict, trusted: bool, digest: str) -> Checkpoint:
+        if not trusted:  # its code/ is compiled and run by torch.jit.load itself (see untrusted.py)
+            raise InputError(
+                f"{probe.path} is a TorchScript archive: a program whose code runs while it loads (it can "
+                "read and write files), so bncheck loads it only with $trust_checkpoint; pass that if you "
+                "trust the file, or export the model with torch.export (.pt2) or save its state_dict"
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -167,7 +173,16 @@ class ExportedProgramFormat(Format):
 
     def read(self, probe: Probe, arch: Optional[str], arch_kwargs: dict, trusted: bool, digest: str) -> Checkpoint:
         from .exported import ExportedProgramModule
+        from .untrusted import exported_archive_problems
 
+        if not trusted:
+            problems = exported_archive_problems(probe.path)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise InputError(
+                    f"{probe.path} is a torch.export archive that would run code when loaded or run: "
+                    f"{problems[0]}{more}; rerun with $trust_checkpoint only if you trust the file"
+                )
         try:
             with warnings.catch_warnings(), _quiet_logger("torch.export"):
                 warnings.simplefilter("ignore")
@@ -377,14 +392,6 @@ def _unreadable(path: Path, reason: str) -> InputError:
     )
 
 
-def _zip_names(path: Path) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return []
-
-
 def open_checkpoint(
     checkpoint: Optional[Path],
     arch: Optional[str] = None,
@@ -403,6 +410,7 @@ def open_checkpoint(
     path = Path(checkpoint)
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist; check the path")
+    check_regular_file(path, "checkpoint")
     if path.is_dir():
         loaded = ModelFolderFormat().read_folder(path, arch, arch_kwargs)
         return replace(loaded, info=replace(loaded.info, checkpoint=str(checkpoint)))
@@ -414,7 +422,11 @@ def open_checkpoint(
         raise InputError(f"cannot read checkpoint {path}: {exc.strerror}") from None
     if size == 0:
         raise InputError(f"checkpoint {path} is empty (0 bytes); re-save or re-download it")
-    probe = Probe(path, _zip_names(path), head, size)
+    members = zip_members(path)
+    inflating = inflation_problem(members)
+    if inflating:
+        raise InputError(f"checkpoint {path}: {inflating}; torch.save never compresses: re-save the checkpoint")
+    probe = Probe(path, [m.filename for m in members], head, size)
     handler = next(fmt for fmt in FORMATS if fmt.sniff(probe))
     # the file's SHA-256 (for the report) is computed while the model loads: hashlib releases
     # the GIL, so a large checkpoint costs one read in parallel instead of one more in series

@@ -27,7 +27,11 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _err(message: str) -> None:
-    click.echo(message, err=True)
+    """One line on stderr. Messages quote file, layer and folder names that a checkpoint or a
+    data folder chose: control characters are shown as escapes, never sent raw."""
+    from .render.escape import control
+
+    click.echo(control(message), err=True)
 
 
 def _main_rank() -> bool:
@@ -99,11 +103,39 @@ def cli(debug: bool) -> None:
 
 
 def _write_text(path: Path, text: str, what: str) -> None:
+    """Write a report atomically: a full disk or a kill mid-write leaves the previous file."""
+    from .files import atomic_write
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot write {what} to {path}: {exc.strerror}; choose another path") from None
+    try:
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except UsageError as exc:
+        raise UsageError(f"cannot write {what} to {path}: {exc.template}") from None
+
+
+def _input_paths(checkpoint: Any = None, data: Optional[str] = None, **others: Any) -> dict[str, Any]:
+    """The files a command reads, by what they are, for ``check_outputs``."""
+    inputs = {"the input checkpoint": checkpoint}
+    if data:
+        text = str(data)
+        if not Path(text).exists() and ":" in text:  # file.npz:KEY or file.py:callable
+            text = text.rpartition(":")[0]
+        inputs["the data"] = text
+    inputs.update({f"the {name.replace('_', ' ')}": value for name, value in others.items()})
+    return inputs
+
+
+def _check_outputs(targets: dict[str, Any], inputs: dict[str, Any], optional: tuple[str, ...] = ()) -> None:
+    """Every output path differs from every input and from each other, and can be written:
+    refused before any work (``--save`` only warns, as its write does)."""
+    from .files import check_outputs
+
+    flags = {f"--{name}": value for name, value in targets.items()}
+    for warning in check_outputs(flags, inputs, optional=tuple(f"--{name}" for name in optional)):
+        _err(f"warning: {warning}; `bncheck report` will not see this run")
 
 
 def _save_last_run(report_json: str, settings: Settings) -> None:
@@ -228,6 +260,11 @@ def run(
     kwargs = _arch_kwargs(flags, settings)
     if checkpoint is None and arch is None:
         raise UsageError("give a CHECKPOINT file and/or --arch; see `bncheck run --help`")
+    outputs = settings.outputs
+    _check_outputs({"json": outputs.json, "markdown": outputs.markdown, "html": outputs.html,
+                    "junit": outputs.junit, "save": settings.save},
+                   _input_paths(checkpoint, settings.data.path, config=config_path, baseline=settings.baseline),
+                   optional=("save",))
     baseline = _load_baseline(settings.baseline)
 
 
@@ -554,6 +591,8 @@ def fix(
         raise UsageError("give --out NEW for the recalibrated checkpoint, or --dry-run to only see before -> after")
     if out is not None:
         (check_output_folder if Path(checkpoint).is_dir() else check_output_path)(out, checkpoint, force=force)
+    _check_outputs({"out": out, "json": settings.outputs.json, "html": settings.outputs.html},
+                   _input_paths(checkpoint, settings.data.path, config=config_path))
     kwargs = _arch_kwargs(flags, settings)
 
 
@@ -590,6 +629,7 @@ def fix(
 
 
 def _finish_fix(result: Any, settings: Settings) -> None:
+    from .render.escape import for_format
     from .render.table import render_fix
     from .report import dumps_fix
 
@@ -607,7 +647,7 @@ def _finish_fix(result: Any, settings: Settings) -> None:
         _write_text(Path(settings.outputs.html), html_fix(result, top=settings.top), "the HTML page")
     if not settings.quiet:
         stream = sys.stderr if json_to_stdout else sys.stdout
-        click.echo(render_fix(result, color=stream.isatty()), nl=False, err=json_to_stdout)
+        click.echo(render_fix(for_format(result, "table"), color=stream.isatty()), nl=False, err=json_to_stdout)
     else:
         for warning in result.warnings:
             _err(f"warning: {warning}")
@@ -651,21 +691,26 @@ def diff(
     from .checkpoint import open_checkpoint
     from .diff import diff_checkpoints
     from .loading import parse_arch_kwargs
+    from .render.escape import for_format
     from .render.markdown import render_diff as markdown_diff
     from .render.table import render_diff
     from .report import dumps_diff
 
     to_stdout = _stdout_format({"json": json_out, "markdown": markdown_out})
+    _check_outputs({"json": json_out, "markdown": markdown_out},
+                   {"the first checkpoint": checkpoint_a, "the second checkpoint": checkpoint_b})
     kwargs = parse_arch_kwargs(arch_kwargs)
     first = open_checkpoint(checkpoint_a, arch, kwargs, trust_checkpoint=trust_checkpoint)
     second = open_checkpoint(checkpoint_b, arch, kwargs, trust_checkpoint=trust_checkpoint)
     result = diff_checkpoints(first, second, fail_on=fail_on)
-    texts = {"json": lambda: dumps_diff(result), "markdown": lambda: markdown_diff(result, top=top)}
+    texts = {"json": lambda: dumps_diff(result),
+             "markdown": lambda: markdown_diff(for_format(result, "markdown"), top=top)}
     for fmt, target in (("json", json_out), ("markdown", markdown_out)):
         if target is not None and target != STDOUT:
             _write_text(Path(target), texts[fmt](), f"the {fmt} diff")
     stream_is_err = to_stdout is not None
-    click.echo(render_diff(result, top=top, color=(sys.stderr if stream_is_err else sys.stdout).isatty()),
+    click.echo(render_diff(for_format(result, "table"), top=top,
+                           color=(sys.stderr if stream_is_err else sys.stdout).isatty()),
                nl=False, err=stream_is_err)
     if to_stdout is not None:
         sys.stdout.write(texts[to_stdout]())
@@ -687,8 +732,10 @@ def diff(
 @click.option("--top", type=click.IntRange(min=1), help="Rows in the table (default 10).")
 @click.option("--annotations", type=click.Choice(ANNOTATIONS),
               help="Print GitHub Actions workflow commands for the findings (default auto: when GITHUB_ACTIONS=true).")
+@click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS),
+              help="Judge the run at this level (default: the config's fail_on, error); never the saved file's.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",
-              help="Config whose `save` path locates the last run.")
+              help="Config whose `save` path locates the last run (and whose fail_on judges it).")
 @_handle_errors
 def report(
     run_json: Optional[Path],
@@ -699,6 +746,7 @@ def report(
     baseline: Optional[str],
     top: Optional[int],
     annotations: Optional[str],
+    fail_on: Optional[str],
     config_path: Optional[Path],
 ) -> None:
     """Re-render a saved run (default: the last one) without running the model or
@@ -711,12 +759,14 @@ def report(
 
     targets = {"json": json_out, "markdown": markdown_out, "html": html_out, "junit": junit_out}
     to_stdout = _stdout_format(targets)
-    settings = load_settings(config_path, {"top": top, "annotations": annotations})
+    settings = load_settings(config_path, {"top": top, "annotations": annotations, "fail_on": fail_on})
     if run_json is None:
         if settings.save is None:
             raise UsageError("no RUN_JSON given and saving is off (save: null); pass the JSON path")
         run_json = Path(settings.save)
-    loaded = report_module.load(run_json)
+    _check_outputs(targets, {"the saved run": run_json, "the baseline": baseline, "the config": config_path})
+    # the gate is the reader's: a file cannot switch it off with its own fail_on or verdict
+    loaded = report_module.regate(report_module.load(run_json), settings.fail_on)
     if baseline is not None:
         from .baseline import apply_baseline
 
@@ -731,7 +781,20 @@ def report(
         click.get_current_context().exit(int(ExitCode.FINDINGS))
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    """SIGTERM (a CI timeout, torchrun stopping its workers) unwinds like an interrupt, so
+    every temporary file is removed on the way out; the exit status is the usual 128 + 15."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    import os
+    import signal
+
+    # bncheck never downloads: libraries that would fetch a Hub backbone or file stay offline
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="bncheck")
 
 

@@ -7,12 +7,14 @@ in a threshold must not silently keep the default).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UsageError, first_line
+from .errors import UsageError
+from .untrusted import shown
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 FAIL_ON_LEVELS = ("error", "warning", "never")
@@ -96,14 +98,17 @@ class Settings:
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
+    from .errors import InputError
+    from .untrusted import read_text_bounded, safe_yaml
+
+    if not path.exists():
+        raise UsageError(f"config file {path} does not exist; check the --config path")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist; check the --config path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read config file {path}: {first_line(exc)}") from None
+        text = read_text_bounded(path, "config file")
+    except InputError as exc:
+        raise UsageError(exc.template) from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = safe_yaml(text, f"config file {path}")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -137,7 +142,9 @@ def _number(raw: dict, key: str, kind: type, *, minimum: float, optional: bool =
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
         kind is int and not float(value).is_integer()
     ):
-        raise UsageError(f"setting '{where}{key}' must be a number, got {value!r}")
+        raise UsageError(f"setting '{where}{key}' must be a number, got {shown(value)}")
+    if not math.isfinite(value):  # nan < minimum is False: a NaN threshold would switch its gate off
+        raise UsageError(f"setting '{where}{key}' must be a finite number, got {value}")
     value = kind(value)
     if value < minimum:
         raise UsageError(f"setting '{where}{key}' must be at least {minimum}, got {value}")
@@ -147,14 +154,14 @@ def _number(raw: dict, key: str, kind: type, *, minimum: float, optional: bool =
 def _choice(raw: dict, key: str, choices: tuple[str, ...], where: str = "") -> str:
     value = raw[key]
     if value not in choices:
-        raise UsageError(f"setting '{where}{key}' must be one of {', '.join(choices)}; got {value!r}")
+        raise UsageError(f"setting '{where}{key}' must be one of {', '.join(choices)}; got {shown(value)}")
     return value
 
 
 def _optional_str(raw: dict, key: str, where: str) -> Optional[str]:
     value = raw[key]
     if value is not None and not isinstance(value, str):
-        raise UsageError(f"setting '{where}{key}' must be a string or null, got {value!r}")
+        raise UsageError(f"setting '{where}{key}' must be a string or null, got {shown(value)}")
     return value
 
 
@@ -163,7 +170,9 @@ def _floats(raw: dict, key: str, where: str) -> tuple[float, ...]:
     if not isinstance(value, (list, tuple)) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
     ):
-        raise UsageError(f"setting '{where}{key}' must be a list of numbers, got {value!r}")
+        raise UsageError(f"setting '{where}{key}' must be a list of numbers, got {shown(value)}")
+    if not all(math.isfinite(v) for v in value):
+        raise UsageError(f"setting '{where}{key}' must hold finite numbers, got {shown(value)}")
     return tuple(float(v) for v in value)
 
 
@@ -171,11 +180,11 @@ def check_arch_kwargs(value: Any, what: str) -> dict[str, Any]:
     """Keyword arguments for the architecture builder: a mapping with string keys, and no
     ``'num_classes:10'`` key that YAML made of a missing space (same rule for flag and config)."""
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise UsageError(f"{what} must be a mapping such as '{{num_classes: 10}}', got {value!r}")
+        raise UsageError(f"{what} must be a mapping such as '{{num_classes: 10}}', got {shown(value)}")
     glued = [k for k, v in value.items() if v is None and ":" in k]
     if glued:
         key, _, val = glued[0].partition(":")
-        raise UsageError(f"{what} {value!r}: YAML needs a space after the colon: '{{{key}: {val}}}'")
+        raise UsageError(f"{what} {shown(value)}: YAML needs a space after the colon: '{{{key}: {val}}}'")
     return dict(value)
 
 
@@ -283,7 +292,8 @@ def resolve_thresholds(value: Any) -> Thresholds:
     if value is None:
         return defaults
     if not isinstance(value, Mapping):
-        raise UsageError(f"thresholds must be a Thresholds or a mapping such as {{'stale_error': 0.5}}, not {value!r}")
+        raise UsageError(
+            f"thresholds must be a Thresholds or a mapping such as {{'stale_error': 0.5}}, not {shown(value)}")
     raw = _merge({f.name: getattr(defaults, f.name) for f in fields(Thresholds)}, value, "the thresholds argument",
                  "thresholds.")
     return _thresholds(raw)

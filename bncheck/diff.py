@@ -60,15 +60,13 @@ def _feeding(model: nn.Module) -> dict[str, str]:
     return feeding
 
 
-def _param(model: nn.Module, module_name: str, attr: str) -> Optional[Tensor]:
-    try:
-        value = getattr(model.get_submodule(module_name), attr, None)
-    except AttributeError:
-        return None
+def _param(modules: dict[str, nn.Module], module_name: str, attr: str) -> Optional[Tensor]:
+    """``attr`` of a submodule found by name (``get_submodule`` does not work on ScriptModules)."""
+    value = getattr(modules.get(module_name), attr, None)
     return value if isinstance(value, Tensor) else None
 
 
-def _layer_diff(name: str, a: BNLayer, b: BNLayer, model_a: nn.Module, model_b: nn.Module,
+def _layer_diff(name: str, a: BNLayer, b: BNLayer, model_a: dict[str, nn.Module], model_b: dict[str, nn.Module],
                 feeding: Optional[str]) -> LayerDiff:
     mean_shift = var_change = None
     identical = False
@@ -106,7 +104,8 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint, *, fail_on: str = "error") ->
             "of the same architecture (pass the same --arch for both)"
         )
     feeding = _feeding(a.module)
-    diffs = [_layer_diff(n, layers_a[n], layers_b[n], a.module, b.module, feeding.get(n)) for n in common]
+    modules_a, modules_b = dict(a.module.named_modules()), dict(b.module.named_modules())
+    diffs = [_layer_diff(n, layers_a[n], layers_b[n], modules_a, modules_b, feeding.get(n)) for n in common]
     findings = _findings(diffs)
     diffs.sort(key=_ranking({f.layer: f.severity for f in findings}))
     position = {d.name: i for i, d in enumerate(diffs)}

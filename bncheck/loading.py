@@ -45,10 +45,12 @@ def parse_arch_kwargs(text: Optional[str]) -> dict[str, Any]:
         return {}
     import yaml
 
+    from .untrusted import safe_yaml, shown
+
     try:
-        value = yaml.safe_load(text)
+        value = safe_yaml(text, "$arch_kwargs")
     except yaml.YAMLError:
-        raise UsageError(f"$arch_kwargs {text!r} is not valid YAML; write e.g. '{{num_classes: 10}}'") from None
+        raise UsageError(f"$arch_kwargs {shown(text)} is not valid YAML; write e.g. '{{num_classes: 10}}'") from None
     return check_arch_kwargs(value, "$arch_kwargs")
 
 

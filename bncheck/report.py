@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -306,20 +306,43 @@ def dumps(report: Report) -> str:
 
 
 def load(path: Path) -> Report:
-    """Read a saved run; InputError with a one-line reason when it cannot be used."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(
-            f"no saved run at {path}; run `bncheck run ...` first or pass the JSON path"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {first_line(exc)}") from None
+    """Read a saved run; InputError with a one-line reason when it cannot be used (too large,
+    not a regular file, not JSON, nested too deep, not the schema, or a verdict that its own
+    findings contradict)."""
+    from .untrusted import read_text_bounded
+
+    if not Path(path).exists():
+        raise InputError(f"no saved run at {path}; run `bncheck run ...` first or pass the JSON path")
+    text = read_text_bounded(Path(path), "saved run")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON (line {exc.lineno}); re-run `bncheck run`") from None
-    return from_dict(data, str(path))
+    except RecursionError:
+        raise InputError(f"{path} is nested too deeply to be a bncheck run result; re-run `bncheck run`") from None
+    report = from_dict(data, str(path))
+    expected = gate_verdict(report, report.fail_on)
+    if report.verdict != expected:
+        raise InputError(
+            f"{path} says its verdict is {report.verdict!r}, but its findings give {expected!r} at fail_on "
+            f"{report.fail_on!r}; the file was edited: re-create it with `bncheck run`"
+        )
+    return report
+
+
+def gate_verdict(report: Report, fail_on: str) -> str:
+    """The verdict ``report``'s own findings give at ``fail_on``: with a baseline, only new and
+    worsened findings count; ``no-batchnorm`` (a pass: nothing to measure) never hides a failing
+    finding."""
+    judged = (*report.baseline.new, *report.baseline.worsened) if report.baseline is not None else report.findings
+    if fails_gate(judged, fail_on):
+        return "fail"
+    return "no-batchnorm" if report.verdict == "no-batchnorm" else "pass"
+
+
+def regate(report: Report, fail_on: str) -> Report:
+    """``report`` judged at ``fail_on`` (the reader's gate, not the one stored in the file)."""
+    return replace(report, fail_on=fail_on, verdict=gate_verdict(report, fail_on))
 
 
 def schema_path(kind: str = "run") -> Path:

@@ -327,10 +327,10 @@ def build_report(
         return (-SEVERITY_ORDER[finding.severity], 1 if gained is not None and gained < 0 else 0, -(gained or 0.0))
 
     all_findings.sort(key=order)
-    if not runs:
-        verdict = "no-batchnorm"
-    elif fails_gate(all_findings, fail_on):
+    if fails_gate(all_findings, fail_on):  # the rule report.gate_verdict re-checks on every saved run
         verdict = "fail"
+    elif not runs:
+        verdict = "no-batchnorm"
     else:
         verdict = "pass"
     return Report(

@@ -236,7 +236,7 @@ CASES = [
     # unreadable archives of every format
     Case("unreadable safetensors", lambda r: ["run", f"{r}/garbage.safetensors", *TINY(r), *DATA(r)], 3,
          ("garbage.safetensors", "not a readable safetensors file")),
-    Case("unreadable TorchScript", lambda r: ["run", f"{r}/bad_script.pt", *DATA(r)], 3,
+    Case("unreadable TorchScript", lambda r: ["run", f"{r}/bad_script.pt", "--trust-checkpoint", *DATA(r)], 3,
          ("bad_script.pt", "TorchScript archive that failed to load")),
     Case("unreadable .pt2", lambda r: ["run", f"{r}/bad_program.pt2", *DATA(r)], 3,
          ("bad_program.pt2", "torch.export archive that failed to load")),

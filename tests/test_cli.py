@@ -207,7 +207,7 @@ def test_trusted_full_pickle_and_torchscript_load(tmp_path, cli_env) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
-    result = run_cli(["run", str(tmp_path / "scripted.pt"), *args], tmp_path, cli_env)
+    result = run_cli(["run", str(tmp_path / "scripted.pt"), "--trust-checkpoint", *args], tmp_path, cli_env)
     assert result.returncode == 1, result.stderr
     doc = json.loads(result.stdout)
     assert doc["model"]["format"] == "torchscript" and doc["layers"][0]["name"] == "conv1.1"

@@ -257,7 +257,7 @@ def test_torchscript_archive_is_written_back(tmp_path) -> None:
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(model), str(tmp_path / "m.pt"))
     expected = recalibrated_buffers(model, data)  # the eager twin, measured with hooks
-    ckpt = open_checkpoint(tmp_path / "m.pt")
+    ckpt = open_checkpoint(tmp_path / "m.pt", trust_checkpoint=True)
     result = bncheck.recalibrate(ckpt.module, data, batch_size=16)
     assert len(result.layers) == 3
     written_torchscript(ckpt, tmp_path / "out.pt", expected, "bn1")
@@ -275,7 +275,7 @@ def test_torchscript_with_momentum_zero_is_recalibrated_and_keeps_its_momentum(t
         torch.jit.save(torch.jit.script(model), str(tmp_path / "m.pt"))
     before = (tmp_path / "m.pt").read_bytes()
     expected = recalibrated_buffers(model, data)
-    ckpt = open_checkpoint(tmp_path / "m.pt")
+    ckpt = open_checkpoint(tmp_path / "m.pt", trust_checkpoint=True)
     code = ckpt.module.bn2.code
     result = bncheck.recalibrate(ckpt.module, data, batch_size=16)
     assert [layer.name for layer in result.layers] == ["bn1", "bn2", "bn3"] and not result.skipped
@@ -305,7 +305,7 @@ def test_a_model_traced_in_eval_mode_is_measured_and_recalibrated(tmp_path) -> N
     model, data = stale_tiny()
     eager = bncheck.analyze(model, data, batch_size=16)
     expected = recalibrated_buffers(model, data)
-    ckpt = open_checkpoint(_traced(model, data, tmp_path / "t.pt", train=False))
+    ckpt = open_checkpoint(_traced(model, data, tmp_path / "t.pt", train=False), trust_checkpoint=True)
     code = ckpt.module.bn1.code
     report = bncheck.analyze(ckpt.module, data, batch_size=16)
     assert not any(f.code == "unmeasurable" for f in report.findings)
@@ -322,20 +322,20 @@ def test_a_model_traced_in_eval_mode_is_measured_and_recalibrated(tmp_path) -> N
 def test_a_model_traced_in_train_mode_is_an_error_and_fix_refuses(tmp_path) -> None:
     model, data = stale_tiny()
     path = _traced(model, data, tmp_path / "t.pt", train=True)
-    report = bncheck.analyze(open_checkpoint(path).module, data, batch_size=16)
+    report = bncheck.analyze(open_checkpoint(path, trust_checkpoint=True).module, data, batch_size=16)
     assert report.verdict == "fail"
     assert {(f.code, f.layer) for f in report.findings} == {("traced-in-train-mode", n) for n in ("bn1", "bn2", "bn3")}
     assert "even after .eval()" in report.findings[0].message and "model.eval()" in report.findings[0].hint
     # its eval-mode calls update the buffers too: they are restored, so the scores (running vs
     # batch statistics) are the eager model's with the same buffers
     twin = TinyNet()
-    twin.load_state_dict(open_checkpoint(path).module.state_dict())
+    twin.load_state_dict(open_checkpoint(path, trust_checkpoint=True).module.state_dict())
     eager = {layer.name: layer.score for layer in bncheck.analyze(twin, data, batch_size=16).layers}
     for layer in report.layers:
         assert layer.score == pytest.approx(eager[layer.name], rel=1e-2)
     torch.save(data, tmp_path / "x.pt")
-    result = run_fix([str(path), "--data", str(tmp_path / "x.pt"), "--batch-size", "16", "--out",
-                      str(tmp_path / "o.pt"), "--json", "-"])
+    result = run_fix([str(path), "--trust-checkpoint", "--data", str(tmp_path / "x.pt"), "--batch-size", "16",
+                      "--out", str(tmp_path / "o.pt"), "--json", "-"])
     assert result.exit_code == 1, result.output
     document = json.loads(result.stdout)
     assert document["outcome"] == "refused"

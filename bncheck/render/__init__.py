@@ -33,4 +33,8 @@ def get_renderer(name: str) -> Renderer:
 
 
 def render(report: Report, fmt: str, **options: object) -> str:
-    return get_renderer(fmt)(report, **options)
+    """``report`` in format ``fmt``, its names (from the checkpoint and the data) escaped for
+    that format first (``escape.py``)."""
+    from .escape import for_format
+
+    return get_renderer(fmt)(for_format(report, fmt), **options)

@@ -46,7 +46,7 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
             finding = report.top_finding(layer)
             score = "NaN" if report.non_finite(layer) else num(layer.score)
             lines.append(
-                f"| {layer.rank} | `{_cell(layer.name)}` | {layer.type} | {layer.channels} | {score} | "
+                f"| {layer.rank} | `{_cell(layer.name)}` | {_cell(layer.type)} | {layer.channels} | {score} | "
                 f"{num(layer.drift_to_noise, 1)} | {num(layer.mean_shift)} | {num(layer.scale_ratio)} | "
                 f"{num(layer.eval_score)} | {share(layer.attribution)} | "
                 f"{finding.code if finding else ''} |"

@@ -106,13 +106,42 @@ def _labels_for(root: Path, files: list[Path]) -> Optional[dict[Path, int]]:
     return {p: index[parts[0]] for p, parts in zip(files, tops)}
 
 
+MAX_DECODED_PIXELS = 100_000_000
+"""Largest image decoded (100 Mpx: a 12k x 8k photo). Pillow's own bomb check stays on too."""
+MAX_RESIZED_PIXELS = 40_000_000
+"""Largest image after "shorter side to --resize": a 20000 x 1 strip resized to 256 would be
+5.1 Mpx x 256 (11 GB as float); such a file is skipped with the reason."""
+
+
+class ImageTooLarge(ValueError):
+    """An image whose decoded or resized size is beyond the bounds above (skipped)."""
+
+
+def _resized_pixels(size: tuple[int, int], resize: Optional[int]) -> int:
+    width, height = size
+    if resize is None or min(width, height) == 0:
+        return width * height
+    scale = resize / min(width, height)
+    return round(width * scale) * round(height * scale)
+
+
 def _image_tensor(path: Path, cfg: DataSettings, source: Optional[DataSource] = None) -> Tensor:
     import torchvision.transforms.functional as TF
     from PIL import Image
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow's DecompressionBomb / palette chatter
+        warnings.simplefilter("ignore")  # Pillow's palette chatter ...
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # ... but never its bomb check
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_DECODED_PIXELS:
+                raise ImageTooLarge(f"{width}x{height} pixels, more than {MAX_DECODED_PIXELS // 10**6} Mpx")
+            resized = _resized_pixels(img.size, cfg.resize)
+            if resized > MAX_RESIZED_PIXELS:
+                raise ImageTooLarge(
+                    f"{width}x{height} pixels would be {resized / 1e6:.0f} Mpx after resizing the shorter side "
+                    f"to {cfg.resize}"
+                )
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 img = img.point(lambda v: v / 256).convert("L")
@@ -281,17 +310,22 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Op
     return source
 
 
-def _load_npz(path: Path, key: Optional[str]) -> tuple[Tensor, Optional[Tensor]]:
-    import numpy as np
+def _load_npz(path: Path, key: Optional[str], rows: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """The input array (and labels) of an ``.npz`` archive, only the first ``rows`` samples
+    read: each member is streamed and stops after the rows used, so a deflated 10 GB array
+    (9.7 MB on disk) costs what two samples cost; ``rows=None`` (every sample, ``fix``) is
+    bounded by ``MAX_INFLATED_BYTES``."""
+    import zipfile
 
     try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as exc:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
         raise InputError(
             f"{path} is not a readable .npz archive ({first_line(exc)}); save it with numpy.savez"
         ) from None
     with archive:  # closes the file on every path out
-        names = list(archive.files)
+        members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+        names = list(members)
         if key is None:
             key = next((k for k in INPUT_KEYS if k in names), names[0] if len(names) == 1 else None)
         if key not in names:
@@ -301,18 +335,55 @@ def _load_npz(path: Path, key: Optional[str]) -> tuple[Tensor, Optional[Tensor]]
                 f"{path}:NAME"
             )
         try:
-            inputs = torch.from_numpy(np.ascontiguousarray(archive[key]))
+            inputs = _read_npy_rows(archive, members[key], rows, path)
             label_key = next((k for k in LABEL_KEYS if k in names and k != key), None)
-            labels = torch.from_numpy(np.ascontiguousarray(archive[label_key])) if label_key else None
+            labels = _read_npy_rows(archive, members[label_key], rows, path) if label_key else None
+        except InputError:
+            raise
         except Exception as exc:
             raise InputError(f"cannot read array {key!r} from {path} ({first_line(exc)})") from None
     return inputs, labels
 
 
-def _load_tensor_file(path: Path, key: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
+def _read_npy_rows(archive: Any, info: Any, rows: Optional[int], path: Path) -> Tensor:
+    """The first ``rows`` rows of one ``.npy`` member, read from its stream (never inflated whole)."""
+    import numpy as np
+
+    from .untrusted import MAX_INFLATED_BYTES
+
+    with archive.open(info) as stream:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream)
+        if dtype.hasobject:
+            raise InputError(f"{path}: array {info.filename} holds Python objects; save numbers only")
+        total = shape[0] if shape else 1
+        take = total if rows is None else min(rows, total)
+        row_items = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        nbytes = take * row_items * dtype.itemsize
+        if nbytes > MAX_INFLATED_BYTES:
+            raise InputError(
+                f"{path}: reading {take} samples of array {info.filename} would inflate {nbytes / 1e9:.1f} GB "
+                f"(limit {MAX_INFLATED_BYTES / 1e9:.0f} GB); use fewer samples or save a .npy file (memory-mapped)"
+            )
+        if fortran and len(shape) > 1 and take < total:
+            raise InputError(f"{path}: array {info.filename} is stored column-major; save it with np.ascontiguousarray")
+        data = stream.read(nbytes)
+    if len(data) < nbytes:
+        raise InputError(f"{path}: array {info.filename} is truncated; re-save it with numpy.savez")
+    array = np.frombuffer(data, dtype=dtype).reshape((take, *shape[1:]) if shape else (), order="F" if fortran else "C")
+    return torch.from_numpy(np.ascontiguousarray(array).copy())
+
+
+def _load_tensor_file(path: Path, key: Optional[str] = None, rows: Optional[int] = None
+                      ) -> tuple[Tensor, Optional[Tensor]]:
+    from .untrusted import check_regular_file, inflation_problem, zip_members
+
+    check_regular_file(path, "data file")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return _load_npz(path, key)
+        return _load_npz(path, key, rows)
     if suffix == ".npy":
         import numpy as np
 
@@ -323,6 +394,9 @@ def _load_tensor_file(path: Path, key: Optional[str] = None) -> tuple[Tensor, Op
                 f"{path} is not a readable .npy array ({first_line(exc)}); save it with numpy.save"
             ) from None
         return MappedArray(array), None
+    inflating = inflation_problem(zip_members(path))
+    if inflating:  # a deflated record would inflate whole, however few samples are used
+        raise InputError(f"{path}: {inflating}; torch.save never compresses: re-save the tensor with torch.save")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -375,7 +449,7 @@ def _count_non_finite(inputs: Any, wanted: int, chunk: int = 4096) -> int:
 
 
 def tensor_file(path: Path, batch_size: int, num_batches: Optional[int], key: Optional[str] = None) -> DataSource:
-    inputs, labels = _load_tensor_file(path, key)
+    inputs, labels = _load_tensor_file(path, key, None if num_batches is None else batch_size * num_batches)
     if inputs.dim() < 2:
         raise InputError(
             f"{path} holds a tensor of shape {list(inputs.shape)}; it needs a batch dimension "

@@ -53,8 +53,32 @@ class World:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, value)
+        self.collective("gathering results", lambda: dist.all_gather_object(out, value))
         return out
+
+    def collective(self, what: str, call: Callable[[], Any]) -> Any:
+        """Run one collective. Each rank first marks its arrival in the process group's store,
+        so when the collective times out (a rank hung or died) the error names the ranks that
+        never arrived instead of surfacing as an internal error after the backend's timeout."""
+        global _COLLECTIVES
+        _COLLECTIVES += 1
+        store = _store()
+        key = f"bncheck/arrived/{_COLLECTIVES}/"
+        if store is not None:
+            store.set(key + str(self.rank), "1")
+        try:
+            return call()
+        except Exception as exc:
+            if not _timed_out(exc):
+                raise
+            missing = [] if store is None else [r for r in range(self.size) if not _arrived(store, key + str(r))]
+            who = (f"rank {', '.join(map(str, missing))} of {self.size}" if missing
+                   else f"a rank of {self.size}")
+            raise RankTimeoutError(
+                f"{who} did not arrive for {what} within {_timeout_s()} s (it hung or died; this is rank "
+                f"{self.rank}); every rank stopped: find why that rank stalled (its data pipeline, its GPU), "
+                "or wait longer with BNCHECK_DIST_TIMEOUT=SECONDS"
+            ) from None
 
     def agree(self, error: Optional[BaseException]) -> None:
         """Every rank reports whether its part failed; if any did, every rank raises: the failed
@@ -73,6 +97,42 @@ class World:
         rank, (kind, message) = failed[0]
         cls = {"usage": UsageError, "input": InputError}.get(kind, InternalError)
         raise cls(f"rank {rank} of {self.size} failed: {message}")
+
+
+class RankTimeoutError(InputError):
+    """A rank of a torchrun job never reached a collective in time (exit 3, the rank named)."""
+
+
+_COLLECTIVES = 0
+"""Collectives this process entered (every rank enters the same ones in the same order)."""
+
+
+def _timeout_s() -> int:
+    try:
+        return int(os.environ.get("BNCHECK_DIST_TIMEOUT", TIMEOUT_S))
+    except ValueError:
+        return TIMEOUT_S
+
+
+def _store() -> Any:
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception:  # no store (another launcher): the timeout still reads as one, unnamed
+        return None
+
+
+def _arrived(store: Any, key: str) -> bool:
+    try:
+        return bool(store.check([key]))
+    except Exception:
+        return False
+
+
+def _timed_out(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text or type(error).__name__ == "DistBackendError"
 
 
 def _describe(error: BaseException) -> tuple[str, str]:
@@ -112,7 +172,7 @@ def init_from_env(device_type: str) -> World:
         return current()
     if not dist.is_available():
         raise UsageError("this torch build has no torch.distributed; run bncheck as one process")
-    timeout = timedelta(seconds=int(os.environ.get("BNCHECK_DIST_TIMEOUT", TIMEOUT_S)))
+    timeout = timedelta(seconds=_timeout_s())
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
@@ -266,6 +326,6 @@ def broadcast_buffers_from_main(world: World, layers: list[Any]) -> None:
             if tensor is None:
                 continue
             values = [tensor.detach().cpu()]
-            dist.broadcast_object_list(values, src=0)
+            world.collective("rank 0's BN buffers", lambda values=values: dist.broadcast_object_list(values, src=0))
             with torch.no_grad():
                 tensor.copy_(values[0].to(tensor))

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError, first_line
+from .untrusted import shown
 
 CONFIG = "config.json"
 PREPROCESSOR = "preprocessor_config.json"
@@ -67,10 +69,6 @@ class ModelFolder:
         return _transformers_preprocessing(self.path / PREPROCESSOR)
 
 
-def is_model_folder(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG).is_file()
-
-
 def read_model_folder(path: Path) -> ModelFolder:
     """Read ``config.json`` and every weight file of a Hub-style folder; an InputError naming
     what was looked for when the folder is not one."""
@@ -80,9 +78,11 @@ def read_model_folder(path: Path) -> ModelFolder:
             f"checkpoint {path} is a directory without {CONFIG}; pass the checkpoint file inside it, or a "
             "timm / transformers model folder (config.json + model.safetensors or pytorch_model.bin)"
         )
+    from .untrusted import read_text_bounded
+
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json.loads(read_text_bounded(config_path, "model folder config"))
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{config_path} is not readable JSON ({first_line(exc)}); re-save the model folder") from None
     if not isinstance(config, dict):
         raise InputError(f"{config_path} holds a {type(config).__name__}, not a JSON object; re-save the model folder")
@@ -110,7 +110,9 @@ def _weight_files(path: Path) -> list[WeightFile]:
         index_path = path / index_name
         if index_path.is_file():
             try:
-                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+                from .untrusted import read_text_bounded
+
+                weight_map = json.loads(read_text_bounded(index_path, "shard index"))["weight_map"]
                 names = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise InputError(f"{index_path} is not a readable shard index ({first_line(exc)})") from None
@@ -128,6 +130,9 @@ def _weight_files(path: Path) -> list[WeightFile]:
 
 
 def _read_weights(file: Path, weight: WeightFile) -> dict[str, Tensor]:
+    from .untrusted import check_regular_file
+
+    check_regular_file(file, "weight file")
     if weight.safetensors:
         from safetensors import safe_open
 
@@ -174,13 +179,15 @@ def _build_timm(folder: ModelFolder) -> tuple[nn.Module, str]:
     kwargs.pop("pretrained", None)
     if not timm.is_model(name):
         raise InputError(f"{folder.path}: timm {timm.__version__} has no model {name!r}; upgrade timm")
+    _check_classes(folder, kwargs.get("num_classes"))
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sealed():
             warnings.simplefilter("ignore")
             return timm.create_model(name, pretrained=False, **kwargs), spec
     except Exception as exc:
         raise InputError(
-            f"{folder.path}: building timm model {name} with {kwargs} raised {type(exc).__name__}: {first_line(exc)}"
+            f"{folder.path}: building timm model {name} with {shown(kwargs, 120)} raised {type(exc).__name__}: "
+            f"{first_line(exc)}"
         ) from None
 
 
@@ -194,20 +201,70 @@ def _build_transformers(folder: ModelFolder) -> tuple[nn.Module, str]:
     names = folder.config.get("architectures") or []
     name = names[0] if names and isinstance(names[0], str) else None
     try:
-        with warnings.catch_warnings(), _quiet_transformers(transformers):
+        with warnings.catch_warnings(), _quiet_transformers(transformers), sealed():
             warnings.simplefilter("ignore")
-            config = transformers.AutoConfig.from_pretrained(str(folder.path), local_files_only=True)
+            # a folder's auto_map names Python files inside it: never run them, never ask on stdin
+            config = transformers.AutoConfig.from_pretrained(str(folder.path), local_files_only=True,
+                                                             trust_remote_code=False)
             if name is not None and hasattr(transformers, name):
                 model = getattr(transformers, name)._from_config(config)
             else:
                 name = name or "AutoModel"
-                model = transformers.AutoModel.from_config(config)
+                model = transformers.AutoModel.from_config(config, trust_remote_code=False)
     except Exception as exc:
         raise InputError(
             f"{folder.path}: transformers {transformers.__version__} cannot build {name or 'the model'} from its "
             f"{CONFIG} ({type(exc).__name__}: {first_line(exc)}); upgrade transformers or check the config"
         ) from None
     return model, f"transformers:{name}"
+
+
+def _check_classes(folder: ModelFolder, classes: Any) -> None:
+    """The head a config asks for must be one the weights hold: checked before building, so a
+    config claiming 5,000,000 classes is refused instead of allocating a 10 GB classifier."""
+    if classes is None or classes == 0:
+        return
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
+        raise InputError(f"{folder.path / CONFIG}: num_classes must be a whole number, got {str(classes)[:40]}")
+    if not any(t.dim() in (1, 2) and t.shape[0] == classes for t in folder.state.values()):
+        raise InputError(
+            f"{folder.path / CONFIG} asks for num_classes {classes}, but no weight in the folder has {classes} "
+            "rows; the config does not match its weights: re-save the model folder"
+        )
+
+
+@contextmanager
+def sealed() -> Iterator[None]:
+    """While a library builds a model from a folder: offline (a config naming ``hf-hub:`` weights
+    or a remote backbone makes no request), stdin empty (no prompt is ever answered) and
+    stdout sent to stderr (no library chatter inside ``--json -``)."""
+    import io
+    import os
+    import sys
+
+    saved = {key: os.environ.get(key) for key in OFFLINE_ENV}
+    os.environ.update(dict.fromkeys(OFFLINE_ENV, "1"))
+    constants = sys.modules.get("huggingface_hub.constants")
+    was_offline = getattr(constants, "HF_HUB_OFFLINE", None)
+    if constants is not None:  # read at import: set the live value too
+        constants.HF_HUB_OFFLINE = True
+    stdin = sys.stdin
+    sys.stdin = io.StringIO("")
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdin = stdin
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = was_offline
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 class _quiet_transformers:
@@ -235,7 +292,7 @@ def _tied_keys(model: nn.Module) -> set[str]:
 def write_model_folder(folder: ModelFolder, model: nn.Module, bn_keys: list[str], prefix: str, tmp: Path) -> None:
     """Write the folder to ``tmp`` (a new directory): every file copied, the weight files with
     the model's current BN buffers in the file's dtype."""
-    shutil.copytree(folder.path, tmp, symlinks=False)
+    copy_folder(folder.path, tmp, keep_links_to={CONFIG, PREPROCESSOR, *INDEX_FILES, *(w.name for w in folder.files)})
     current = model.state_dict()
     for weight in folder.files:
         keys = set(weight.keys)
@@ -255,6 +312,32 @@ def write_model_folder(folder: ModelFolder, model: nn.Module, bn_keys: list[str]
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(target), metadata=weight.metadata or None)
         else:
             torch.save(tensors, str(target))
+
+
+def copy_folder(source: Path, target: Path, keep_links_to: set[str]) -> None:
+    """Copy the regular files of ``source`` (and of its real subfolders) to a new ``target``.
+    Links are not followed -- a link to an outside folder would copy it into ``--out``, one to
+    /dev/zero would fill the disk -- except a top-level model file bncheck read itself
+    (``keep_links_to``: a Hugging Face cache snapshot links each file to its blob), copied
+    when it names a regular file. FIFOs, sockets and devices are skipped."""
+    import stat
+
+    target.mkdir()
+    for entry in sorted(source.iterdir()):
+        destination = target / entry.name
+        if entry.is_symlink():
+            if entry.name in keep_links_to:
+                try:
+                    if stat.S_ISREG(entry.stat().st_mode):
+                        shutil.copyfile(entry, destination)
+                except OSError:
+                    pass
+            continue
+        mode = entry.lstat().st_mode
+        if stat.S_ISDIR(mode):
+            copy_folder(entry, destination, set())
+        elif stat.S_ISREG(mode):
+            shutil.copy2(entry, destination)
 
 
 def _timm_preprocessing(cfg: Mapping[str, Any]) -> dict[str, Any]:

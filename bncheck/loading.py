@@ -172,7 +172,11 @@ def build_arch(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
             warnings.simplefilter("ignore")
             model = builder(**kwargs)
     except TypeError as exc:
-        raise InputError(f"$arch {spec}: the builder rejected $arch_kwargs {dict(kwargs)}: {first_line(exc)}") from None
+        from .untrusted import shown
+
+        raise InputError(
+            f"$arch {spec}: the builder rejected $arch_kwargs {shown(dict(kwargs), 120)}: {first_line(exc)}"
+        ) from None
     except Exception as exc:
         raise InputError(f"$arch {spec}: building the model raised {type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):

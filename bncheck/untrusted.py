@@ -284,24 +284,44 @@ def exported_archive_problems(path: Path) -> list[str]:
 
 # --- YAML ---------------------------------------------------------------------------------
 
-MAX_YAML_ALIASES = 100
-"""Aliases (``*name``) one YAML document may use; a billion-laughs document needs thousands."""
+MAX_YAML_ALIASES = 1000
+"""Aliases (``*name``) one YAML document may use."""
+MAX_YAML_NODES = 100_000
+"""Nodes a YAML document may stand for once its aliases are expanded. Aliases build shared
+objects, so eight lines (a billion laughs) can stand for 10^9 values: cheap to load, but
+anything that walks, compares or prints the value (an error message's repr) never ends."""
 
 
 def safe_yaml(text: str, what: str) -> Any:
-    """``yaml.safe_load`` with the alias count bounded first: aliases build shared objects, so a
-    few hundred bytes can stand for gigabytes once anything walks or prints the value.
-    ``yaml.YAMLError`` propagates for the caller to word."""
+    """``yaml.safe_load``, after checking that the document stays small once its aliases are
+    expanded. ``yaml.YAMLError`` propagates for the caller to word."""
     import yaml
 
-    aliases = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, yaml.AliasEvent):
-            aliases += 1
-            if aliases > MAX_YAML_ALIASES:
-                from .errors import UsageError
+    from .errors import UsageError
 
-                raise UsageError(
-                    f"{what} uses more than {MAX_YAML_ALIASES} YAML aliases (*name); write the values out"
-                )
+    aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+    if aliases > MAX_YAML_ALIASES:
+        raise UsageError(f"{what} uses {aliases} YAML aliases (*name), more than {MAX_YAML_ALIASES}; write the "
+                         "values out")
+    if aliases:
+        sizes: dict[int, int] = {}
+
+        def expanded(node: Any) -> int:
+            known = sizes.get(id(node))
+            if known is not None:
+                return known
+            size = 1
+            if isinstance(node, yaml.SequenceNode):
+                size += sum(expanded(child) for child in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                size += sum(expanded(key) + expanded(value) for key, value in node.value)
+            sizes[id(node)] = min(size, MAX_YAML_NODES + 1)
+            return sizes[id(node)]
+
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None and expanded(root) > MAX_YAML_NODES:
+            raise UsageError(
+                f"{what} expands its YAML aliases (*name) to more than {MAX_YAML_NODES} values; write the "
+                "values out"
+            )
     return yaml.safe_load(text)

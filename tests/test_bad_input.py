@@ -133,6 +133,20 @@ def build_root(root: Path) -> None:
     with zipfile.ZipFile(root / "bad_program.pt2", "w") as archive:
         archive.writestr("m/archive_format", "pt2")
         archive.writestr("m/models/model.json", "{garbage")
+    # hostile files (tests/test_security.py builds the payloads that prove nothing runs)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(calibrate(TinyNet(), make_batches(2))), root / "scripted.pt")
+    (root / "nan.yaml").write_text("thresholds:\n  drift_to_noise: .nan\n")
+    (root / "laughs.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(6)))
+    (root / "deep.json").write_text("[" * 50_000 + "]" * 50_000)
+    import os
+
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "fifo.pt")
     from bncheck.engine import analyze
     from bncheck.report import dumps
 
@@ -271,7 +285,21 @@ CASES = [
          ("is the input checkpoint",)),
     Case("fix into a missing folder", lambda r: ["fix", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--out",
                                                  f"{r}/no/such/dir/new.pt"], 3, ("does not exist",)),
+    # untrusted files (security model in README)
+    Case("TorchScript without --trust-checkpoint", lambda r: ["run", f"{r}/scripted.pt"], 3,
+         ("TorchScript archive", "--trust-checkpoint")),
+    Case("non-finite threshold", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--config", f"{r}/nan.yaml"],
+         2, ("drift_to_noise", "finite")),
+    Case("YAML alias bomb", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), "--config", f"{r}/laughs.yaml"], 2,
+         ("YAML aliases",)),
+    Case("saved run nested too deep", lambda r: ["report", f"{r}/deep.json"], 3, ("nested too deeply",)),
+    Case("--json over the checkpoint", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--json",
+                                                  f"{r}/tiny.pt"], 2, ("is the input checkpoint",)),
+    Case("two outputs on one path", lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--html", "same.out",
+                                               "--junit", "same.out"], 2, ("both write",)),
 ]
+if hasattr(__import__("os"), "mkfifo"):
+    CASES.append(Case("a FIFO as checkpoint", lambda r: ["run", f"{r}/fifo.pt", *TINY(r)], 3, ("FIFO",)))
 if not torch.cuda.is_available():
     CASES.append(Case("--device cuda without CUDA",
                       lambda r: ["run", f"{r}/tiny.pt", *TINY(r), *DATA(r), "--device", "cuda"], 2,

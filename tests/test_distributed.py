@@ -65,10 +65,11 @@ def setup(tmp_path_factory) -> Path:
     return root
 
 
-def bncheck(args: list[str], cwd: Path, nproc: int = 1, timeout: float = 180) -> subprocess.CompletedProcess:
+def bncheck(args: list[str], cwd: Path, nproc: int = 1, timeout: float = 180,
+            dist_timeout: int = 60) -> subprocess.CompletedProcess:
     launcher = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command = [*(launcher if nproc > 1 else [PYTHON]), "-m", "bncheck", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "BNCHECK_DIST_TIMEOUT": "60"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "BNCHECK_DIST_TIMEOUT": str(dist_timeout)}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -122,6 +123,32 @@ def test_a_failing_rank_ends_every_rank_with_one_error(setup) -> None:
     assert time.perf_counter() - started < 90  # no hang
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: rank 1 of 2 failed: OSError: shard 3 is unreadable"], result.stderr
+
+
+HUNG = """
+import os
+import time
+import torch
+
+
+def data():
+    if os.environ.get("RANK") == "1":
+        time.sleep(3600)  # a data pipeline that never returns on one rank
+    return [torch.randn(16, 3, 12, 12) for _ in range(4)]
+"""
+
+
+def test_a_hung_rank_is_named_and_is_not_an_internal_error(setup) -> None:
+    (setup / "hung.py").write_text(HUNG)
+    started = time.perf_counter()
+    result = bncheck(["run", str(setup / "healthy.pt"), "--arch", f"{setup / 'arch.py'}:build",
+                      "--data", f"{setup / 'hung.py'}:data", "--batch-size", "16"], setup, nproc=2, timeout=150,
+                     dist_timeout=8)
+    assert result.returncode != 0
+    assert time.perf_counter() - started < 120
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and errors[0].startswith("error: rank 1 of 2 did not arrive"), result.stderr
+    assert "BNCHECK_DIST_TIMEOUT" in errors[0] and "bncheck bug" not in result.stderr
 
 
 DDP_SCRIPT = """

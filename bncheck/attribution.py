@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .batches import forward, to_device, to_host
+from .batches import batch_len, forward, to_device, to_host
 from .capture import preserved_state, set_bn_train_mode
 from .collect import LayerStats
 from .discovery import BNLayer
@@ -47,6 +47,25 @@ def attribute_layers(
     reduce: Optional[Callable[[OutputTally], OutputTally]] = None,
 ) -> Optional[float]:
     """The same for a set of layers fixed together (e.g. every stale layer at once)."""
+    tally = recalibrated_tally(model, layers, entries, kept, device, float_dtype, reduce)
+    if tally is None:
+        return None
+    fixed = output_gap(tally.result())
+    return 1.0 - (fixed or 0.0) / gap
+
+
+def recalibrated_tally(
+    model: nn.Module,
+    layers: list[BNLayer],
+    entries: list[LayerStats],
+    kept: Kept,
+    device: torch.device,
+    float_dtype: Optional[torch.dtype],
+    reduce: Optional[Callable[[OutputTally], OutputTally]] = None,
+) -> Optional[OutputTally]:
+    """Train mode against eval mode with ``entries`` recalibrated to the sample's population
+    statistics (labelled accuracy included): one eval pass over the kept sample, the model's
+    buffers restored after it. None when no entry can be swapped in."""
     usable = [e for e in entries if e.train is not None and e.layer.running_mean is not None and not e.layer.scripted]
     if not usable:
         return None
@@ -58,8 +77,5 @@ def attribute_layers(
             entry.layer.running_var.copy_(entry.train.var.to(entry.layer.running_var))
         for inputs, labels, out_train in kept:
             out_eval = forward(model, to_device(inputs, device, float_dtype), "eval")
-            tally.add(out_train, to_host(out_eval), labels)
-    if reduce is not None:
-        tally = reduce(tally)
-    fixed = output_gap(tally.result())
-    return 1.0 - (fixed or 0.0) / gap
+            tally.add(out_train, to_host(out_eval), labels, batch=batch_len(inputs))
+    return reduce(tally) if reduce is not None else tally

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .config import Thresholds
-from .report import Finding
+from .metrics import binomial_tail, mcnemar_p
+from .report import Finding, OutputDivergence
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,16 @@ def _stale_severity(f: LayerFacts, t: Thresholds) -> Optional[str]:
     if f.score >= t.stale_warning:
         return "warning"
     return None
+
+
+INPUT_LAYER_HINT = (
+    "At the first BN layer after the input the likeliest reading is a preprocessing mismatch: compare the "
+    "input scale ([0,1] vs [-1,1] vs 0..255), mean/std and channel order with training (--mean/--std, "
+    "data.channels) before anything else -- recalibrating would bake the mismatch into the checkpoint. Only "
+    "when the preprocessing matches: statistics stale for this data (domain shift, or the layer trained on "
+    "other data) -> recalibrate on representative data with bncheck fix."
+)
+"""Advice for a stale-looking first BN layer: preprocessing first, recalibration second."""
 
 
 def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_data: bool = True) -> list[Finding]:
@@ -254,6 +265,13 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "Keep frozen BN layers in eval mode while fine-tuning (bncheck.freeze_batchnorm(model) "
             "survives model.train()), and recalibrate this checkpoint on the fine-tuning data (bncheck fix).",
         )
+    elif is_input_layer:
+        add(
+            "stale-running-stats",
+            severity,
+            f"the first BN layer that runs sees inputs unlike its running stats: {numbers}.",
+            INPUT_LAYER_HINT,
+        )
     else:
         add(
             "stale-running-stats",
@@ -312,10 +330,47 @@ def _lint_findings(f: LayerFacts, t: Thresholds) -> list[Finding]:
 FROZEN_READING_CODES = ("stale-running-stats", "pseudo-frozen")
 
 
-def eval_mode_is_better(train_accuracy: Optional[float], eval_accuracy: Optional[float]) -> bool:
-    """Labels say deployment (eval mode) does better than train mode. Strictly: when both are
-    equal (say 100% on an easy sample) the labels cannot tell the readings apart."""
-    return train_accuracy is not None and eval_accuracy is not None and eval_accuracy > train_accuracy
+ACCURACY_GAP_P = 0.01
+"""McNemar p-value below which train mode's labelled accuracy lead is beyond sampling error: an
+error finding whatever the layer scores say (the gate's false-alarm rate on a healthy model is
+at most this, and lower since a healthy eval mode is rarely less accurate)."""
+READING_P = 0.05
+"""McNemar p-value below which labels decide between the two readings of stale-looking layers."""
+CHANCE_P = 0.001
+"""Binomial p-value (against guessing the commonest of ``classes`` classes) below which an
+accuracy counts as meaningful."""
+
+
+def _counts(output: OutputDivergence) -> Optional[tuple[int, int, int, int]]:
+    """(labelled samples, eval-correct, train-only, eval-only), or None without labels."""
+    if not output.labeled or output.eval_accuracy is None or output.train_only_correct is None:
+        return None
+    n = output.labeled
+    return n, round(output.eval_accuracy * n), output.train_only_correct, output.eval_only_correct or 0
+
+
+def above_chance(output: OutputDivergence, accuracy: Optional[float]) -> bool:
+    """``accuracy`` is well above chance for this many classes on this many labelled samples
+    (binomial test against 1/classes, and at least 1.5x chance): an accuracy at chance says the
+    data or its labels are not what the model knows, so it cannot vouch for either mode."""
+    if accuracy is None or not output.labeled or not output.classes or output.classes < 2:
+        return False
+    chance = 1.0 / output.classes
+    correct = round(accuracy * output.labeled)
+    return accuracy >= 1.5 * chance and binomial_tail(correct, output.labeled, chance) < CHANCE_P
+
+
+def eval_mode_is_better(output: OutputDivergence) -> bool:
+    """Labels say deployment (eval mode) does better than train mode, and mean it: the paired
+    difference is beyond sampling error (McNemar) and eval mode is well above chance. Equal
+    accuracies (100% on an easy sample), a difference of a few samples, or two accuracies at
+    chance (out-of-domain data) cannot tell the readings apart."""
+    counts = _counts(output)
+    if counts is None:
+        return False
+    _, _, train_only, eval_only = counts
+    return (eval_only > train_only and mcnemar_p(train_only, eval_only) < READING_P
+            and above_chance(output, output.eval_accuracy))
 
 
 def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float) -> Finding:
@@ -328,8 +383,8 @@ def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float
         "info",
         finding.layer,
         f"{finding.message.rstrip('.')}; but eval mode is more accurate than train mode on this labelled "
-        f"data ({100 * eval_accuracy:.1f}% vs {100 * train_accuracy:.1f}%): BN kept in eval mode on purpose, "
-        "not drift.",
+        f"data ({100 * eval_accuracy:.1f}% vs {100 * train_accuracy:.1f}%, beyond sampling error): BN kept in "
+        "eval mode on purpose, not drift.",
         "Keep these statistics: the layers after this one were trained with them. Do not recalibrate "
         "(bncheck fix refuses when eval-mode accuracy would drop).",
     )
@@ -339,14 +394,125 @@ TRAIN_MODE_MARGIN = 0.02
 """Train-mode accuracy this much above eval-mode accuracy rules out BN frozen on purpose."""
 
 
-def train_mode_is_better(train_accuracy: Optional[float], eval_accuracy: Optional[float]) -> bool:
-    return (train_accuracy is not None and eval_accuracy is not None
-            and train_accuracy - eval_accuracy >= TRAIN_MODE_MARGIN)
+def train_mode_is_better(output: OutputDivergence) -> bool:
+    counts = _counts(output)
+    if counts is None or output.train_accuracy is None:
+        return False
+    _, _, train_only, eval_only = counts
+    return train_only > eval_only and (
+        output.train_accuracy - output.eval_accuracy >= TRAIN_MODE_MARGIN
+        or mcnemar_p(train_only, eval_only) < READING_P)
+
+
+def accuracy_gap(output: OutputDivergence) -> bool:
+    """Train mode more accurate than eval mode on the same labelled samples, beyond sampling error."""
+    counts = _counts(output)
+    return counts is not None and counts[2] > counts[3] and mcnemar_p(counts[2], counts[3]) < ACCURACY_GAP_P
+
+
+def accuracy_gap_finding(output: OutputDivergence, recovered: Optional[tuple[float, float, int]]) -> Finding:
+    """``accuracy-gap``: a labelled gap is never "nothing to do". ``recovered``: eval-mode accuracy
+    on the kept labelled samples before and after recalibrating every measured BN layer on them,
+    and how many samples (None: not measured)."""
+    n, _, train_only, eval_only = _counts(output)
+    p = mcnemar_p(train_only, eval_only)
+    message = (
+        f"train mode is more accurate than eval mode on {n} labelled samples ({100 * output.train_accuracy:.1f}% "
+        f"vs {100 * output.eval_accuracy:.1f}%; {train_only} samples right only in train mode, {eval_only} only in "
+        f"eval mode; McNemar p = {p:.2g}): the gap is beyond sampling error, whatever the layer scores say."
+    )
+    if recovered is None:
+        hint = ("Not measured what recalibration recovers (--attribute 0 or no layer measurable): run bncheck fix "
+                "--dry-run on representative data to see before -> after.")
+    else:
+        before, after, kept = recovered
+        if after - before >= max(0.02, 1.0 / kept):
+            hint = (f"Recalibrating every BN layer on this data raises eval-mode accuracy from {100 * before:.1f}% "
+                    f"to {100 * after:.1f}% on {kept} of these samples (measured): the running statistics do not "
+                    "match this data. Recalibrate on representative data with bncheck fix (it verifies the result), "
+                    "and check the training setup that produced them (per-rank BN without SyncBN, a sampler "
+                    "that gave ranks different classes, BN frozen while the rest trained).")
+        else:
+            hint = (f"Recalibrating every BN layer on this data does not recover it ({100 * before:.1f}% -> "
+                    f"{100 * after:.1f}% on {kept} samples, measured): the gap is not in the running statistics. "
+                    "Look at what else behaves differently in train mode (layers other than BN, BN layers bncheck "
+                    "could not measure) and check the data matches training.")
+    return Finding("accuracy-gap", "error", None, message, hint)
+
+
+def chance_accuracy_finding(output: OutputDivergence) -> Optional[Finding]:
+    """Both modes at or near chance on labelled data: the data (or its label order) is not what
+    the model was trained on; no statistic of this data can be trusted to fix the model."""
+    if not output.labeled or output.classes is None or output.classes < 2:
+        return None
+    if above_chance(output, output.eval_accuracy) or above_chance(output, output.train_accuracy):
+        return None
+    return Finding(
+        "chance-accuracy", "warning", None,
+        f"neither mode beats chance on {output.labeled} labelled samples (train mode "
+        f"{100 * output.train_accuracy:.1f}%, eval mode {100 * output.eval_accuracy:.1f}%, chance "
+        f"{100 / output.classes:.1f}% for {output.classes} classes): this data is not what the model was trained "
+        "on, or its class folders are in another order.",
+        "Check the data before the statistics: preprocessing, domain (e.g. inverted or differently scaled "
+        "inputs) and the label order. Do not recalibrate on it: statistics of data the model cannot classify "
+        "fix nothing.",
+    )
+
+
+DATA_FIRST_CODES = ("chance-accuracy", "unrepresentative-sample")
+"""Model-level findings saying the sample itself is off: reported first, and no layer advice
+recalibrates on such a sample."""
+RECALIBRATING_CODES = ("stale-running-stats", "pseudo-frozen", "never-updated", "unconverged-running-stats")
+"""Findings whose advice is to recalibrate (input-distribution already says: check the data)."""
+
+
+def check_data_first(finding: Finding, cause: Finding) -> Finding:
+    """A stale-looking layer measured on a sample that is itself off: the numbers stand, the
+    advice changes from "recalibrate" to "check the sample" (its statistics are not the ones
+    the model should hold)."""
+    if finding.code not in RECALIBRATING_CODES:
+        return finding
+    return Finding(
+        finding.code, finding.severity, finding.layer, finding.message,
+        f"Measured on a sample that looks off ({cause.code}): check the sample first -- {cause.hint}",
+    )
+
+
+UNREPRESENTATIVE_SHARE = 0.9
+"""Share of eval-mode predictions in one class above which an unlabelled sample looks like one class."""
+
+
+def one_class_sample_finding(output: OutputDivergence) -> Optional[Finding]:
+    """Without labels, a sample that eval mode assigns (nearly) all to one class, confidently.
+    Two readings fit and the outputs cannot tell them apart: a sample of one class (its BN
+    statistics are that class's, not the population's, so layers look stale and recalibrating on
+    it would break the model for every other class), or a model whose eval mode collapsed onto
+    one class. Train mode does not decide it: measured on the shipped samples, train mode
+    spreads its predictions in both cases (batches of one class normalize the class away)."""
+    if output.labeled or not output.classes or output.classes < 3 or output.eval_top_class_share is None:
+        return None
+    if output.eval_top_class_share < UNREPRESENTATIVE_SHARE or (output.eval_confidence or 0.0) < 0.8:
+        return None
+    return Finding(
+        "unrepresentative-sample", "warning", None,
+        f"eval mode predicts class {output.eval_top_class} for {100 * output.eval_top_class_share:.0f}% of this "
+        f"unlabelled sample (mean confidence {output.eval_confidence:.2f}, {output.classes} classes): either the "
+        "sample holds one class, so its BN statistics are that class's and not the population's, or eval mode "
+        "collapsed onto one class.",
+        "Tell them apart on a sample you know holds every class (class subfolders also give labels and "
+        "accuracy per mode); until then do not recalibrate on this sample (bncheck fix refuses without --force).",
+    )
 
 
 def stale_with_labels(finding: Finding, train_accuracy: float, eval_accuracy: float) -> Finding:
     """Labels that show train mode clearly better leave one reading of stale statistics: say it
-    plainly instead of naming both."""
+    plainly instead of naming both (at the first BN layer, after the preprocessing check)."""
+    if finding.hint == INPUT_LAYER_HINT:
+        return Finding(
+            finding.code, finding.severity, finding.layer, finding.message,
+            f"Labels rule out BN kept in eval mode on purpose (train-mode accuracy {100 * train_accuracy:.1f}% vs "
+            f"eval-mode {100 * eval_accuracy:.1f}%). {INPUT_LAYER_HINT}",
+        )
     return Finding(
         finding.code, finding.severity, finding.layer, finding.message,
         f"Labels rule out BN kept in eval mode on purpose (train-mode accuracy {100 * train_accuracy:.1f}% vs "

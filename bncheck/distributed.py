@@ -240,9 +240,18 @@ def sum_tallies(world: World, tally: Any) -> Any:
     kinds = {p.kind for p in parts if p.kind is not None}
     total = OutputTally()
     total.kind = "none" if "none" in kinds or len(kinds) > 1 else next(iter(kinds), None)
+    from collections import Counter
+
     for f in fields(OutputTally):
-        if f.name != "kind":
-            setattr(total, f.name, sum(getattr(p, f.name) for p in parts))
+        values = [getattr(p, f.name) for p in parts]
+        if f.name == "kind":
+            continue
+        if f.name == "classes":
+            total.classes = max(values)
+        elif isinstance(values[0], Counter):
+            setattr(total, f.name, sum(values, Counter()))
+        else:
+            setattr(total, f.name, sum(values))
     return total
 
 

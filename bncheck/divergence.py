@@ -27,7 +27,7 @@ from .attribution import Kept
 from .batches import ImageList, batch_len, forward, rebuild, to_device, to_host
 from .capture import preserved_state, set_bn_train_mode
 from .discovery import BNLayer
-from .outputs import OutputTally
+from .outputs import OutputTally, logits_of, time_major
 from .report import Finding, OutputDivergence
 
 NOISE_RATIO = 10.0
@@ -114,9 +114,16 @@ def _noise_tally(
     if not kept:
         return None
     sizes = [batch_len(inputs) for inputs, _, _ in kept]
+    # time-major sequence outputs ([T, batch, classes]) are re-dealt along their batch dimension
+    sequence = time_major(logits_of(kept[0][2]), sizes[0])
+
+    def batch_first(out: Any, size: int) -> Any:
+        out = logits_of(out)
+        return out.transpose(0, 1) if sequence and time_major(out, size) else out
+
     try:
         inputs_all = _cat([inputs for inputs, _, _ in kept])
-        train_all = _cat([out for _, _, out in kept])
+        train_all = _cat([batch_first(out, size) for (_, _, out), size in zip(kept, sizes)])
         labels = [y for _, y, _ in kept]
         labels_all = torch.cat(labels) if all(y is not None for y in labels) else None
     except (RuntimeError, TypeError, ValueError, IndexError):
@@ -138,11 +145,14 @@ def _noise_tally(
         for start, stop in bounds:
             set_bn_train_mode(model, layers, bn_training=True)
             batch = to_device(_take(inputs_all, order[start:stop]), device, float_dtype)
-            outputs.append(to_host(forward(model, batch, "train")))
+            outputs.append(batch_first(to_host(forward(model, batch, "train")), stop - start))
             snapshot.restore_buffers()
     try:
         again = _take(_cat(outputs), torch.argsort(order))  # back in the original sample order
         tally = OutputTally()
+        if sequence:  # one row per time step, as the main tally compares them
+            train_all, again, labels_all = train_all.reshape(-1, train_all.shape[-1]), \
+                again.reshape(-1, again.shape[-1]), None
         tally.add(train_all, again, labels_all)
     except (RuntimeError, TypeError, ValueError, IndexError):
         return None  # outputs that do not line up per sample (variable-length detections, say)

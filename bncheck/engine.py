@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .attribution import Kept, attribute_layer, attribute_layers
+from .attribution import Kept, attribute_layer, attribute_layers, recalibrated_tally
 from .batches import (
     ImageList,
     OnDevice,
@@ -35,6 +35,7 @@ from .batches import (
 from .capture import fingerprint
 from .collect import LayerStats, statistics_pass
 from .config import FAIL_ON_LEVELS, Thresholds, resolve_thresholds
+from .diagnose import accuracy_gap, accuracy_gap_finding
 from .discovery import BNLayer, find_bn_layers
 from .divergence import composition, model_level_findings, noise_divergence, triggered
 from .errors import InputError, InternalError, UsageError
@@ -201,11 +202,11 @@ def _analyze(
                     input_shape = tuple(first[0].shape[0 if per_sample else 1:]) if first else None
                 out_eval = stats.forward(inputs, "eval")
                 out_train = stats.forward(inputs, "train")
-                tally.add(out_train, out_eval, labels)
+                tally.add(out_train, out_eval, labels, batch=n)
                 # on the host: later passes re-read them, and accelerator memory is for the model
                 if sum(batch_len(k[0]) for k in keep) < keep_samples:
                     keep.append((to_host(inputs), labels, to_host(out_train)))
-                    kept_tally.add(out_train, out_eval, labels)
+                    kept_tally.add(out_train, out_eval, labels, batch=n)
                 labels_per_batch.append(labels)
                 any_labels = any_labels or labels is not None
                 samples += n
@@ -269,10 +270,13 @@ def _analyze(
             extra = tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
                                                largest_batch, explained, unmeasured))
         conclusion = _conclusion(model, layers, report, by_name, keep, gap, device, float_dtype, reduce)
+        if accuracy_gap(output):
+            extra += (accuracy_gap_finding(output, _recovered_accuracy(
+                model, layers, report, by_name, keep, kept_tally, device, float_dtype, reduce, attribute)),)
     except Exception as exc:
         failure = exc
     world.agree(failure)
-    passes_ran = bool(flagged and gap) or triggered(output) or conclusion is not None
+    passes_ran = bool(flagged and gap) or triggered(output) or conclusion is not None or bool(extra)
     if passes_ran and fingerprint(model) != before:  # a healthy model ran none: no second hash
         raise InternalError("the model changed during attribution or the noise check; please report this bug")
     if not attribution and not extra and conclusion is None:
@@ -304,6 +308,23 @@ def _conclusion(
         if share is not None:
             text += f"; recalibrating all {len(stale)} recovers {100 * share:.0f}% of the output gap (measured)"
     return text + "."
+
+
+def _recovered_accuracy(
+    model: nn.Module, layers: list[BNLayer], report: Report, by_name: dict[str, LayerStats], kept: Kept,
+    kept_tally: OutputTally, device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any, attribute: int,
+) -> Optional[tuple[float, float, int]]:
+    """Eval-mode accuracy on the kept labelled samples before and after recalibrating every
+    measured BN layer on them (one eval pass; ``attribute=0`` runs none), and how many."""
+    before = kept_tally.result()
+    if attribute == 0 or before.eval_accuracy is None:
+        return None
+    measured = [by_name[layer.name] for layer in report.layers if layer.score is not None and layer.name in by_name]
+    fixed = recalibrated_tally(model, layers, measured, kept, device, float_dtype, reduce)
+    after = fixed.result() if fixed is not None else None
+    if after is None or after.eval_accuracy is None or not after.labeled:
+        return None
+    return before.eval_accuracy, after.eval_accuracy, after.labeled
 
 
 def _bn_buffers(layer: BNLayer) -> dict[str, Tensor]:

@@ -69,6 +69,22 @@ def run_fix(
             "recalibrating on it would bake that into the checkpoint; fix the preprocessing first"
         )
 
+    from .diagnose import INPUT_LAYER_HINT
+
+    stem = [f for f in before.findings if f.code == "stale-running-stats" and INPUT_LAYER_HINT in f.hint]
+    if stem:
+        warnings.append(
+            f"the first BN layer ({stem[0].layer}) is stale on this data: the likeliest reading is a preprocessing "
+            "mismatch, which recalibration bakes into the checkpoint; check the input scale, mean/std and "
+            "channel order against training before using the fixed checkpoint"
+        )
+    off_sample = [f for f in before.findings if f.code in ("unrepresentative-sample", "chance-accuracy")]
+    if off_sample:
+        blocking.append(
+            f"the sample looks off ({off_sample[0].code}: {off_sample[0].message.rstrip('.')}); statistics "
+            "recalibrated on it would fit it and not the population: use a representative sample"
+        )
+
     traced = [f for f in before.findings if f.code == "traced-in-train-mode"]
     if traced:
         blocking.append(

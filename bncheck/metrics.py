@@ -255,3 +255,43 @@ def squared_norms(train_out: Tensor, eval_out: Tensor) -> tuple[float, float]:
     t = train_out.detach().to(torch.float64)
     e = eval_out.detach().to(torch.float64)
     return float(((e - t) ** 2).sum()), float((t**2).sum())
+
+
+def _log_binomial_pmf(k: int, n: int, p: float) -> float:
+    if p <= 0.0:
+        return 0.0 if k == 0 else -math.inf
+    if p >= 1.0:
+        return 0.0 if k == n else -math.inf
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+            + k * math.log(p) + (n - k) * math.log1p(-p))
+
+
+def _summed(logs: list[float]) -> float:
+    if not logs:
+        return 0.0
+    top = max(logs)
+    if top == -math.inf:
+        return 0.0
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """``P(X >= k)`` for ``X ~ Binomial(n, p)``, summed exactly in log space (no normal
+    approximation: the counts here are often small). 1 for ``k <= 0``, 0 for ``k > n``."""
+    if k <= 0:
+        return 1.0
+    return _summed([_log_binomial_pmf(i, n, p) for i in range(k, n + 1)])
+
+
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Exact two-sided McNemar test on paired right/wrong outcomes: ``only_first`` samples one
+    mode got right and the other wrong, ``only_second`` the reverse. Under "both modes are
+    equally accurate" each discordant sample is a fair coin, so the p-value is twice the
+    binomial tail of the smaller count (capped at 1). Samples both modes got right (or both
+    wrong) carry no information about the difference -- which is why a paired test needs far
+    fewer samples than comparing two accuracies as if independent. 1 when nothing is discordant."""
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    smaller = min(only_first, only_second)
+    return min(1.0, 2.0 * _summed([_log_binomial_pmf(i, n, 0.5) for i in range(smaller + 1)]))

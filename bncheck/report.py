@@ -109,6 +109,25 @@ class OutputDivergence:
     """Top-1 accuracy in train mode when the data has labels."""
     eval_accuracy: Optional[float] = None
     """Top-1 accuracy in eval mode when the data has labels."""
+    labeled: Optional[int] = None
+    """Labelled samples behind the accuracies."""
+    train_only_correct: Optional[int] = None
+    """Labelled samples right in train mode, wrong in eval mode."""
+    eval_only_correct: Optional[int] = None
+    """Labelled samples right in eval mode, wrong in train mode."""
+    accuracy_gap_p: Optional[float] = None
+    """Exact McNemar p-value of the accuracy difference between modes (paired on the same samples):
+    small means the difference is beyond sampling error."""
+    classes: Optional[int] = None
+    """Width of the class dimension."""
+    eval_top_class: Optional[int] = None
+    """The class eval mode predicts most often."""
+    eval_top_class_share: Optional[float] = None
+    """Share of predictions (samples, or time steps of sequence outputs) eval mode gives that class."""
+    train_top_class_share: Optional[float] = None
+    """The same share of train mode's most frequent prediction."""
+    eval_confidence: Optional[float] = None
+    """Mean eval-mode top softmax probability."""
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,13 @@ from .config import Thresholds
 from .diagnose import (
     FROZEN_READING_CODES,
     LayerFacts,
+    chance_accuracy_finding,
+    check_data_first,
     eval_mode_is_better,
     frozen_in_eval,
     layer_findings,
     model_findings,
+    one_class_sample_finding,
     stale_with_labels,
     train_mode_is_better,
 )
@@ -255,18 +258,25 @@ def build_report(
         f.name: layer_findings(f, thresholds, is_input_layer=f.name == input_layer, has_data=has_data)
         for f, _ in scored
     }
-    if has_data and eval_mode_is_better(output.train_accuracy, output.eval_accuracy):
+    if has_data and eval_mode_is_better(output):
         findings_by_layer = {
             name: [frozen_in_eval(f, output.train_accuracy, output.eval_accuracy) if f.code in FROZEN_READING_CODES
                    else f for f in found]
             for name, found in findings_by_layer.items()
         }
-    elif has_data and train_mode_is_better(output.train_accuracy, output.eval_accuracy):
+    elif has_data and train_mode_is_better(output):
         findings_by_layer = {
             name: [stale_with_labels(f, output.train_accuracy, output.eval_accuracy)
                    if f.code == "stale-running-stats" else f for f in found]
             for name, found in findings_by_layer.items()
         }
+    # the sample itself looks wrong (one class, or data the model cannot classify): say that
+    # first, and advise no recalibration on it
+    data_first = [f for f in (chance_accuracy_finding(output), one_class_sample_finding(output)) if f] \
+        if has_data else []
+    if data_first:
+        findings_by_layer = {name: [check_data_first(f, data_first[0]) for f in found]
+                             for name, found in findings_by_layer.items()}
     eval_scores = {
         run.layer.name: score_layer(run.layer, run.eval, thresholds.dead_channel_var)
         for run in runs
@@ -317,6 +327,7 @@ def build_report(
 
     all_findings: list[Finding] = [f for r in layer_results for f in r.findings]
     all_findings += model_findings([f for f, _ in scored], thresholds)
+    all_findings += data_first
     all_findings += extra_findings
     # Most severe first; within a severity, the layers whose fix measurably closes most of the
     # output gap first, and those whose fix alone widens it last (never the first advice).

@@ -29,7 +29,15 @@ from torch import Tensor, nn
 from .discovery import find_bn_layers
 from .errors import InputError, UsageError, first_line
 from .files import atomic_write, atomic_write_folder, check_output_folder, check_output_path
-from .loading import NESTED_KEYS, build_arch, guess_arch, load_state_into, locate_state_dict, sha256_of
+from .loading import (
+    NESTED_KEYS,
+    build_arch,
+    guess_arch,
+    load_state_into,
+    locate_state_dict,
+    sha256_of,
+    weight_entries,
+)
 from .report import ModelInfo
 from .untrusted import check_regular_file, inflation_problem, zip_members
 
@@ -44,6 +52,8 @@ class Probe:
     zip_names: list[str]
     head: bytes
     size: int
+    select: Optional[str] = None
+    """The entry the user picked in a checkpoint that holds several models (``--weights``)."""
 
 
 @dataclass
@@ -267,9 +277,12 @@ class TorchPickleFormat(Format):
                 if isinstance(obj.get(key), nn.Module):
                     info = ModelInfo(str(path), None, "pickled-module", digest, 0)
                     return Checkpoint(obj[key], info, path, self, container=obj)
-        state, locator = locate_state_dict(obj, path)
+        state, locator = locate_state_dict(obj, path, probe.select)
         model, prefix = _model_from_state(state, path, arch, arch_kwargs)
-        info = ModelInfo(str(path), arch, self.name, digest, 0)
+        chosen = locator[0] if locator else None
+        others = tuple(entry for entry in weight_entries(obj) if entry != chosen)
+        info = ModelInfo(str(path), arch, self.name, digest, 0, weights_key=".".join(locator) or None,
+                         other_weights=others)
         return Checkpoint(model, info, path, self, container=obj, locator=locator, prefix=prefix)
 
     def write(self, checkpoint: Checkpoint, tmp: Path) -> None:
@@ -350,9 +363,20 @@ def _model_from_state(
     return model, prefix
 
 
+def _safe_globals() -> Any:
+    """Plain-data classes a training checkpoint holds beside its weights, allowed in a
+    ``weights_only`` load: timm's CheckpointSaver pickles its ``args`` (an argparse.Namespace,
+    attributes only, no code runs to rebuild one)."""
+    import argparse
+    import contextlib
+
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext()
+
+
 def _torch_load(path: Path, trusted: bool) -> Any:
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _safe_globals():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as exc:
@@ -398,9 +422,12 @@ def open_checkpoint(
     arch_kwargs: Optional[Mapping[str, Any]] = None,
     *,
     trust_checkpoint: bool = False,
+    weights: Optional[str] = None,
 ) -> Checkpoint:
     """Open a checkpoint (and/or build ``arch``); the model is in the mode it was saved in
-    (a state_dict's model in eval mode)."""
+    (a state_dict's model in eval mode). ``weights`` picks the model of a checkpoint that holds
+    several (``state_dict_ema``); by default the live weights load and ``info.other_weights``
+    names the rest."""
     arch_kwargs = dict(arch_kwargs or {})
     if checkpoint is None:
         if arch is None:
@@ -412,6 +439,8 @@ def open_checkpoint(
         raise InputError(f"checkpoint {path} does not exist; check the path")
     check_regular_file(path, "checkpoint")
     if path.is_dir():
+        if weights is not None:
+            raise UsageError(f"$weights {weights}: {path} is a model folder, which holds one model; drop $weights")
         loaded = ModelFolderFormat().read_folder(path, arch, arch_kwargs)
         return replace(loaded, info=replace(loaded.info, checkpoint=str(checkpoint)))
     try:
@@ -426,8 +455,10 @@ def open_checkpoint(
     inflating = inflation_problem(members)
     if inflating:
         raise InputError(f"checkpoint {path}: {inflating}; torch.save never compresses: re-save the checkpoint")
-    probe = Probe(path, [m.filename for m in members], head, size)
+    probe = Probe(path, [m.filename for m in members], head, size, select=weights)
     handler = next(fmt for fmt in FORMATS if fmt.sniff(probe))
+    if weights is not None and not isinstance(handler, TorchPickleFormat):
+        raise UsageError(f"$weights {weights}: {path} is a {handler.name} file, which holds one model; drop $weights")
     # the file's SHA-256 (for the report) is computed while the model loads: hashlib releases
     # the GIL, so a large checkpoint costs one read in parallel instead of one more in series
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bncheck-sha256") as pool:

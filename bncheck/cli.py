@@ -190,6 +190,10 @@ _EXPLICIT_NONE = object()
 """A size flag given as 'none': overrides the config with null (a plain None means "not given")."""
 
 
+WEIGHTS_HELP = ("Which model of a checkpoint that holds several (timm's state_dict_ema, an EMA/SWA copy beside "
+                "the live weights): its key, dotted for deeper nesting. Default: the live weights.")
+
+
 def _transform_options(command: Callable) -> Callable:
     """--resize/--crop/--mean/--std, shared by run and fix."""
     for option in reversed((
@@ -209,6 +213,7 @@ def _transform_options(command: Callable) -> Callable:
               help="Model builder: torchvision:NAME, timm:NAME, package.module:callable or "
                    "path/file.py:callable. Needed when the checkpoint holds only a state_dict.")
 @click.option("--arch-kwargs", metavar="YAML", help="Keyword arguments for --arch, e.g. '{num_classes: 10}'.")
+@click.option("--weights", metavar="NAME", help=WEIGHTS_HELP)
 @click.option("--data", metavar="PATH",
               help="Folder of images (flat or class subfolders) or a tensor file (.pt, .npy, .npz[:NAME]). "
                    "Without it, only the checkpoint itself is checked.")
@@ -275,8 +280,10 @@ def run(
     target = _target_device(settings)
     world = _join(target)
 
-    loaded = _agreed(world, lambda: open_checkpoint(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint))
+    loaded = _agreed(world, lambda: open_checkpoint(checkpoint, arch, kwargs, trust_checkpoint=trust_checkpoint,
+                                                    weights=settings.weights))
     loaded.container = None  # run never writes: free the file's copy of the weights (as large as the model)
+    _weights_note(loaded.info)
     if settings.data.path is None:
         _err("note: no --data given: checking only what the checkpoint itself reveals (no statistics measured)")
         report = lint(loaded.module, thresholds=settings.thresholds, ignore=settings.ignore, fail_on=settings.fail_on,
@@ -298,6 +305,14 @@ def run(
 
         report = apply_baseline(report, baseline, settings.baseline)
     _finish(report, settings)
+
+
+def _weights_note(info: Any) -> None:
+    """Say which model of a several-model checkpoint was loaded, and how to pick another."""
+    if info.other_weights:
+        others = ", ".join(info.other_weights)
+        _err(f"note: {info.checkpoint} holds several models: loaded '{info.weights_key}'; the others sit under "
+             f"{others} (pick one with --weights NAME)")
 
 
 def _target_device(settings: Settings) -> str:
@@ -431,7 +446,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
         "arch": flags["arch"], "baseline": flags["baseline"], "batch_size": flags["batch_size"],
         "num_batches": flags["num_batches"], "device": flags["device"], "fail_on": flags["fail_on"],
         "top": flags["top"], "save": flags["save"], "attribute": flags["attribute"], "quiet": flags["quiet"],
-        "annotations": flags.get("annotations"),
+        "annotations": flags.get("annotations"), "weights": flags.get("weights"),
         "outputs": {k: v for k, v in outputs.items() if v is not None} or None,
         "data": data or None,
     }
@@ -530,6 +545,7 @@ def _annotate(report: Report, mode: str, *, to_stderr: bool) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("--arch", metavar="SPEC", help="Model builder, as for `bncheck run` (needed for a state_dict).")
 @click.option("--arch-kwargs", metavar="YAML", help="Keyword arguments for --arch, e.g. '{num_classes: 10}'.")
+@click.option("--weights", metavar="NAME", help=WEIGHTS_HELP + " fix writes the picked one back in place.")
 @click.option("--data", metavar="PATH", help="Folder of images or tensor file whose statistics the BN layers get.")
 @click.option("--out", "out", metavar="NEW", type=click.Path(path_type=Path),
               help="Where to write the recalibrated checkpoint (same format as the input; never the input).")
@@ -603,7 +619,8 @@ def fix(
     target = _target_device(settings)
     world = _join(target)
     loaded = _agreed(world, lambda: open_checkpoint(checkpoint, settings.arch, kwargs,
-                                                    trust_checkpoint=trust_checkpoint))
+                                                    trust_checkpoint=trust_checkpoint, weights=settings.weights))
+    _weights_note(loaded.info)
     loaded.module.to(target)
     settings, provenance = _adopt_preprocessing(settings, loaded, _provenance(config_path, flags))
     path = Path(settings.data.path)
@@ -664,6 +681,9 @@ def _finish_fix(result: Any, settings: Settings) -> None:
 @click.argument("checkpoint_b", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("--arch", metavar="SPEC", help="Model builder for both checkpoints (needed for state_dicts).")
 @click.option("--arch-kwargs", metavar="YAML", help="Keyword arguments for --arch, e.g. '{num_classes: 10}'.")
+@click.option("--weights", "weights", metavar="NAME[,NAME]",
+              help="Which model of each checkpoint (as for run); 'A,B' picks one per checkpoint, e.g. "
+                   "'state_dict,state_dict_ema' to diff the live weights against their EMA in one file.")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow full pickled models (torch.save(model)); loading them executes code from the file.")
 @click.option("--json", "json_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,
@@ -675,8 +695,8 @@ def _finish_fix(result: Any, settings: Settings) -> None:
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Rows in the table.")
 @_handle_errors
 def diff(
-    checkpoint_a: Path, checkpoint_b: Path, arch: Optional[str], arch_kwargs: Optional[str], trust_checkpoint: bool,
-    json_out: Optional[str], markdown_out: Optional[str], fail_on: str, top: int,
+    checkpoint_a: Path, checkpoint_b: Path, arch: Optional[str], arch_kwargs: Optional[str], weights: Optional[str],
+    trust_checkpoint: bool, json_out: Optional[str], markdown_out: Optional[str], fail_on: str, top: int,
 ) -> None:
     """Compare two checkpoints of one architecture (base vs fine-tuned, live vs EMA/SWA,
     rank 0 vs rank 1) around every BN layer, with no data: how far the running statistics
@@ -700,8 +720,12 @@ def diff(
     _check_outputs({"json": json_out, "markdown": markdown_out},
                    {"the first checkpoint": checkpoint_a, "the second checkpoint": checkpoint_b})
     kwargs = parse_arch_kwargs(arch_kwargs)
-    first = open_checkpoint(checkpoint_a, arch, kwargs, trust_checkpoint=trust_checkpoint)
-    second = open_checkpoint(checkpoint_b, arch, kwargs, trust_checkpoint=trust_checkpoint)
+    picks = (weights or "").split(",") if weights else [None]
+    if len(picks) > 2:
+        raise UsageError("--weights takes one NAME, or two separated by a comma (one per checkpoint)")
+    pick_a, pick_b = picks[0] or None, picks[-1] or None
+    first = open_checkpoint(checkpoint_a, arch, kwargs, trust_checkpoint=trust_checkpoint, weights=pick_a)
+    second = open_checkpoint(checkpoint_b, arch, kwargs, trust_checkpoint=trust_checkpoint, weights=pick_b)
     result = diff_checkpoints(first, second, fail_on=fail_on)
     texts = {"json": lambda: dumps_diff(result),
              "markdown": lambda: markdown_diff(for_format(result, "markdown"), top=top)}

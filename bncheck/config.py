@@ -93,6 +93,8 @@ class Settings:
     thresholds: Thresholds
     annotations: str = "auto"
     """CI annotations: ``github`` prints workflow commands, ``auto`` does on GitHub Actions."""
+    weights: Optional[str] = None
+    """Which model of a checkpoint that holds several (``state_dict_ema``); None: the live one."""
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -244,6 +246,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         ignore=tuple(ignore),
         thresholds=thresholds,
         annotations=_choice(raw, "annotations", ANNOTATIONS),
+        weights=_optional_str(raw, "weights", ""),
     )
 
 

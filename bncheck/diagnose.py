@@ -390,6 +390,22 @@ def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float
     )
 
 
+def frozen_by_module(finding: Finding, owner: str) -> Finding:
+    """A stale-looking BN inside a QAT fused module whose ``freeze_bn`` is set: frozen on purpose
+    (``freeze_bn_stats`` late in QAT training; the convolution's folded weights were trained with
+    these statistics), so the numbers are reported and recalibration is not advised."""
+    if finding.code not in FROZEN_READING_CODES + ("unconverged-running-stats",):
+        return finding
+    return Finding(
+        "bn-frozen-in-eval", "info", finding.layer,
+        f"{finding.message.rstrip('.')}; but {owner} has freeze_bn=True (QAT freeze_bn_stats): its statistics "
+        "are frozen on purpose, not drift.",
+        "Keep these statistics: the fused convolution's weights were trained with them, and recalibrating "
+        "would change what the quantized model computes. If labelled accuracy shows eval mode falling short, "
+        "see the accuracy-gap finding for what recalibration recovers.",
+    )
+
+
 TRAIN_MODE_MARGIN = 0.02
 """Train-mode accuracy this much above eval-mode accuracy rules out BN frozen on purpose."""
 

@@ -38,6 +38,9 @@ class BNLayer:
     """``batchnorm`` (has a train mode) or ``frozen`` (buffers only)."""
     scripted: bool
     """A TorchScript submodule: no hooks, statistics come from buffer updates."""
+    frozen_by: Optional[str] = None
+    """The module that keeps this layer in eval mode on purpose (a QAT fused ConvBn module after
+    ``freeze_bn_stats``: ``freeze_bn=True``, its BN stays in eval through ``model.train()``)."""
 
     def buffer(self, name: str) -> Optional[Tensor]:
         value = getattr(self.module, name, None)
@@ -145,13 +148,18 @@ def find_bn_layers(model: nn.Module) -> list[BNLayer]:
     """Every BatchNorm-like layer of ``model``, in ``named_modules()`` order."""
     layers = []
     opaque: list[str] = []  # wrapped graphs whose buffer containers are not layers
+    freezing: set[str] = set()  # QAT fused modules with freeze_bn=True
     for name, module in model.named_modules():
         if any(name == p or name.startswith(p + ".") for p in opaque):
             continue
+        if getattr(module, "freeze_bn", None) is True:
+            freezing.add(name)
         for child in getattr(module, "_bncheck_opaque_children", ()):
             opaque.append(f"{name}.{child}" if name else child)
         if isinstance(module, _BatchNorm):
-            layers.append(BNLayer(name, module, _type_name(module), "batchnorm", False))
+            parent = name.rpartition(".")[0]
+            layers.append(BNLayer(name, module, _type_name(module), "batchnorm", False,
+                                  frozen_by=parent if parent in freezing else None))
         elif isinstance(module, torch.jit.ScriptModule):
             # by class name, or by what it does: BatchNorm subclasses (timm's BatchNormAct2d, ...)
             # keep their own name but make one batch_norm call on their running buffers

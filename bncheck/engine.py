@@ -300,14 +300,25 @@ def _conclusion(
     if len(stale) < MANY_STALE:
         return None
     measured = sum(1 for layer in report.layers if layer.score is not None)
-    text = (f"{len(stale)} of {measured} measured BN layers are stale: recalibrate all BN layers together "
-            "(bncheck fix, verified before it writes) rather than one at a time")
+    share = None
     if gap:
         share = attribute_layers(model, layers, [by_name[name] for name in stale], kept, gap, device, float_dtype,
                                  reduce=reduce)
-        if share is not None:
-            text += f"; recalibrating all {len(stale)} recovers {100 * share:.0f}% of the output gap (measured)"
+    if share is not None and share < HELPS:
+        # the measurement does not support recalibrating: say what was measured, advise nothing it refutes
+        return (f"{len(stale)} of {measured} measured BN layers disagree with this data, but recalibrating all "
+                f"{len(stale)} on it does not close the output gap ({100 * share:.0f}% of it recovered, measured): "
+                "the gap is not in these statistics alone -- check that this data is what the model was trained on "
+                "and whether BN was kept in eval mode on purpose before changing any statistics.")
+    text = (f"{len(stale)} of {measured} measured BN layers are stale: recalibrate all BN layers together "
+            "(bncheck fix, verified before it writes) rather than one at a time")
+    if share is not None:
+        text += f"; recalibrating all {len(stale)} recovers {100 * share:.0f}% of the output gap (measured)"
     return text + "."
+
+
+HELPS = 0.1
+"""Share of the output gap that recalibrating the stale layers must recover for the conclusion to advise it."""
 
 
 def _recovered_accuracy(

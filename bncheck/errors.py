@@ -30,6 +30,7 @@ FLAGS = {
     "force": "--force",
     "attribute": "--attribute",
     "fail_on": "--fail-on",
+    "weights": "--weights",
 }
 
 

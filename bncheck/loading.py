@@ -193,30 +193,64 @@ def _looks_like_state_dict(value: Any) -> bool:
     )
 
 
-def locate_state_dict(obj: Any, path: Path) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+def locate_state_dict(
+    obj: Any, path: Path, select: Optional[str] = None
+) -> tuple[dict[str, Tensor], tuple[str, ...]]:
     """Find the weights in whatever the training code saved: a state_dict, or one nested
-    under a known key (Lightning ``state_dict``, ``model_state_dict``, ``ema``, ...).
+    under a known key (Lightning ``state_dict``, ``model_state_dict``, ``ema``, ...), or under
+    ``select`` (``state_dict_ema``: a dotted path for deeper nesting) when the user picks one.
     Returns the tensors and the keys that lead to their mapping inside ``obj`` (``()`` for
     ``obj`` itself), so a writer can put new tensors back in the same place."""
+    if select is not None:
+        inner: Any = obj
+        parts = tuple(select.split("."))
+        for part in parts:
+            if not isinstance(inner, Mapping) or part not in inner:
+                held = ", ".join(weight_entries(obj)) or "none"
+                raise InputError(
+                    f"{path} has no weights under {select!r}; the models it holds sit under: {held} "
+                    "(pick one with $weights)"
+                )
+            inner = inner[part]
+        state, rest = locate_state_dict(inner, path)
+        return state, (*parts, *rest)
     if _looks_like_state_dict(obj):
         return dict(obj), ()
     if isinstance(obj, Mapping):
         for key in NESTED_KEYS:
             if key in obj and isinstance(obj[key], Mapping):
                 try:
-                    state, inner = locate_state_dict(obj[key], path)
+                    state, inner_keys = locate_state_dict(obj[key], path)
                 except InputError:
                     continue
-                return state, (key, *inner)
+                return state, (key, *inner_keys)
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
         if tensors and len(tensors) >= len(obj) / 2:
             return tensors, ()
         keys = ", ".join(sorted(map(str, obj))[:8])
         raise InputError(
             f"{path} holds a dict without model weights under a known key (found: {keys}); "
-            f"save the state_dict, or nest it under one of: {', '.join(NESTED_KEYS)}"
+            f"save the state_dict, nest it under one of: {', '.join(NESTED_KEYS)}, or pick the entry with $weights"
         )
     raise InputError(f"{path} holds a {type(obj).__name__}, not model weights or a module")
+
+
+def weight_entries(obj: Any) -> list[str]:
+    """Top-level entries of a checkpoint dict that each hold a model's weights: the live
+    weights and the EMA/SWA copies that timm's CheckpointSaver (``state_dict_ema``), Lightning
+    callbacks and hand-written loops keep beside them. Known live-weight keys first."""
+    if not isinstance(obj, Mapping) or _looks_like_state_dict(obj):
+        return []
+    found = []
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, Mapping) or not value:
+            continue
+        tensors = sum(isinstance(v, Tensor) for v in value.values())
+        nested = any(isinstance(value.get(k), Mapping) for k in NESTED_KEYS)
+        if (tensors and tensors >= len(value) / 2) or nested:
+            found.append(key)
+    rank = {key: i for i, key in enumerate(NESTED_KEYS)}
+    return sorted(found, key=lambda k: rank.get(k, len(rank)))
 
 
 def find_prefix(state: Mapping[str, Tensor], expected: set[str]) -> str:
@@ -264,10 +298,12 @@ def load_state_into(
     expected = model.state_dict()
     prefix = find_prefix(state, set(expected))
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    resizing = _self_loading_prefixes(model)
     mismatched = [
         (k, tuple(v.shape), tuple(expected[k].shape))
         for k, v in state.items()
         if k in expected and isinstance(expected[k], Tensor) and tuple(v.shape) != tuple(expected[k].shape)
+        and k.rpartition(".")[0] not in resizing
     ]
     # Checkpoints from before PyTorch 0.4.1, and many converted ones, lack num_batches_tracked;
     # it only counts updates, so it stays at the model's value (reported as never-updated
@@ -310,13 +346,30 @@ def load_state_into(
             f"{path} does not fit $arch {spec}: all {named} keys match by name, but {count} other shapes "
             f"(first: {key} is {list(got)} in the file, {list(want)} in the model){hint}"
         )
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a module that loads its own state refused it
+        raise InputError(f"{path} does not fit $arch {spec}: {first_line(exc)}") from None
     left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked") and k not in ignore_missing]
     if left or result.unexpected_keys:  # the checks above should have caught these
         raise InputError(f"{path} does not fit $arch {spec}: {_summarize(left + list(result.unexpected_keys))}")
     return prefix
 
 
+
+
+def _self_loading_prefixes(model: nn.Module) -> set[str]:
+    """Modules that load their own state and may resize buffers while doing it (QAT's
+    FakeQuantize and observers turn a per-tensor ``scale`` of shape [1] into the per-channel
+    [64] the file holds): bncheck's shape check must not be stricter than their loading.
+    torch.nn's own modules (BatchNorm included) keep their shapes, so they are not among them."""
+    base = nn.Module._load_from_state_dict
+    found = set()
+    for name, module in model.named_modules():
+        loader = type(module)._load_from_state_dict
+        if loader is not base and not getattr(loader, "__module__", "").startswith("torch.nn.modules"):
+            found.add(name)
+    return found
 
 
 _RESNETS = {

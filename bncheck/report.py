@@ -147,6 +147,11 @@ class ModelInfo:
     ``builder`` (your --arch code built them), ``library-default`` (a torchvision/timm builder
     rebuilt the model from weights: momentum is not saved in a state_dict, so the values are
     the library's defaults, not what training used; bncheck does not reason from them)."""
+    weights_key: Optional[str] = None
+    """Where in the checkpoint the loaded weights sit (``state_dict``, ``state_dict_ema``); None
+    when the file is the weights."""
+    other_weights: tuple[str, ...] = ()
+    """Other models the checkpoint holds (EMA/SWA copies beside the live weights): ``--weights``."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from .diagnose import (
     chance_accuracy_finding,
     check_data_first,
     eval_mode_is_better,
+    frozen_by_module,
     frozen_in_eval,
     layer_findings,
     model_findings,
@@ -270,6 +271,10 @@ def build_report(
                    if f.code == "stale-running-stats" else f for f in found]
             for name, found in findings_by_layer.items()
         }
+    owners = {run.layer.name: run.layer.frozen_by for run in runs if run.layer.frozen_by}
+    if owners:
+        findings_by_layer = {name: [frozen_by_module(f, owners[name]) if name in owners else f for f in found]
+                             for name, found in findings_by_layer.items()}
     # the sample itself looks wrong (one class, or data the model cannot classify): say that
     # first, and advise no recalibration on it
     data_first = [f for f in (chance_accuracy_finding(output), one_class_sample_finding(output)) if f] \

@@ -59,11 +59,14 @@ def build(report: Report, top: int) -> list:
         ("bncheck ", "bold"), (report.verdict.upper(), VERDICT_STYLE.get(report.verdict, "bold"))
     )
     model = report.model
+    picked = (f"; weights {model.weights_key!r} of {1 + len(model.other_weights)} models"
+              if model.other_weights else "")
     header = [
         verdict,
         Text(f"model  {model.checkpoint or model.arch or 'in-memory'}"
              f"{f'  [{model.arch}]' if model.checkpoint and model.arch else ''}"
-             f"  ({model.format}, {model.bn_layers} BN layers)"),
+             f"  ({model.format}, {model.bn_layers} BN layers"
+             f"{picked})"),
         Text(f"data   {report.data.source or 'in-memory'}  ({data_line(report)})"
              if report.data.samples else "data   none: only the checkpoint was checked (no --data)"),
         *([Text(f"input  {input_line(report)}")] if input_line(report) else []),

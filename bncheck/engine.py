@@ -40,7 +40,7 @@ from .discovery import BNLayer, find_bn_layers
 from .divergence import composition, model_level_findings, noise_divergence, triggered
 from .errors import InputError, InternalError, UsageError
 from .outputs import OutputTally, output_gap
-from .report import DataInfo, Finding, ModelInfo, OutputDivergence, Report
+from .report import STALE_CODES, DataInfo, Finding, ModelInfo, OutputDivergence, Report
 from .scoring import build_report
 from .scripted import measurable
 
@@ -284,7 +284,6 @@ def _analyze(
     return replace(report_with(attribution or None, extra), conclusion=conclusion)
 
 
-STALE_CODES = ("stale-running-stats", "pseudo-frozen", "never-updated", "unconverged-running-stats")
 MANY_STALE = 3
 """From this many stale layers on, the report concludes once: recalibrate them all."""
 

@@ -130,3 +130,20 @@ def test_layer_results_all_render_even_with_none_numbers() -> None:
                        track_running_stats=True, attribution=None, worst_channels=(), findings=())
     page = render(replace(report, layers=(*report.layers, bare)), "html", top=2)
     assert ">lonely<" in page
+
+
+def test_the_conclusion_reaches_every_stale_groups_annotation() -> None:
+    """render/github.py kept its own copy of the stale group without unconverged-running-stats,
+    so that group's PR annotation lost its conclusion line."""
+    from dataclasses import replace
+
+    from test_report import make_report
+
+    from bncheck.render import render
+    from bncheck.report import Finding
+
+    report = make_report()
+    unconverged = tuple(Finding("unconverged-running-stats", "error", f"bn{i}", "m", "h") for i in range(3))
+    text = render(replace(report, findings=unconverged, conclusion="3 of 3 layers are stale: recalibrate all."),
+                  "github")
+    assert "Conclusion: 3 of 3 layers are stale" in text

@@ -210,6 +210,7 @@ def test_a_hub_folder_with_auto_map_runs_none_of_its_python(tmp_path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
     config.pop("architectures")
+    config["model_type"] = "evil-net"  # not a model transformers knows: only the folder's code could build it
     (folder / "config.json").write_text(json.dumps(config))
     torch.save(torch.randn(4, 3, 32, 32), tmp_path / "x.pt")
     result = subprocess.run([PYTHON, "-m", "bncheck", "run", str(folder), "--data", str(tmp_path / "x.pt"),
@@ -604,3 +605,17 @@ def test_sigterm_ends_a_run_cleanly(tmp_path, weights) -> None:
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_building_from_a_folder_is_sealed_offline_with_no_stdin(monkeypatch) -> None:
+    import sys as system
+
+    from bncheck.hub import OFFLINE_ENV, sealed
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    stdin, stdout = system.stdin, system.stdout
+    with sealed():
+        assert all(os.environ[key] == "1" for key in OFFLINE_ENV)
+        assert system.stdin.read() == ""  # a library's prompt gets no answer
+        assert system.stdout is system.stderr  # and its chatter stays off stdout (--json -)
+    assert "HF_HUB_OFFLINE" not in os.environ and system.stdin is stdin and system.stdout is stdout

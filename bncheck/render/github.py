@@ -9,7 +9,7 @@ becomes a ``notice``.
 
 from __future__ import annotations
 
-from ..report import Finding, Report
+from ..report import STALE_CODES, Finding, Report
 from .summary import plural
 
 COMMANDS = {"error": "error", "warning": "warning", "info": "notice"}
@@ -51,7 +51,7 @@ def render(report: Report, **_options: object) -> str:
             named = ", ".join(layers[:MAX_LAYERS]) + (f" and {len(layers) - MAX_LAYERS} more" if
                                                       len(layers) > MAX_LAYERS else "")
             message = f"{subject}: {first.layer}: {first.message} {first.hint}\nLayers: {named}"
-        if report.conclusion and code in ("stale-running-stats", "pseudo-frozen", "never-updated"):
+        if report.conclusion and code in STALE_CODES:
             message += f"\nConclusion: {report.conclusion}"
         lines.append(command(COMMANDS[severity], title, message.strip()))
     if report.verdict == "fail" and not any(severity in ("error", "warning") for severity, _ in groups):

@@ -468,7 +468,7 @@ def chance_accuracy_finding(output: OutputDivergence) -> Optional[Finding]:
         f"neither mode beats chance on {output.labeled} labelled samples (train mode "
         f"{100 * output.train_accuracy:.1f}%, eval mode {100 * output.eval_accuracy:.1f}%, chance "
         f"{100 / output.classes:.1f}% for {output.classes} classes): this data is not what the model was trained "
-        "on, or its class folders are in another order.",
+        "on, its class folders are in another order, or the model is untrained.",
         "Check the data before the statistics: preprocessing, domain (e.g. inverted or differently scaled "
         "inputs) and the label order. Do not recalibrate on it: statistics of data the model cannot classify "
         "fix nothing.",

@@ -270,6 +270,10 @@ def _analyze(
             extra = tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
                                                largest_batch, explained, unmeasured))
         conclusion = _conclusion(model, layers, report, by_name, keep, gap, device, float_dtype, reduce)
+        if triggered(output) and gap:
+            combined = _combined_evidence(model, layers, report, by_name, keep, gap, device, float_dtype, reduce,
+                                          thresholds, measure=attribute > 0)
+            extra += (combined,) if combined is not None else ()
         if accuracy_gap(output):
             extra += (accuracy_gap_finding(output, _recovered_accuracy(
                 model, layers, report, by_name, keep, kept_tally, device, float_dtype, reduce, attribute)),)
@@ -318,6 +322,61 @@ def _conclusion(
 
 HELPS = 0.1
 """Share of the output gap that recalibrating the stale layers must recover for the conclusion to advise it."""
+
+
+WEAK_DRIFT = 2.0
+"""Drift-to-noise ratio from which a layer below ``thresholds.drift_to_noise`` still counts as weak evidence."""
+WEAK_LAYERS = 3
+"""Weak layers needed before their evidence is added up."""
+COMBINED_SHARE = 0.2
+"""Share of the output gap that recalibrating the weak layers together must recover (measured): the
+direction test. At small batches much of the gap is batch noise that no statistic removes, so the
+bar is a fifth, not a half; on healthy models the rule never gets this far (benchmarks/false_alarms.py:
+no run of the slow sweep or the healthy samples has three layers at 2x their noise floor)."""
+
+
+def _combined_evidence(
+    model: nn.Module, layers: list[BNLayer], report: Report, by_name: dict[str, LayerStats], kept: Kept,
+    gap: float, device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any, thresholds: Any,
+    measure: bool = True,
+) -> Optional[Finding]:
+    """Evidence weak per layer but consistent across layers: several layers each 2x-``drift_to_noise``
+    above their noise floor (too close to it to flag alone: per-sample noise is large where feature
+    maps are 1x1) with scores at least ``stale_warning``, none flagged, while the outputs disagree.
+    Their sum counts only when it points the same way as the output gap -- recalibrating them
+    together must recover at least ``COMBINED_SHARE`` of it (one eval pass over the kept sample)."""
+    weak = [layer for layer in report.layers
+            if layer.score is not None and layer.drift_to_noise is not None
+            and WEAK_DRIFT <= layer.drift_to_noise < thresholds.drift_to_noise
+            and layer.score >= thresholds.stale_warning
+            and not any(f.code in (*STALE_CODES, "input-distribution") for f in layer.findings)
+            and layer.name in by_name]
+    if len(weak) < WEAK_LAYERS:
+        return None
+    names = ", ".join(layer.name for layer in weak[:6]) + (f" and {len(weak) - 6} more" if len(weak) > 6 else "")
+    ratios = f"{min(layer.drift_to_noise for layer in weak):.1f}-{max(layer.drift_to_noise for layer in weak):.1f}x"
+    if not measure:  # --attribute 0: no pass to test the direction, so a warning that says so
+        return Finding(
+            "stale-running-stats", "warning", None,
+            f"{len(weak)} layers each sit {ratios} above their noise floor (under drift_to_noise "
+            f"{thresholds.drift_to_noise:g}, too close to flag alone) while the outputs disagree: {names}; whether "
+            "recalibrating them closes the output gap was not measured (--attribute 0).",
+            "Rerun with --attribute 1 or more to measure it, or check with bncheck fix --dry-run.",
+        )
+    share = attribute_layers(model, layers, [by_name[layer.name] for layer in weak], kept, gap, device, float_dtype,
+                             reduce=reduce)
+    if share is None or share < COMBINED_SHARE:
+        return None
+    return Finding(
+        "stale-running-stats", "error", None,
+        f"{len(weak)} layers each sit {ratios} above their noise floor (under drift_to_noise "
+        f"{thresholds.drift_to_noise:g}, too close to flag alone): {names}; together they pull eval mode away "
+        f"from train mode -- recalibrating them recovers {100 * share:.0f}% of the output gap (measured on "
+        f"{sum(batch_len(k[0]) for k in kept)} samples; the rest is batch noise at this batch size or other layers).",
+        "Weak evidence that adds up: recalibrate all BN layers together on representative data with bncheck fix "
+        "(it verifies the result), and check how the statistics were made (per-rank BN without SyncBN, a "
+        "sampler that gave ranks different data).",
+    )
 
 
 def _recovered_accuracy(

@@ -354,3 +354,37 @@ def test_a_qat_model_loads_and_its_frozen_bn_is_read_as_kept_on_purpose(tmp_path
     assert "recalibrate all" not in (document.get("conclusion") or "")
     unfrozen = CliRunner().invoke(cli, ["run", *args, "--arch", f"{tmp_path / 'qat_arch.py'}:build"])
     assert unfrozen.exit_code in (0, 1) and "does not fit" not in unfrozen.output, unfrozen.output
+
+
+def _mlp() -> nn.Module:
+    layers: list[nn.Module] = []
+    width = 8
+    for _ in range(5):
+        layers += [nn.Linear(width, 32), nn.BatchNorm1d(32), nn.ReLU()]
+        width = 32
+    return nn.Sequential(*layers, nn.Linear(32, 5))
+
+
+def test_weak_evidence_across_layers_adds_up() -> None:
+    """Five BN layers each drifted by 0.3 running stds: every one sits 2-4x above its noise floor,
+    under drift_to_noise alone, and the output-divergence net sees batch noise at batch size 8.
+    Before, PASS; now one model-level error names them with the measured recovery."""
+    torch.manual_seed(0)
+    model = _mlp()
+    x = torch.randn(256, 8)
+    bncheck.recalibrate(model, x, batch_size=64)
+    model.eval()
+    healthy = bncheck.analyze(model, x[:128], batch_size=8)
+    assert healthy.verdict == "pass"
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn in [m for m in model if isinstance(m, nn.BatchNorm1d)]:
+            bn.running_mean += 0.3 * bn.running_var.sqrt() * torch.randn(32, generator=g)
+    report = bncheck.analyze(model, x[:128], batch_size=8)
+    assert all(layer.drift_to_noise < 4 for layer in report.layers)
+    combined = next(f for f in report.findings if f.code == "stale-running-stats" and f.layer is None)
+    assert combined.severity == "error" and report.verdict == "fail"
+    assert "5 layers each sit" in combined.message and "(measured on 128 samples" in combined.message
+    quick = bncheck.analyze(model, x[:128], batch_size=8, attribute=0)  # not measured: a warning that says so
+    unmeasured = next(f for f in quick.findings if f.code == "stale-running-stats" and f.layer is None)
+    assert unmeasured.severity == "warning" and "not measured" in unmeasured.message

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .config import Thresholds
+from .findings import SAMPLE, STALE
 from .metrics import binomial_tail, mcnemar_p
 from .report import Finding, OutputDivergence
 
@@ -475,10 +476,10 @@ def chance_accuracy_finding(output: OutputDivergence) -> Optional[Finding]:
     )
 
 
-DATA_FIRST_CODES = ("chance-accuracy", "unrepresentative-sample")
+DATA_FIRST_CODES = SAMPLE
 """Model-level findings saying the sample itself is off: reported first, and no layer advice
 recalibrates on such a sample."""
-RECALIBRATING_CODES = ("stale-running-stats", "pseudo-frozen", "never-updated", "unconverged-running-stats")
+RECALIBRATING_CODES = STALE
 """Findings whose advice is to recalibrate (input-distribution already says: check the data)."""
 
 

@@ -70,6 +70,7 @@ def run_fix(
         )
 
     from .diagnose import INPUT_LAYER_HINT
+    from .findings import SAMPLE
 
     stem = [f for f in before.findings if f.code == "stale-running-stats" and INPUT_LAYER_HINT in f.hint]
     if stem:
@@ -78,7 +79,7 @@ def run_fix(
             "mismatch, which recalibration bakes into the checkpoint; check the input scale, mean/std and "
             "channel order against training before using the fixed checkpoint"
         )
-    off_sample = [f for f in before.findings if f.code in ("unrepresentative-sample", "chance-accuracy")]
+    off_sample = [f for f in before.findings if f.code in SAMPLE]
     if off_sample:
         blocking.append(
             f"the sample looks off ({off_sample[0].code}: {off_sample[0].message.rstrip('.')}); statistics "

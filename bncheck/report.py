@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import InputError, first_line
+from .findings import STALE
 
 SCHEMA_ID = "bncheck/run/v1"
 SEVERITIES = ("info", "warning", "error")
 """Finding severities, least severe first: the one definition every module uses."""
 SEVERITY_ORDER = {severity: rank for rank, severity in enumerate(SEVERITIES)}
-STALE_CODES = ("stale-running-stats", "pseudo-frozen", "never-updated", "unconverged-running-stats")
+STALE_CODES = STALE
 """Findings that say a layer's running statistics are stale: the group one conclusion speaks for."""
 
 

@@ -14,6 +14,7 @@ from typing import Optional
 from .config import Thresholds
 from .findings import SAMPLE, STALE
 from .metrics import binomial_tail, mcnemar_p
+from .numbers import num
 from .report import Finding, OutputDivergence
 
 
@@ -71,7 +72,7 @@ class LayerFacts:
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+    return num(value, digits, missing="n/a")
 
 
 def _drift_counts(f: LayerFacts, t: Thresholds) -> bool:

@@ -285,9 +285,6 @@ def pool_stats(world: World, stats: Any, device: torch.device) -> None:
     stats.batch_means = merged
 
 
-Reducer = Callable[[Any], Any]
-
-
 def rank_divergence(world: World, layers: list[Any]) -> list[tuple[str, list[tuple[int, float]]]]:
     """Per BN layer, the ranks whose running statistics differ from rank 0's and by how much:
     the RMS over channels of ``sqrt(shift^2 + (scale - 1)^2)`` with the shift in rank 0's

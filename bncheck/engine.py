@@ -269,7 +269,8 @@ def _analyze(
             unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))
             extra = tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
                                                largest_batch, explained, unmeasured))
-        conclusion = _conclusion(model, layers, report, by_name, keep, gap, device, float_dtype, reduce)
+        conclusion = _conclusion(model, layers, report, by_name, keep, gap if attribute else None, device,
+                                 float_dtype, reduce, measured=attribute > 0)
         if triggered(output) and gap:
             combined = _combined_evidence(model, layers, report, by_name, keep, gap, device, float_dtype, reduce,
                                           thresholds, measure=attribute > 0)
@@ -295,6 +296,7 @@ MANY_STALE = 3
 def _conclusion(
     model: nn.Module, layers: list[BNLayer], report: Report, by_name: dict[str, LayerStats], kept: Kept,
     gap: Optional[float], device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any = None,
+    measured: bool = True,
 ) -> Optional[str]:
     """One sentence instead of many alike findings: when several layers are stale, fixing
     them all at once is the advice, and one more eval pass measures what it recovers."""
@@ -317,6 +319,8 @@ def _conclusion(
             "(bncheck fix, verified before it writes) rather than one at a time")
     if share is not None:
         text += f"; recalibrating all {len(stale)} recovers {100 * share:.0f}% of the output gap (measured)"
+    elif not measured:
+        text += "; what that recovers was not measured (--attribute 0)"
     return text + "."
 
 

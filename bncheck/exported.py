@@ -172,8 +172,3 @@ class _Interpreter(torch.fx.Interpreter):
             return out, empty, empty
         return out
 
-
-def load_exported(path: str) -> ExportedProgramModule:
-    program = torch.export.load(path)
-    example = getattr(program, "example_inputs", None)
-    return ExportedProgramModule(program.module(), example)

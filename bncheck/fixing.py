@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from .checkpoint import Checkpoint
 from .config import Thresholds
 from .engine import analyze
+from .numbers import pct
 from .recalibration import RecalibrationResult, recalibrate
 from .report import FixReport, LayerFix, Report, SkippedLayer, fails_gate
 
@@ -32,7 +33,7 @@ _HARM_SAMPLES = 1
 
 
 def _fmt_pct(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+    return pct(value, missing="n/a")
 
 
 def run_fix(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .numbers import num
 from .report import SEVERITY_ORDER, Finding, Report
 
 SEVERITIES_FOR_LEVEL = {"never": None, None: None, "info": "info", "warning": "warning", "error": "error"}
@@ -26,7 +27,8 @@ class DriftCheck:
     step: Optional[int]
     """The training step or epoch the caller passed (None when not given)."""
     max_score: Optional[float]
-    """Largest finite layer score (train-pass divergence, in running stds); None without a measured layer."""
+    """Largest finite layer score (train-pass divergence, in train-mode output stds as
+    metrics.normalization_error); None without a measured layer."""
     output_agreement: Optional[float]
     """Top-1 agreement of train- and eval-mode outputs (classifiers), else None."""
     worst_layers: tuple[tuple[str, float], ...]
@@ -79,7 +81,7 @@ class DriftCheck:
 
 
 def _num(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2f}"
+    return num(value)
 
 
 def check_drift(

@@ -28,7 +28,7 @@ STALE_CODES = STALE
 @dataclass(frozen=True)
 class Finding:
     code: str
-    """Stable finding code, e.g. ``stale-running-stats`` (DESIGN section 2)."""
+    """Stable finding code, e.g. ``stale-running-stats`` (defined in bncheck/findings.py)."""
     severity: str
     """``error``, ``warning`` or ``info``."""
     layer: Optional[str]

@@ -70,8 +70,11 @@ def test_a_labelled_gap_beyond_sampling_error_is_an_error() -> None:
 
 def test_random_labels_on_a_stale_model_fail_and_advise_checking_the_data() -> None:
     x, _ = sample_tensors()
-    y = torch.randint(0, 4, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    # seed 5: random labels where eval mode happens to be "more accurate" (27.3% vs 21.1%, 4 classes):
+    # before, bn-frozen-in-eval and PASS on a pseudo-frozen model
+    y = torch.randint(0, 4, (x.shape[0],), generator=torch.Generator().manual_seed(5))
     report = bncheck.analyze(sample_model("pseudo_frozen"), (x[:128], y[:128]), batch_size=32, attribute=0)
+    assert report.output.eval_accuracy > report.output.train_accuracy
     codes = {f.code for f in report.findings}
     assert "chance-accuracy" in codes and "bn-frozen-in-eval" not in codes
     assert report.verdict == "fail"

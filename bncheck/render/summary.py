@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 from ..findings import SAMPLE
+from ..numbers import num, pct
 from ..report import SEVERITY_ORDER, Finding, FixReport, Report
-
-
-def num(value: Optional[float], digits: int = 2) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def pct(value: Optional[float]) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
 def share(value: Optional[float]) -> str:
     """An attribution share as a percentage, '-' when not measured."""
-    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.0f}%"
+    return pct(value, 0)
 
 
 def baseline_lines(report: Report, limit: int = 5) -> list[str]:

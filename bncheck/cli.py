@@ -473,9 +473,8 @@ def _stdout_format(targets: dict[str, Optional[str]]) -> Optional[str]:
 
 def _render_text(report: Report, fmt: str, top: int) -> str:
     from .render import render
-    from .report import dumps
 
-    return dumps(report) if fmt == "json" else render(report, fmt, top=top)
+    return render(report, fmt, top=top)
 
 
 def _write_formats(report: Report, targets: dict[str, Optional[str]], top: int) -> None:
@@ -646,9 +645,7 @@ def fix(
 
 
 def _finish_fix(result: Any, settings: Settings) -> None:
-    from .render.escape import for_format
-    from .render.table import render_fix
-    from .report import dumps_fix
+    from .render import render
 
     if not _main_rank():
         if result.verdict == "fail":
@@ -657,20 +654,18 @@ def _finish_fix(result: Any, settings: Settings) -> None:
 
     json_to_stdout = settings.outputs.json == "-"
     if settings.outputs.json is not None and not json_to_stdout:
-        _write_text(Path(settings.outputs.json), dumps_fix(result), "the fix result")
+        _write_text(Path(settings.outputs.json), render(result, "json"), "the fix result")
     if settings.outputs.html is not None:
-        from .render.html import render_fix as html_fix
-
-        _write_text(Path(settings.outputs.html), html_fix(result, top=settings.top), "the HTML page")
+        _write_text(Path(settings.outputs.html), render(result, "html", top=settings.top), "the HTML page")
     if not settings.quiet:
         stream = sys.stderr if json_to_stdout else sys.stdout
-        click.echo(render_fix(for_format(result, "table"), color=stream.isatty()), nl=False, err=json_to_stdout)
+        click.echo(render(result, "table", color=stream.isatty()), nl=False, err=json_to_stdout)
     else:
         for warning in result.warnings:
             _err(f"warning: {warning}")
         _err(f"bncheck fix: {result.outcome}" + (f" ({result.reasons[0]})" if result.reasons else ""))
     if json_to_stdout:
-        sys.stdout.write(dumps_fix(result))
+        sys.stdout.write(render(result, "json"))
         sys.stdout.flush()
     if result.verdict == "fail":
         click.get_current_context().exit(int(ExitCode.FINDINGS))
@@ -711,10 +706,7 @@ def diff(
     from .checkpoint import open_checkpoint
     from .diff import diff_checkpoints
     from .loading import parse_arch_kwargs
-    from .render.escape import for_format
-    from .render.markdown import render_diff as markdown_diff
-    from .render.table import render_diff
-    from .report import dumps_diff
+    from .render import render
 
     to_stdout = _stdout_format({"json": json_out, "markdown": markdown_out})
     _check_outputs({"json": json_out, "markdown": markdown_out},
@@ -727,14 +719,12 @@ def diff(
     first = open_checkpoint(checkpoint_a, arch, kwargs, trust_checkpoint=trust_checkpoint, weights=pick_a)
     second = open_checkpoint(checkpoint_b, arch, kwargs, trust_checkpoint=trust_checkpoint, weights=pick_b)
     result = diff_checkpoints(first, second, fail_on=fail_on)
-    texts = {"json": lambda: dumps_diff(result),
-             "markdown": lambda: markdown_diff(for_format(result, "markdown"), top=top)}
+    texts = {fmt: (lambda fmt=fmt: render(result, fmt, top=top)) for fmt in ("json", "markdown")}
     for fmt, target in (("json", json_out), ("markdown", markdown_out)):
         if target is not None and target != STDOUT:
             _write_text(Path(target), texts[fmt](), f"the {fmt} diff")
     stream_is_err = to_stdout is not None
-    click.echo(render_diff(for_format(result, "table"), top=top,
-                           color=(sys.stderr if stream_is_err else sys.stdout).isatty()),
+    click.echo(render(result, "table", top=top, color=(sys.stderr if stream_is_err else sys.stdout).isatty()),
                nl=False, err=stream_is_err)
     if to_stdout is not None:
         sys.stdout.write(texts[to_stdout]())

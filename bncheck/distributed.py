@@ -15,7 +15,7 @@ import itertools
 import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any, Callable, Optional, TypeVar
 
@@ -197,8 +197,11 @@ def to_cpu(value: Any) -> Any:
     """Tensors (also inside dataclass fields, dicts, lists) moved to the host for pickling."""
     if isinstance(value, Tensor):
         return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, dict):  # a copy keeps the mapping's type (a Counter stays a Counter)
+        out = value.copy()
+        for key, item in value.items():
+            out[key] = to_cpu(item)
+        return out
     if isinstance(value, (list, tuple)):
         return type(value)(to_cpu(v) for v in value)
     return value
@@ -230,39 +233,72 @@ def moments_to_cpu(moments: Any) -> Any:
     return out
 
 
-def sum_tallies(world: World, tally: Any) -> Any:
-    """Output tallies (plain sums) added over ranks; a rank with no batch adds nothing."""
+# --- declared state: each pooled quantity says how it reduces across ranks ------------------
+# (as torchmetrics' add_state(..., dist_reduce_fx=...)): a dataclass field made with
+# ``pooled(how)`` is reduced by ``REDUCTIONS[how]`` (or by ``how`` itself when it is callable)
+# over the ranks' values in rank order; ``pool`` gathers a whole dataclass once and rebuilds it.
+
+def _first(values: list[Any]) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _concatenated(values: list[Any]) -> list[Any]:
+    return [item for value in values for item in value]
+
+
+def _summed(values: list[Any]) -> Any:
+    return sum(values[1:], values[0])  # numbers, and Counters (per-class tallies) alike
+
+
+REDUCTIONS: dict[str, Callable[[list[Any]], Any]] = {
+    "sum": _summed, "max": max, "any": any, "cat": _concatenated, "first": _first,
+}
+
+
+def pooled(how: Any, **kwargs: Any) -> Any:
+    """A dataclass field that pools across ranks by ``how`` (a name in ``REDUCTIONS``, or a
+    function of the ranks' values)."""
+    if not callable(how) and how not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {how!r}")
+    return field(metadata={"pooled": how}, **kwargs)
+
+
+def combine(parts: list[Any]) -> Any:
+    """One instance from the ranks' instances of a dataclass whose fields are all ``pooled``."""
+    cls = type(parts[0])
+    values = {}
+    for f in fields(cls):
+        how = f.metadata.get("pooled")
+        if how is None:
+            raise TypeError(f"{cls.__name__}.{f.name} does not say how it pools across ranks")
+        reduce = how if callable(how) else REDUCTIONS[how]
+        values[f.name] = reduce([getattr(p, f.name) for p in parts])
+    return cls(**values)
+
+
+def pool(world: World, state: Any) -> Any:
+    """``state`` (a dataclass of ``pooled`` fields) reduced over every rank; itself alone."""
     if not world.active:
-        return tally
-    from .outputs import OutputTally
-
-    parts = world.gather(tally)
-    kinds = {p.kind for p in parts if p.kind is not None}
-    total = OutputTally()
-    total.kind = "none" if "none" in kinds or len(kinds) > 1 else next(iter(kinds), None)
-    from collections import Counter
-
-    for f in fields(OutputTally):
-        values = [getattr(p, f.name) for p in parts]
-        if f.name == "kind":
-            continue
-        if f.name == "classes":
-            total.classes = max(values)
-        elif isinstance(values[0], Counter):
-            setattr(total, f.name, sum(values, Counter()))
-        else:
-            setattr(total, f.name, sum(values))
-    return total
+        return state
+    on_host = type(state)(**{f.name: to_cpu(getattr(state, f.name)) for f in fields(state)})
+    return combine(world.gather(on_host))
 
 
-def pool_counts(world: World, samples: int, batches: int, largest: int, any_labels: bool,
-                 input_shape: Optional[tuple], labels_per_batch: list) -> tuple:
-    """Sample counts of every rank added up (labels per batch and the input shape gathered)."""
-    parts = world.gather((samples, batches, largest, any_labels, input_shape, to_cpu(labels_per_batch)))
-    shape = next((p[4] for p in parts if p[4] is not None), None)
-    labels = [y for p in parts for y in p[5]]
-    return (sum(p[0] for p in parts), sum(p[1] for p in parts), max(p[2] for p in parts),
-            any(p[3] for p in parts), shape, labels)
+def sum_tallies(world: World, tally: Any) -> Any:
+    """Output tallies pooled over ranks (each field declares how); a rank with no batch adds nothing."""
+    return pool(world, tally)
+
+
+@dataclass
+class SampleCounts:
+    """What one rank saw of the sample, pooled over ranks."""
+
+    samples: int = pooled("sum", default=0)
+    batches: int = pooled("sum", default=0)
+    largest: int = pooled("max", default=0)
+    any_labels: bool = pooled("any", default=False)
+    input_shape: Optional[tuple] = pooled("first", default=None)
+    labels_per_batch: list = pooled("cat", default_factory=list)
 
 
 def pool_stats(world: World, stats: Any, device: torch.device) -> None:

@@ -222,8 +222,10 @@ def _analyze(
     if after != before:
         raise InternalError("the model's parameters, buffers or modes changed during the run; please report this bug")
     if world.active:  # pool every rank's part: each rank now holds the whole sample's numbers
-        samples, batches_seen, largest_batch, any_labels, input_shape, labels_per_batch = distributed.pool_counts(
-            world, samples, batches_seen, largest_batch, any_labels, input_shape, labels_per_batch)
+        counts = distributed.pool(world, distributed.SampleCounts(
+            samples, batches_seen, largest_batch, any_labels, input_shape, labels_per_batch))
+        samples, batches_seen, largest_batch = counts.samples, counts.batches, counts.largest
+        any_labels, input_shape, labels_per_batch = counts.any_labels, counts.input_shape, counts.labels_per_batch
         distributed.pool_stats(world, stats, device)
         tally = distributed.sum_tallies(world, tally)
         kept_tally = distributed.sum_tallies(world, kept_tally)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from .batches import tensors
+from .distributed import pooled
 from .metrics import mcnemar_p, softmax_divergence, squared_norms
 from .report import OutputDivergence
 
@@ -44,33 +45,39 @@ def logits_of(value: Any) -> Any:
     return inner if is_logits(inner) else value
 
 
+def _pooled_kind(kinds: list[Optional[str]]) -> Optional[str]:
+    """Ranks agree on what their outputs are, or nothing is compared."""
+    seen = {kind for kind in kinds if kind is not None}
+    return "none" if "none" in seen or len(seen) > 1 else next(iter(seen), None)
+
+
 @dataclass
 class OutputTally:
-    """Output divergence between modes, summed over batches (plain sums, so tallies from
-    several processes add up)."""
+    """Output divergence between modes, summed over batches; every field declares how it pools
+    across ranks (``distributed.pooled``), so tallies from several processes add up."""
 
-    kind: Optional[str] = None
-    samples: int = 0
-    kl: float = 0.0
-    js: float = 0.0
-    agree: float = 0.0
-    diff_sq: float = 0.0
-    ref_sq: float = 0.0
-    labeled: int = 0
-    train_correct: int = 0
-    eval_correct: int = 0
-    train_only: int = 0
+    kind: Optional[str] = pooled(_pooled_kind, default=None)
+    samples: int = pooled("sum", default=0)
+    kl: float = pooled("sum", default=0.0)
+    js: float = pooled("sum", default=0.0)
+    agree: float = pooled("sum", default=0.0)
+    diff_sq: float = pooled("sum", default=0.0)
+    ref_sq: float = pooled("sum", default=0.0)
+    labeled: int = pooled("sum", default=0)
+    train_correct: int = pooled("sum", default=0)
+    eval_correct: int = pooled("sum", default=0)
+    train_only: int = pooled("sum", default=0)
     """Labelled samples right in train mode and wrong in eval mode (McNemar's discordant pairs)."""
-    eval_only: int = 0
+    eval_only: int = pooled("sum", default=0)
     """Labelled samples right in eval mode and wrong in train mode."""
-    classes: int = 0
+    classes: int = pooled("max", default=0)
     """Width of the class dimension."""
-    eval_confidence: float = 0.0
+    eval_confidence: float = pooled("sum", default=0.0)
     """Sum of the eval-mode top softmax probability."""
-    eval_predicted: Counter = field(default_factory=Counter)
+    eval_predicted: Counter = pooled("sum", default_factory=Counter)
     """Eval-mode predictions per class (a sample of one class shows as one class, confidently)."""
-    train_predicted: Counter = field(default_factory=Counter)
-    positions: int = 0
+    train_predicted: Counter = pooled("sum", default_factory=Counter)
+    positions: int = pooled("sum", default=0)
     """Compared rows: samples, or samples x time steps for sequence outputs."""
 
     def add(self, out_train: Any, out_eval: Any, labels: Optional[Tensor], batch: Optional[int] = None) -> None:

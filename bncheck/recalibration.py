@@ -269,7 +269,8 @@ def _measure(
     if after != before:
         raise InternalError("the model changed while measuring its statistics; please report this bug")
     if world.active:  # every rank gets the statistics of the whole sample
-        samples, seen, *_ = distributed.pool_counts(world, samples, seen, 0, False, None, [])
+        counts = distributed.pool(world, distributed.SampleCounts(samples, seen))
+        samples, seen = counts.samples, counts.batches
         distributed.pool_stats(world, stats, device)
     if seen == 0:
         raise InputError("the data yielded no batches; point $data at a non-empty folder, file or iterable")

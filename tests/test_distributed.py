@@ -199,3 +199,35 @@ def test_inside_a_users_process_group_divergent_buffers_are_found(tmp_path) -> N
     [(code, layer, severity, message)] = rank0["found"]
     assert (code, layer, severity) == ("rank-divergent-stats", "bn2", "warning")
     assert "rank 1 (0.22)" in message and "this report describes rank 0's" in message
+
+
+def test_pooled_state_declares_how_each_field_reduces() -> None:
+    """Each pooled quantity says how it reduces across ranks (sum, max, any, concatenation,
+    first), as torchmetrics' add_state does; a field that does not say is an error."""
+    from collections import Counter
+    from dataclasses import dataclass
+
+    from bncheck.distributed import SampleCounts, combine, pooled
+    from bncheck.outputs import OutputTally
+
+    a = SampleCounts(10, 2, 8, False, None, [torch.tensor([1, 2])])
+    b = SampleCounts(6, 1, 6, True, (3, 12, 12), [None])
+    pooled_counts = combine([a, b])
+    assert (pooled_counts.samples, pooled_counts.batches, pooled_counts.largest) == (16, 3, 8)
+    assert pooled_counts.any_labels and pooled_counts.input_shape == (3, 12, 12)
+    assert len(pooled_counts.labels_per_batch) == 2
+    left, right = OutputTally(kind="classifier", samples=3, kl=0.5, classes=4, eval_predicted=Counter({1: 3})), \
+        OutputTally(kind="classifier", samples=2, kl=0.25, classes=4, eval_predicted=Counter({1: 1, 2: 1}))
+    total = combine([left, right])
+    assert total.kind == "classifier" and total.samples == 5 and total.kl == 0.75 and total.classes == 4
+    assert total.eval_predicted == Counter({1: 4, 2: 1})
+    assert combine([left, OutputTally(kind="tensor")]).kind == "none"  # ranks disagree on what outputs are
+
+    @dataclass
+    class Undeclared:
+        count: int = 0
+
+    with pytest.raises(TypeError, match="does not say how it pools"):
+        combine([Undeclared(), Undeclared()])
+    with pytest.raises(ValueError):
+        pooled("median")

@@ -126,3 +126,17 @@ def test_golden_renderings(fmt, name) -> None:
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(text, encoding="utf-8")
     assert text == golden.read_text(encoding="utf-8")
+
+
+def test_fix_and_diff_results_go_through_the_renderer_registry() -> None:
+    """One registry for every kind of result: run, fix and diff, each escaped for its format."""
+    import pytest
+
+    from bncheck.render import get_renderer
+    from bncheck.report import DiffReport, FixReport
+
+    assert get_renderer("table", FixReport).__name__ == "render_fix"
+    assert get_renderer("json", DiffReport).__name__ == "render_diff"
+    assert get_renderer("markdown", DiffReport).__name__ == "render_diff"
+    with pytest.raises(ValueError, match="no renderer for a FixReport"):
+        get_renderer("junit", FixReport)

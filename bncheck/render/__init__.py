@@ -1,15 +1,19 @@
-"""Renderers: each turns a ``Report`` into text. They only read the report.
+"""Renderers: each turns a result -- a ``Report`` (run), a ``FixReport`` or a ``DiffReport`` --
+into text. They only read it.
 
-A format registers by name in ``RENDERERS``; adding one touches one file plus one line
-here. Modules load lazily so rendering JSON never imports rich.
+A format registers by name in ``RENDERERS``; adding one touches one file plus one line here.
+A format module renders a run with ``render``, a fix with ``render_fix`` and a diff with
+``render_diff`` (each only where the format has one). Modules load lazily so rendering JSON
+never imports rich. Every result is escaped for its format (``escape.py``) before its renderer
+reads it: names from checkpoints and data folders never reach an output raw.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Callable, Union
 
-from ..report import Report
+from ..report import DiffReport, FixReport, Report
 
 Renderer = Callable[..., str]
 
@@ -23,18 +27,25 @@ RENDERERS: dict[str, str] = {
 }
 
 
-def get_renderer(name: str) -> Renderer:
-    """The ``render(report, *, top, ...)`` function of a registered format."""
+FUNCTION_FOR = {Report: "render", FixReport: "render_fix", DiffReport: "render_diff"}
+"""Which function of a format module renders which kind of result."""
+
+
+def get_renderer(name: str, kind: type = Report) -> Renderer:
+    """The function of a registered format that renders results of ``kind``."""
     try:
         module = importlib.import_module(RENDERERS[name])
     except KeyError:
         raise ValueError(f"unknown format {name!r}; known: {', '.join(sorted(RENDERERS))}") from None
-    return module.render
+    function = getattr(module, FUNCTION_FOR[kind], None)
+    if function is None:
+        raise ValueError(f"format {name!r} has no renderer for a {kind.__name__}")
+    return function
 
 
-def render(report: Report, fmt: str, **options: object) -> str:
-    """``report`` in format ``fmt``, its names (from the checkpoint and the data) escaped for
+def render(result: Union[Report, FixReport, DiffReport], fmt: str, **options: object) -> str:
+    """``result`` in format ``fmt``, its names (from the checkpoint and the data) escaped for
     that format first (``escape.py``)."""
     from .escape import for_format
 
-    return get_renderer(fmt)(for_format(report, fmt), **options)
+    return get_renderer(fmt, type(result))(for_format(result, fmt), **options)

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-from ..report import Report, dumps
+from ..report import DiffReport, FixReport, Report, dumps, dumps_diff, dumps_fix
 
 
 def render(report: Report, **_options: object) -> str:
     return dumps(report)
+
+
+def render_fix(fix: FixReport, **_options: object) -> str:
+    """Schema ``bncheck/fix/v1``."""
+    return dumps_fix(fix)
+
+
+def render_diff(diff: DiffReport, **_options: object) -> str:
+    """Schema ``bncheck/diff/v1``."""
+    return dumps_diff(diff)

@@ -225,7 +225,8 @@ def _transform_options(command: Callable) -> Callable:
 @click.option("--device", type=click.Choice(DEVICES), help="Where to run (default auto: cuda when available).")
 @click.option("--seed", type=click.IntRange(min=0), help="Which images form the sample (default 0).")
 @click.option("--trust-checkpoint", is_flag=True,
-              help="Allow full pickled models (torch.save(model)); loading them executes code from the file.")
+              help="Load files that are programs: full pickles (torch.save(model)), TorchScript archives, "
+                   ".pt2 archives that hold code. Loading them runs code from the file.")
 @click.option("--attribute", type=click.IntRange(min=0), metavar="K",
               help="For the K top flagged layers, measure how much of the output gap fixing each alone "
                    "removes: one extra eval pass over the sample per layer (default 5; 0: off).")
@@ -560,7 +561,8 @@ def _annotate(report: Report, mode: str, *, to_stderr: bool) -> None:
 @click.option("--device", type=click.Choice(DEVICES), help="Where to run (default auto: cuda when available).")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of the image shuffle (default 0).")
 @click.option("--trust-checkpoint", is_flag=True,
-              help="Allow full pickled models (torch.save(model)); loading them executes code from the file.")
+              help="Load files that are programs: full pickles (torch.save(model)), TorchScript archives, "
+                   ".pt2 archives that hold code. Loading them runs code from the file.")
 @click.option("--dry-run", is_flag=True, help="Compute and show before -> after; write nothing.")
 @click.option("--force", is_flag=True,
               help="Replace an existing --out, and write even when bncheck would refuse (loudly).")
@@ -680,7 +682,8 @@ def _finish_fix(result: Any, settings: Settings) -> None:
               help="Which model of each checkpoint (as for run); 'A,B' picks one per checkpoint, e.g. "
                    "'state_dict,state_dict_ema' to diff the live weights against their EMA in one file.")
 @click.option("--trust-checkpoint", is_flag=True,
-              help="Allow full pickled models (torch.save(model)); loading them executes code from the file.")
+              help="Load files that are programs: full pickles (torch.save(model)), TorchScript archives, "
+                   ".pt2 archives that hold code. Loading them runs code from the file.")
 @click.option("--json", "json_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,
               help="Write the diff (schema bncheck/diff/v1) to PATH; bare or '-': only JSON on stdout.")
 @click.option("--markdown", "markdown_out", metavar="[PATH|-]", is_flag=False, flag_value=STDOUT,

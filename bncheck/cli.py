@@ -288,8 +288,7 @@ def run(
     if settings.data.path is None:
         _err("note: no --data given: checking only what the checkpoint itself reveals (no statistics measured)")
         report = lint(loaded.module, thresholds=settings.thresholds, ignore=settings.ignore, fail_on=settings.fail_on,
-                      momentum_known=loaded.info.momentum_from != "library-default")
-        report = _with_sources(report, loaded.info)
+                      momentum_known=loaded.info.momentum_from != "library-default", sources=_sources(loaded.info))
     else:
         settings, provenance = _adopt_preprocessing(settings, loaded, _provenance(config_path, flags))
         source = _agreed(world, lambda: open_data(Path(settings.data.path), settings.data, settings.batch_size,
@@ -298,8 +297,8 @@ def run(
             _err(f"warning: no checkpoint given: checking {arch} with RANDOM weights, "
                  "which says nothing about a trained model")
         report = _diagnose(loaded.module.to(target), source, settings,
-                           momentum_known=loaded.info.momentum_from != "library-default", world=world)
-        report = _with_sources(report, loaded.info, settings, source, provenance)
+                           momentum_known=loaded.info.momentum_from != "library-default", world=world,
+                           sources=_sources(loaded.info, settings, source, provenance))
         _data_notes(source, settings)
     if baseline is not None:
         from .baseline import apply_baseline
@@ -366,7 +365,7 @@ def _arch_kwargs(flags: dict[str, Any], settings: Settings) -> dict[str, Any]:
 
 
 def _diagnose(model: Any, source: Any, settings: Settings, *, momentum_known: bool = True,
-              world: Any = None) -> Report:
+              world: Any = None, sources: Any = None) -> Report:
     """``analyze`` over a data source (this rank's share of it under torchrun), with a
     progress bar on a terminal."""
     from .distributed import World
@@ -379,23 +378,25 @@ def _diagnose(model: Any, source: Any, settings: Settings, *, momentum_known: bo
         return analyze(
             model, source.batches_for(world or World()), batch_size=settings.batch_size,
             thresholds=settings.thresholds, attribute=settings.attribute, ignore=settings.ignore,
-            fail_on=settings.fail_on, progress=advance, momentum_known=momentum_known, shard=False,
+            fail_on=settings.fail_on, progress=advance, momentum_known=momentum_known, shard=False, sources=sources,
         )
 
 
-def _with_sources(
-    report: Report, info: Any, settings: Optional[Settings] = None, source: Any = None,
-    provenance: Optional[dict[str, str]] = None,
-) -> Report:
-    """The report with the checkpoint's and the data's provenance (the engine knows neither)."""
-    model = replace(info, bn_layers=report.model.bn_layers)
+def _sources(
+    info: Any, settings: Optional[Settings] = None, source: Any = None, provenance: Optional[dict[str, str]] = None,
+) -> Any:
+    """Where the model and the data came from, for the engine to put into the report as it
+    builds it (the data source describes itself once its batches are read)."""
+    from .report import Sources
+
     if settings is None or source is None:
-        return replace(report, model=model)
-    data = replace(
-        report.data, source=settings.data.path, skipped=len(source.skipped), requested=source.planned_request,
-        preprocessing=source.describe(settings.data, provenance),
-    )
-    return replace(report, model=model, data=data)
+        return Sources(model=info)
+
+    def describe() -> dict[str, Any]:
+        return {"source": settings.data.path, "skipped": len(source.skipped),
+                "requested": source.planned_request, "preprocessing": source.describe(settings.data, provenance)}
+
+    return Sources(model=info, describe_data=describe)
 
 
 def _provenance(config_path: Optional[Path], flags: dict[str, Any]) -> dict[str, str]:
@@ -634,13 +635,7 @@ def fix(
         loaded, recal_source.batches_for(world), lambda: verify, out=out, layers=list(layers) or None,
         num_samples=num_samples, batch_size=settings.batch_size, thresholds=settings.thresholds, attribute=0,
         ignore=settings.ignore, fail_on=settings.fail_on, dry_run=dry_run, force=force,
-    )
-    info = loaded.info
-    result = replace(
-        result,
-        before=_with_sources(result.before, info, settings, verify_source, provenance),
-        after=_with_sources(result.after, info, settings, verify_source, provenance)
-        if result.after is not None else None,
+        sources=_sources(loaded.info, settings, verify_source, provenance),
     )
     _data_notes(verify_source, settings, skipped=sorted(set(recal_source.skipped + verify_source.skipped)))
     _finish_fix(result, settings)

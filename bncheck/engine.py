@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -40,7 +39,7 @@ from .discovery import BNLayer, find_bn_layers
 from .divergence import composition, model_level_findings, noise_divergence, triggered
 from .errors import InputError, InternalError, UsageError
 from .outputs import OutputTally, output_gap
-from .report import STALE_CODES, DataInfo, Finding, ModelInfo, OutputDivergence, Report
+from .report import STALE_CODES, DataInfo, Finding, OutputDivergence, Report, Sources
 from .scoring import build_report
 from .scripted import measurable
 
@@ -73,10 +72,6 @@ def _check_fail_on(fail_on: str) -> None:
         raise UsageError(f"$fail_on must be one of {', '.join(FAIL_ON_LEVELS)}; got {fail_on!r}")
 
 
-def _in_memory(layers: list[BNLayer]) -> ModelInfo:
-    return ModelInfo(checkpoint=None, arch=None, format="in-memory", sha256=None, bn_layers=len(layers))
-
-
 def analyze(
     model: nn.Module,
     data: Any,
@@ -91,6 +86,7 @@ def analyze(
     progress: Optional[Progress] = None,
     momentum_known: bool = True,
     shard: Optional[bool] = None,
+    sources: Optional[Sources] = None,
 ) -> Report:
     """Compare every BN layer's running statistics with the statistics of ``data``.
 
@@ -119,6 +115,8 @@ def analyze(
             be this rank's part already, e.g. with a ``DistributedSampler``). Every rank gets
             the report of the pooled sample; ``rank-divergent-stats`` flags BN buffers that
             differ between ranks (the report then describes rank 0's buffers).
+        sources: where the model and the data came from (the CLI's checkpoint and data
+            source), put into the report as it is built; None: an in-memory model and data.
 
     Returns:
         A frozen ``Report``; ``report.verdict`` is ``"pass"``, ``"fail"`` or ``"no-batchnorm"``.
@@ -149,7 +147,7 @@ def analyze(
             if divergent:  # one report on every rank: rank 0's buffers, restored afterwards
                 distributed.broadcast_buffers_from_main(world, layers)
             return _analyze(model, layers, ignored, batches, resolved, attribute, fail_on, progress, target, started,
-                            momentum_known, world, tuple(_rank_findings(divergent, world)))
+                            momentum_known, world, tuple(_rank_findings(divergent, world)), sources=sources)
         finally:
             if divergent:
                 with torch.no_grad():
@@ -173,6 +171,7 @@ def _analyze(
     world: Optional[distributed.World] = None,
     rank_findings: tuple[Finding, ...] = (),
     keep_samples: Optional[int] = None,
+    sources: Optional[Sources] = None,
 ) -> Report:
     world = world or distributed.World()
     keep_samples = KEEP_SAMPLES if keep_samples is None else keep_samples
@@ -231,18 +230,20 @@ def _analyze(
         kept_tally = distributed.sum_tallies(world, kept_tally)
     if batches_seen == 0:
         raise InputError("the data yielded no batches; point $data at a non-empty folder, file or iterable")
-    data_info = DataInfo(None, samples, largest_batch, batches_seen, any_labels, 0, input_shape=input_shape)
+    sources = sources or Sources()
+    data_info = sources.data_info(samples=samples, batch_size=largest_batch, batches=batches_seen, labels=any_labels,
+                                  input_shape=input_shape)
+    model_info = sources.model_info(len(layers))
     output = tally.result()
     reduce = (lambda t: distributed.sum_tallies(world, t)) if world.active else None
 
     def report_with(attribution: Optional[dict[str, Optional[float]]] = None,
-                    extra: tuple[Finding, ...] = ()) -> Report:
-        report = build_report(
-            stats.stats, ignored, thresholds, fail_on, _in_memory(layers), data_info, output, str(device), started,
+                    extra: tuple[Finding, ...] = (), conclusion: Optional[str] = None) -> Report:
+        return build_report(
+            stats.stats, ignored, thresholds, fail_on, model_info, data_info, output, str(device), started,
             has_data=True, attribution=attribution, extra_findings=rank_findings + extra,
-            momentum_known=momentum_known,
+            momentum_known=momentum_known, conclusion=conclusion, world_size=world.size,
         )
-        return replace(report, world_size=world.size)
 
     report = report_with()
     gap = output_gap(kept_tally.result())  # the passes below re-run the kept samples: their own gap
@@ -288,7 +289,7 @@ def _analyze(
         raise InternalError("the model changed during attribution or the noise check; please report this bug")
     if not attribution and not extra and conclusion is None:
         return report
-    return replace(report_with(attribution or None, extra), conclusion=conclusion)
+    return report_with(attribution or None, extra, conclusion)
 
 
 MANY_STALE = 3
@@ -433,7 +434,7 @@ def _rank_findings(divergent: list, world: distributed.World) -> list[Finding]:
 
 def lint(
     model: nn.Module, *, thresholds: ThresholdsLike = None, ignore: Sequence[str] = (), fail_on: str = "error",
-    momentum_known: bool = True,
+    momentum_known: bool = True, sources: Optional[Sources] = None,
 ) -> Report:
     """What the model alone reveals, with no data: momentum 0, frozen affine saved in train
     mode, tracking disabled, never-updated, non-finite or near-zero running statistics.
@@ -449,8 +450,9 @@ def lint(
     layers, ignored = _discover(model, ignore)
     entries = [LayerStats(layer, layer.module.training) for layer in layers]
     device, _ = model_placement(model)
-    data_info = DataInfo(None, 0, 0, 0, False, 0)
+    sources = sources or Sources()
     return build_report(
-        entries, ignored, resolved, fail_on, _in_memory(layers), data_info, OutputDivergence(kind="none"),
-        str(device), started, has_data=False, momentum_known=momentum_known,
+        entries, ignored, resolved, fail_on, sources.model_info(len(layers)),
+        DataInfo(None, 0, 0, 0, False, 0), OutputDivergence(kind="none"), str(device), started, has_data=False,
+        momentum_known=momentum_known,
     )

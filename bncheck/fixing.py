@@ -25,7 +25,7 @@ from .config import Thresholds
 from .engine import analyze
 from .numbers import pct
 from .recalibration import RecalibrationResult, recalibrate
-from .report import FixReport, LayerFix, Report, SkippedLayer, fails_gate
+from .report import FixReport, LayerFix, Report, SkippedLayer, Sources, fails_gate
 
 # Eval-mode accuracy may drop by at most this many samples' worth before it counts as harm
 # (one flipped sample on a small labelled sample is noise, not harm).
@@ -51,13 +51,16 @@ def run_fix(
     fail_on: str = "error",
     dry_run: bool = False,
     force: bool = False,
+    sources: Optional[Sources] = None,
 ) -> FixReport:
     """Diagnose ``checkpoint.module`` on ``verification_data()``, recalibrate it (in place:
     the checkpoint object is bncheck's own copy) on ``recalibration_data``, diagnose again,
-    and write ``out`` unless refused or ``dry_run``."""
+    and write ``out`` unless refused or ``dry_run``. ``sources`` describes the data (default:
+    only the checkpoint)."""
     model = checkpoint.module
     common = dict(batch_size=batch_size, thresholds=thresholds, attribute=attribute, ignore=ignore, fail_on=fail_on,
-                  momentum_known=checkpoint.info.momentum_from != "library-default")
+                  momentum_known=checkpoint.info.momentum_from != "library-default",
+                  sources=sources or Sources(model=checkpoint.info))
     before = analyze(model, verification_data(), **common)
     reasons: list[str] = []
     warnings: list[str] = []

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .errors import InputError, first_line
 from .findings import STALE
@@ -175,6 +175,29 @@ class DataInfo:
     """Shape of one sample as fed to the model (after transforms), e.g. [3, 224, 224]."""
     preprocessing: Optional[str] = None
     """The transforms applied to images and where each setting came from (default, config, flag)."""
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a run's model and data came from, as the caller knows them (the engine knows
+    neither): put into the report when it is built, never patched in afterwards."""
+
+    model: Optional[ModelInfo] = None
+    """The checkpoint that was opened (its ``bn_layers`` is counted by the run); None: an
+    in-memory model."""
+    describe_data: Optional[Callable[[], dict[str, Any]]] = None
+    """Called once the batches are consumed (a folder counts unreadable files while it is read):
+    ``DataInfo`` fields -- ``source``, ``skipped``, ``requested``, ``preprocessing``."""
+
+    def model_info(self, bn_layers: int) -> ModelInfo:
+        if self.model is None:
+            return ModelInfo(checkpoint=None, arch=None, format="in-memory", sha256=None, bn_layers=bn_layers)
+        return replace(self.model, bn_layers=bn_layers)
+
+    def data_info(self, **measured: Any) -> DataInfo:
+        """``DataInfo`` of what the run measured plus what the data source says of itself."""
+        described = self.describe_data() if self.describe_data is not None else {}
+        return DataInfo(**{"source": None, **described, **measured})
 
 
 @dataclass(frozen=True)

@@ -233,9 +233,12 @@ def build_report(
     attribution: Optional[dict[str, Optional[float]]] = None,
     extra_findings: tuple[Finding, ...] = (),
     momentum_known: bool = True,
+    conclusion: Optional[str] = None,
+    world_size: int = 1,
 ) -> Report:
     """Score, diagnose and rank the layers; decide the verdict. ``extra_findings`` are
-    model-level findings measured elsewhere (the output-divergence net)."""
+    model-level findings measured elsewhere (the output-divergence net); ``conclusion`` and
+    ``world_size`` go into the report as they are."""
     largest_batch = data_info.batch_size
     scored = []
     for run in runs:
@@ -363,4 +366,6 @@ def build_report(
         torch_version=torch.__version__,
         device=device,
         duration_s=round(time.perf_counter() - started, 3),
+        conclusion=conclusion,
+        world_size=world_size,
     )

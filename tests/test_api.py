@@ -119,3 +119,32 @@ def test_assert_no_bn_drift_lists_the_worst_layers() -> None:
         assert_no_bn_drift(model, make_batches(2))
     with pytest.raises(AssertionError, match="max_score=0.01"):
         assert_no_bn_drift(model, make_batches(2), fail_on="never", max_score=0.01)
+
+
+def test_a_report_is_built_once_with_its_sources(tmp_path) -> None:
+    """The engine puts where the model and the data came from into the report as it builds it
+    (no in-memory placeholder patched afterwards); the data describes itself after its batches
+    were read (a folder counts unreadable files while it is read)."""
+    import torch
+    from conftest import TinyNet, calibrate, make_batches
+
+    import bncheck
+    from bncheck.report import ModelInfo, Sources
+
+    model = calibrate(TinyNet(), make_batches(4))
+    read = []
+
+    def batches():
+        for batch in make_batches(2):
+            read.append(len(batch))
+            yield batch
+
+    info = ModelInfo("model.pt", "tiny", "state_dict", "abc", 0, momentum_from="builder")
+    sources = Sources(model=info, describe_data=lambda: {"source": "imgs/", "skipped": len(read),
+                                                          "preprocessing": "as stored"})
+    report = bncheck.analyze(model, batches(), sources=sources)
+    assert report.model.checkpoint == "model.pt" and report.model.bn_layers == 3
+    assert (report.data.source, report.data.skipped, report.data.samples) == ("imgs/", 2, 32)
+    assert report.data.preprocessing == "as stored" and report.world_size == 1
+    plain = bncheck.analyze(model, torch.cat(make_batches(2)))
+    assert plain.model.format == "in-memory" and plain.data.source is None

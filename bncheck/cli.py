@@ -128,13 +128,15 @@ def _input_paths(checkpoint: Any = None, data: Optional[str] = None, **others: A
     return inputs
 
 
-def _check_outputs(targets: dict[str, Any], inputs: dict[str, Any], optional: tuple[str, ...] = ()) -> None:
+def _check_outputs(targets: dict[str, Any], inputs: dict[str, Any], optional: tuple[str, ...] = (),
+                   folders: tuple[str, ...] = ()) -> None:
     """Every output path differs from every input and from each other, and can be written:
     refused before any work (``--save`` only warns, as its write does)."""
     from .files import check_outputs
 
     flags = {f"--{name}": value for name, value in targets.items()}
-    for warning in check_outputs(flags, inputs, optional=tuple(f"--{name}" for name in optional)):
+    for warning in check_outputs(flags, inputs, optional=tuple(f"--{name}" for name in optional),
+                                 folders=tuple(f"--{name}" for name in folders)):
         _err(f"warning: {warning}; `bncheck report` will not see this run")
 
 
@@ -610,7 +612,8 @@ def fix(
     if out is not None:
         (check_output_folder if Path(checkpoint).is_dir() else check_output_path)(out, checkpoint, force=force)
     _check_outputs({"out": out, "json": settings.outputs.json, "html": settings.outputs.html},
-                   _input_paths(checkpoint, settings.data.path, config=config_path))
+                   _input_paths(checkpoint, settings.data.path, config=config_path),
+                   folders=("out",) if Path(checkpoint).is_dir() else ())
     kwargs = _arch_kwargs(flags, settings)
 
 

@@ -68,11 +68,11 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_outputs(outputs: Mapping[str, Optional[PathLike]], inputs: Mapping[str, Optional[PathLike]],
-                  *, optional: tuple[str, ...] = ()) -> list[str]:
+                  *, optional: tuple[str, ...] = (), folders: tuple[str, ...] = ()) -> list[str]:
     """Refuse, before any work, an output (``{"--json": path, ...}``; ``-`` is stdout) that is
     one of the inputs (``{"the input checkpoint": path, ...}``), another output, a folder, or
     cannot be written. Outputs named in ``optional`` (``--save``) only warn: the returned
-    messages."""
+    messages. Outputs named in ``folders`` write a folder (``fix --out`` of a model folder)."""
     warnings: list[str] = []
     seen: dict[str, Path] = {}
     for flag, target in outputs.items():
@@ -86,7 +86,7 @@ def check_outputs(outputs: Mapping[str, Optional[PathLike]], inputs: Mapping[str
             if _same_file(path, other_path):
                 raise UsageError(f"{other} and {flag} both write {path}; give each its own path")
         seen[flag] = path
-        problem = f"{path} is a folder" if path.is_dir() else unwritable(path)
+        problem = f"{path} is a folder" if path.is_dir() and flag not in folders else unwritable(path)
         if problem:
             message = f"cannot write {WHAT.get(flag, flag)} to {path}: {problem}; choose another path"
             if flag in optional:

@@ -257,10 +257,10 @@ def exported_archive_problems(path: Path) -> list[str]:
                         problems.append(f"the constant {str(fqn)[:60]!r} is a pickled object")
             elif base.startswith("data/aotinductor/") or base.endswith((".so", ".dll", ".dylib", ".cpp")):
                 problems.append(f"{base} is compiled code")
-            elif base.startswith(("data/weights/", "data/constants/", "data/sample_inputs/")) and base.endswith(".pt"):
+            elif base.endswith(".pt"):  # weights, constants, sample inputs, and the legacy serialized_*.pt
                 if info.file_size > MAX_INFLATED_BYTES or not _safe_torch_artifact(archive.read(info)):
                     problems.append(f"{base} holds pickled Python objects")
-            elif base.startswith("models/") and base.endswith(".json"):
+            elif (base.startswith("models/") or base.startswith("serialized_")) and base.endswith(".json"):
                 try:
                     program = json.loads(archive.read(info))
                 except ValueError:

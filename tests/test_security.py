@@ -256,6 +256,7 @@ def test_fix_of_a_model_folder_copies_no_link_target(tmp_path) -> None:
     (folder / "README.md").write_text("mine")
     torch.save(torch.randn(8, 3, 32, 32), tmp_path / "x.pt")
     out = tmp_path / "fixed"
+    out.mkdir()  # an earlier result, replaced with --force
     result = invoke(["fix", str(folder), "--data", str(tmp_path / "x.pt"), "--batch-size", "4", "--out", str(out),
                      "--force"])
     assert result.exit_code in (0, 1), stderr_of(result)

@@ -4,6 +4,7 @@ import hashlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,17 @@ SAMPLE_ARGS = [
     "--data", str(SAMPLES / "data"),
     "--config", str(SAMPLES / "config.yaml"),
 ]
+
+
+def module_from_file(path: Path) -> Any:
+    """Import the Python file at ``path`` as a module of its own (not left in sys.modules), the
+    way ``--arch path/file.py:callable`` does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bncheck_test_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def file_hash(path: Path) -> str:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import PYTHON, ROOT, TinyNet, calibrate, file_hash, make_batches
+from conftest import PYTHON, ROOT, TinyNet, calibrate, file_hash, make_batches, module_from_file
 from torch import nn
 
 from bncheck.cli import cli
@@ -356,14 +355,8 @@ NAMES = ["bn\n::stop-commands::TOKEN", "bn\x1b]0;owned\x07\x1b[2J", "<img src=x 
 @pytest.fixture
 def hostile(tmp_path: Path) -> tuple[Path, Path]:
     (tmp_path / "hostile_arch.py").write_text(HOSTILE_ARCH.format(names=NAMES))
-    sys.path.insert(0, str(tmp_path))
-    try:
-        from hostile_arch import Hostile
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("hostile_arch", None)
     torch.manual_seed(0)
-    model = Hostile()
+    model = module_from_file(tmp_path / "hostile_arch.py").Hostile()
     for bn in model.modules():
         if isinstance(bn, nn.BatchNorm2d):
             with torch.no_grad():

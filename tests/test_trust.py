@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import PYTHON, SAMPLE_ARGS, SAMPLES
+from conftest import PYTHON, SAMPLE_ARGS, SAMPLES, module_from_file
 from test_fix import sample_model, sample_tensors
 from torch import nn
 
@@ -184,12 +183,8 @@ def test_ddp_on_class_disjoint_shards_gets_advice_that_the_measurement_supports(
     (tmp_path / "ddp_train.py").write_text(DDP_TRAIN)
     subprocess.run([PYTHON, str(tmp_path / "ddp_train.py"), str(tmp_path / "ddp.pt"), str(tmp_path / "store")],
                    check=True, timeout=300, capture_output=True)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        from ddp_train import make_data, net
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("ddp_train", None)
+    trained = module_from_file(tmp_path / "ddp_train.py")
+    make_data, net = trained.make_data, trained.net
     model = net()
     model.load_state_dict(torch.load(tmp_path / "ddp.pt"))
     model.eval()
@@ -329,14 +324,8 @@ def test_a_qat_model_loads_and_its_frozen_bn_is_read_as_kept_on_purpose(tmp_path
     loading, so bncheck's shape check must let it; the fused ConvBn modules' BN is found, and
     freeze_bn reads as BN kept in eval on purpose (no recalibration advice)."""
     (tmp_path / "qat_arch.py").write_text(QAT_ARCH)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        from qat_arch import build
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("qat_arch", None)
     torch.manual_seed(0)
-    model = build().train()
+    model = module_from_file(tmp_path / "qat_arch.py").build().train()
     x = torch.randn(64, 3, 32, 32)
     with torch.no_grad():
         for i in range(4):

@@ -86,6 +86,16 @@ def healthy_checkpoint(arch: str, images: Path, batch: int, path: Path) -> None:
     torch.save(model.state_dict(), path)
 
 
+def stale_checkpoint(healthy: Path, path: Path) -> None:
+    """The healthy checkpoint with every BN layer's running mean moved by half a running std:
+    a model that fails, so a run pays for the passes a failing model triggers."""
+    state = torch.load(healthy, weights_only=True)
+    for key in list(state):
+        if key.endswith("running_mean"):
+            state[key] = state[key] + 0.5 * state[key[: -len("running_mean")] + "running_var"].sqrt()
+    torch.save(state, path)
+
+
 def timed_process(command: list[str], cwd: Path) -> tuple[float, int]:
     """Wall seconds and peak RSS (MiB) of one child process."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -173,6 +183,7 @@ def main() -> None:
         images = work / "images"
         make_images(images, args.images, args.size)
         healthy_checkpoint(args.arch, images, args.batch_size, work / "model.pt")
+        stale_checkpoint(work / "model.pt", work / "stale.pt")
         (work / "hand.py").write_text(HAND_WRITTEN.format(arch=args.arch, batch=args.batch_size))
         run = [python, "-m", "bncheck", "run", "model.pt", "--arch", f"torchvision:{args.arch}", "--data", "images",
                "--batch-size", str(args.batch_size), "--num-batches", str(-(-args.images // args.batch_size)),
@@ -182,12 +193,21 @@ def main() -> None:
                "--out", "fixed.pt", "--force", "--quiet"]
         hand = [python, "hand.py", "model.pt", "images", args.device, "both"]
         hand_train = [python, "hand.py", "model.pt", "images", args.device, "train"]
-        result = alternate({"run": run, "hand": hand, "fix": fix, "hand_train": hand_train}, work, args.repeats)
+        failing = [*run[:4], "stale.pt", *run[5:]]
+        failing_quick = [*failing, "--attribute", "0"]
+        result = alternate({"run": run, "hand": hand, "fix": fix, "hand_train": hand_train, "failing": failing,
+                            "failing_quick": failing_quick}, work, args.repeats)
         (run_wall, run_peak), (hand_wall, hand_peak) = result["run"], result["hand"]
         (fix_wall, fix_peak), (train_wall, _) = result["fix"], result["hand_train"]
         rows.append(("`bncheck run` process vs hand-written script (eval+train forward per batch)",
                      f"{run_wall:.2f} s vs {hand_wall:.2f} s", f"**{run_wall / hand_wall:.3f}×** wall, "
                      f"{run_peak / hand_peak:.2f}× peak RSS ({run_peak} vs {hand_peak} MiB)"))
+        for name, label in (("failing_quick", "`--attribute 0`: output-noise pass only"),
+                            ("failing", "default `--attribute`: + attribution, conclusion, recovery passes")):
+            wall, peak = result[name]
+            rows.append((f"`bncheck run` on a failing model (every BN mean off by 0.5 std), {label}",
+                         f"{wall:.2f} s vs {hand_wall:.2f} s", f"**{wall / hand_wall:.3f}×** wall, "
+                         f"{peak / hand_peak:.2f}× peak RSS"))
         ours, bare = in_process_recalibration(args.arch, images, args.batch_size, args.device, args.repeats)
         rows.append(("`bncheck.recalibrate` vs bare train-mode pass (in process, same tensors)",
                      f"{ours:.2f} s vs {bare:.2f} s", f"**{ours / bare:.3f}×**"))

@@ -748,7 +748,8 @@ def diff(
 @click.option("--annotations", type=click.Choice(ANNOTATIONS),
               help="Print GitHub Actions workflow commands for the findings (default auto: when GITHUB_ACTIONS=true).")
 @click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS),
-              help="Judge the run at this level (default: the config's fail_on, error); never the saved file's.")
+              help="Judge the run at this level. Default: the stricter of the saved run's fail_on and the "
+                   "config's (error), so a file cannot switch its own gate off.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",
               help="Config whose `save` path locates the last run (and whose fail_on judges it).")
 @_handle_errors
@@ -781,7 +782,8 @@ def report(
         run_json = Path(settings.save)
     _check_outputs(targets, {"the saved run": run_json, "the baseline": baseline, "the config": config_path})
     # the gate is the reader's: a file cannot switch it off with its own fail_on or verdict
-    loaded = report_module.regate(report_module.load(run_json), settings.fail_on)
+    loaded = report_module.load(run_json)
+    loaded = report_module.regate(loaded, fail_on or report_module.stricter(loaded.fail_on, settings.fail_on))
     if baseline is not None:
         from .baseline import apply_baseline
 

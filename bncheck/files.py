@@ -118,7 +118,8 @@ def atomic_write(target: Path, write: Callable[[Path], None], *, exclusive: bool
     except OSError as exc:  # a full disk, a folder gone read-only: the old target stays as it was
         raise UsageError(f"cannot write {target}: {exc.strerror or exc}; free space or choose another path") from None
     except RuntimeError as exc:  # torch.save's writer reports a failed write (ENOSPC) as a RuntimeError
-        if "write" not in str(exc).lower():
+        text = str(exc)
+        if not any(sign in text for sign in ("file write failed", "PytorchStreamWriter failed", "No space left")):
             raise
         raise UsageError(f"cannot write {target}: the write failed (is the disk full?); free space or choose "
                          "another path") from None

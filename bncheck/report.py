@@ -390,6 +390,14 @@ def gate_verdict(report: Report, fail_on: str) -> str:
     return "no-batchnorm" if report.verdict == "no-batchnorm" else "pass"
 
 
+GATE_STRICTNESS = {"never": 0, "error": 1, "warning": 2}
+
+
+def stricter(first: str, second: str) -> str:
+    """The stricter of two ``fail_on`` levels (``warning`` fails on more than ``error``)."""
+    return max(first, second, key=GATE_STRICTNESS.__getitem__)
+
+
 def regate(report: Report, fail_on: str) -> Report:
     """``report`` judged at ``fail_on`` (the reader's gate, not the one stored in the file)."""
     return replace(report, fail_on=fail_on, verdict=gate_verdict(report, fail_on))

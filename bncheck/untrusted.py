@@ -128,7 +128,8 @@ _SAFE_TORCH_FUNCTIONS = frozenset({
     "sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sqrt", "sym_sum",
     "_sym_sqrt", "sym_fresh_size",
 })
-_OP_NAMESPACES = frozenset({"aten", "prims", "higher_order"})
+_OP_NAMESPACES = frozenset({"aten", "prims", "higher_order", "quantized_decomposed", "quantized"})
+"""Operator namespaces of plain tensor compute (PT2E-quantized exports use quantized_decomposed)."""
 _FILE_OPS = re.compile(r"file|save|load|storage|pickle|mmap|print")
 """aten ops that read or write files or raw storage (``aten.from_file``): never from a stranger."""
 

@@ -613,3 +613,11 @@ def test_building_from_a_folder_is_sealed_offline_with_no_stdin(monkeypatch) -> 
         assert system.stdin.read() == ""  # a library's prompt gets no answer
         assert system.stdout is system.stderr  # and its chatter stays off stdout (--json -)
     assert "HF_HUB_OFFLINE" not in os.environ and system.stdin is stdin and system.stdout is stdout
+
+
+def test_the_default_gate_is_the_stricter_of_the_file_and_the_config() -> None:
+    from bncheck.report import stricter
+
+    assert stricter("never", "error") == "error"  # a file cannot switch the gate off
+    assert stricter("warning", "error") == "warning"  # nor is a stricter saved gate loosened
+    assert stricter("error", "never") == "error"

@@ -272,8 +272,8 @@ def _analyze(
             unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))
             extra = tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
                                                largest_batch, explained, unmeasured))
-        conclusion = _conclusion(model, layers, report, by_name, keep, gap if attribute else None, device,
-                                 float_dtype, reduce, measured=attribute > 0)
+        conclusion = _conclusion(model, layers, report, by_name, keep, gap, device, float_dtype, reduce,
+                                 measure=attribute > 0)
         if triggered(output) and gap:
             combined = _combined_evidence(model, layers, report, by_name, keep, gap, device, float_dtype, reduce,
                                           thresholds, measure=attribute > 0)
@@ -299,17 +299,18 @@ MANY_STALE = 3
 def _conclusion(
     model: nn.Module, layers: list[BNLayer], report: Report, by_name: dict[str, LayerStats], kept: Kept,
     gap: Optional[float], device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any = None,
-    measured: bool = True,
+    measure: bool = True,
 ) -> Optional[str]:
     """One sentence instead of many alike findings: when several layers are stale, fixing
-    them all at once is the advice, and one more eval pass measures what it recovers."""
+    them all at once is the advice, and one more eval pass measures what it recovers
+    (``measure=False``, i.e. ``--attribute 0``: no pass, and the sentence says so)."""
     stale = [layer.name for layer in report.layers if layer.score is not None
              and any(f.code in STALE_CODES and f.severity != "info" for f in layer.findings)]
     if len(stale) < MANY_STALE:
         return None
     measured = sum(1 for layer in report.layers if layer.score is not None)
     share = None
-    if gap:
+    if gap and measure:
         share = attribute_layers(model, layers, [by_name[name] for name in stale], kept, gap, device, float_dtype,
                                  reduce=reduce)
     if share is not None and share < HELPS:
@@ -322,7 +323,7 @@ def _conclusion(
             "(bncheck fix, verified before it writes) rather than one at a time")
     if share is not None:
         text += f"; recalibrating all {len(stale)} recovers {100 * share:.0f}% of the output gap (measured)"
-    elif not measured:
+    elif not measure:
         text += "; what that recovers was not measured (--attribute 0)"
     return text + "."
 

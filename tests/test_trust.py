@@ -380,3 +380,13 @@ def test_weak_evidence_across_layers_adds_up() -> None:
     quick = bncheck.analyze(model, x[:128], batch_size=8, attribute=0)  # not measured: a warning that says so
     unmeasured = next(f for f in quick.findings if f.code == "stale-running-stats" and f.layer is None)
     assert unmeasured.severity == "warning" and "not measured" in unmeasured.message
+
+
+def test_with_attribute_0_the_conclusion_says_its_recovery_was_not_measured() -> None:
+    from test_fix import stale_tiny
+
+    model, data = stale_tiny()
+    quick = bncheck.analyze(model, data, batch_size=16, attribute=0)
+    assert "not measured (--attribute 0)" in quick.conclusion
+    measured = bncheck.analyze(model, data, batch_size=16)
+    assert "(measured)" in measured.conclusion

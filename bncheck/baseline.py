@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Optional
 
 from .errors import UsageError
-from .report import SEVERITY_ORDER, BaselineComparison, Finding, LayerChange, Report, fails_gate
+from .report import SEVERITY_ORDER, BaselineComparison, Finding, LayerChange, Report, gate_verdict
 
 
 def _keyed(findings: tuple[Finding, ...]) -> dict[tuple[str, Optional[str], int], Finding]:
@@ -77,8 +77,5 @@ def apply_baseline(current: Report, baseline: Report, source: str) -> Report:
     findings only (a ``no-batchnorm`` verdict stays when nothing fails)."""
     worsen = current.thresholds.get("baseline_worsen", 0.25)
     comparison = compare(baseline, current, source, worsen)
-    if fails_gate((*comparison.new, *comparison.worsened), current.fail_on):
-        verdict = "fail"
-    else:
-        verdict = "no-batchnorm" if current.verdict == "no-batchnorm" else "pass"
-    return replace(current, baseline=comparison, verdict=verdict)
+    compared = replace(current, baseline=comparison)
+    return replace(compared, verdict=gate_verdict(compared, current.fail_on))

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .config import Thresholds
-from .findings import SAMPLE, STALE
-from .metrics import binomial_tail, mcnemar_p
+from .findings import STALE
+from .metrics import binomial_tail
 from .numbers import num
 from .report import Finding, OutputDivergence
 
@@ -343,12 +343,12 @@ CHANCE_P = 0.001
 accuracy counts as meaningful."""
 
 
-def _counts(output: OutputDivergence) -> Optional[tuple[int, int, int, int]]:
-    """(labelled samples, eval-correct, train-only, eval-only), or None without labels."""
-    if not output.labeled or output.eval_accuracy is None or output.train_only_correct is None:
+def _discordant(output: OutputDivergence) -> Optional[tuple[int, int, float]]:
+    """(samples right only in train mode, only in eval mode, their McNemar p-value), or None
+    without labels."""
+    if not output.labeled or output.train_only_correct is None or output.accuracy_gap_p is None:
         return None
-    n = output.labeled
-    return n, round(output.eval_accuracy * n), output.train_only_correct, output.eval_only_correct or 0
+    return output.train_only_correct, output.eval_only_correct or 0, output.accuracy_gap_p
 
 
 def above_chance(output: OutputDivergence, accuracy: Optional[float]) -> bool:
@@ -367,12 +367,11 @@ def eval_mode_is_better(output: OutputDivergence) -> bool:
     difference is beyond sampling error (McNemar) and eval mode is well above chance. Equal
     accuracies (100% on an easy sample), a difference of a few samples, or two accuracies at
     chance (out-of-domain data) cannot tell the readings apart."""
-    counts = _counts(output)
-    if counts is None:
+    pairs = _discordant(output)
+    if pairs is None:
         return False
-    _, _, train_only, eval_only = counts
-    return (eval_only > train_only and mcnemar_p(train_only, eval_only) < READING_P
-            and above_chance(output, output.eval_accuracy))
+    train_only, eval_only, p = pairs
+    return eval_only > train_only and p < READING_P and above_chance(output, output.eval_accuracy)
 
 
 def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float) -> Finding:
@@ -413,31 +412,30 @@ TRAIN_MODE_MARGIN = 0.02
 
 
 def train_mode_is_better(output: OutputDivergence) -> bool:
-    counts = _counts(output)
-    if counts is None or output.train_accuracy is None:
+    pairs = _discordant(output)
+    if pairs is None or output.train_accuracy is None or output.eval_accuracy is None:
         return False
-    _, _, train_only, eval_only = counts
-    return train_only > eval_only and (
-        output.train_accuracy - output.eval_accuracy >= TRAIN_MODE_MARGIN
-        or mcnemar_p(train_only, eval_only) < READING_P)
+    train_only, eval_only, p = pairs
+    return train_only > eval_only and (output.train_accuracy - output.eval_accuracy >= TRAIN_MODE_MARGIN
+                                       or p < READING_P)
 
 
 def accuracy_gap(output: OutputDivergence) -> bool:
     """Train mode more accurate than eval mode on the same labelled samples, beyond sampling error."""
-    counts = _counts(output)
-    return counts is not None and counts[2] > counts[3] and mcnemar_p(counts[2], counts[3]) < ACCURACY_GAP_P
+    pairs = _discordant(output)
+    return pairs is not None and pairs[0] > pairs[1] and pairs[2] < ACCURACY_GAP_P
 
 
 def accuracy_gap_finding(output: OutputDivergence, recovered: Optional[tuple[float, float, int]]) -> Finding:
     """``accuracy-gap``: a labelled gap is never "nothing to do". ``recovered``: eval-mode accuracy
     on the kept labelled samples before and after recalibrating every measured BN layer on them,
     and how many samples (None: not measured)."""
-    n, _, train_only, eval_only = _counts(output)
-    p = mcnemar_p(train_only, eval_only)
+    train_only, eval_only, p = _discordant(output)
     message = (
-        f"train mode is more accurate than eval mode on {n} labelled samples ({100 * output.train_accuracy:.1f}% "
-        f"vs {100 * output.eval_accuracy:.1f}%; {train_only} samples right only in train mode, {eval_only} only in "
-        f"eval mode; McNemar p = {p:.2g}): the gap is beyond sampling error, whatever the layer scores say."
+        f"train mode is more accurate than eval mode on {output.labeled} labelled samples "
+        f"({100 * output.train_accuracy:.1f}% vs {100 * output.eval_accuracy:.1f}%; {train_only} samples right only "
+        f"in train mode, {eval_only} only in eval mode; McNemar p = {p:.2g}): the gap is beyond sampling error, "
+        "whatever the layer scores say."
     )
     if recovered is None:
         hint = ("Not measured what recalibration recovers (--attribute 0 or no layer measurable): run bncheck fix "
@@ -477,18 +475,12 @@ def chance_accuracy_finding(output: OutputDivergence) -> Optional[Finding]:
     )
 
 
-DATA_FIRST_CODES = SAMPLE
-"""Model-level findings saying the sample itself is off: reported first, and no layer advice
-recalibrates on such a sample."""
-RECALIBRATING_CODES = STALE
-"""Findings whose advice is to recalibrate (input-distribution already says: check the data)."""
-
-
 def check_data_first(finding: Finding, cause: Finding) -> Finding:
     """A stale-looking layer measured on a sample that is itself off: the numbers stand, the
     advice changes from "recalibrate" to "check the sample" (its statistics are not the ones
-    the model should hold)."""
-    if finding.code not in RECALIBRATING_CODES:
+    the model should hold). Only the stale group advises recalibrating; input-distribution
+    already says: check the data."""
+    if finding.code not in STALE:
         return finding
     return Finding(
         finding.code, finding.severity, finding.layer, finding.message,
@@ -522,10 +514,11 @@ def one_class_sample_finding(output: OutputDivergence) -> Optional[Finding]:
     )
 
 
-def stale_with_labels(finding: Finding, train_accuracy: float, eval_accuracy: float) -> Finding:
+def stale_with_labels(finding: Finding, train_accuracy: float, eval_accuracy: float, *,
+                      input_layer: bool = False) -> Finding:
     """Labels that show train mode clearly better leave one reading of stale statistics: say it
     plainly instead of naming both (at the first BN layer, after the preprocessing check)."""
-    if finding.hint == INPUT_LAYER_HINT:
+    if input_layer:
         return Finding(
             finding.code, finding.severity, finding.layer, finding.message,
             f"Labels rule out BN kept in eval mode on purpose (train-mode accuracy {100 * train_accuracy:.1f}% vs "

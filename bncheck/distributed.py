@@ -284,11 +284,6 @@ def pool(world: World, state: Any) -> Any:
     return combine(world.gather(on_host))
 
 
-def sum_tallies(world: World, tally: Any) -> Any:
-    """Output tallies pooled over ranks (each field declares how); a rank with no batch adds nothing."""
-    return pool(world, tally)
-
-
 @dataclass
 class SampleCounts:
     """What one rank saw of the sample, pooled over ranks."""

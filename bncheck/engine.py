@@ -226,8 +226,8 @@ def _analyze(
         samples, batches_seen, largest_batch = counts.samples, counts.batches, counts.largest
         any_labels, input_shape, labels_per_batch = counts.any_labels, counts.input_shape, counts.labels_per_batch
         distributed.pool_stats(world, stats, device)
-        tally = distributed.sum_tallies(world, tally)
-        kept_tally = distributed.sum_tallies(world, kept_tally)
+        tally = distributed.pool(world, tally)
+        kept_tally = distributed.pool(world, kept_tally)
     if batches_seen == 0:
         raise InputError("the data yielded no batches; point $data at a non-empty folder, file or iterable")
     sources = sources or Sources()
@@ -235,7 +235,7 @@ def _analyze(
                                   input_shape=input_shape)
     model_info = sources.model_info(len(layers))
     output = tally.result()
-    reduce = (lambda t: distributed.sum_tallies(world, t)) if world.active else None
+    reduce = (lambda t: distributed.pool(world, t)) if world.active else None
 
     def report_with(attribution: Optional[dict[str, Optional[float]]] = None,
                     extra: tuple[Finding, ...] = (), conclusion: Optional[str] = None) -> Report:

@@ -73,13 +73,13 @@ def run_fix(
             "recalibrating on it would bake that into the checkpoint; fix the preprocessing first"
         )
 
-    from .diagnose import INPUT_LAYER_HINT
     from .findings import SAMPLE
 
-    stem = [f for f in before.findings if f.code == "stale-running-stats" and INPUT_LAYER_HINT in f.hint]
-    if stem:
+    ran = [layer for layer in before.layers if layer.depth is not None]
+    first = min(ran, key=lambda layer: layer.depth).name if ran else None
+    if any(f.code == "stale-running-stats" and f.layer == first for f in before.findings):
         warnings.append(
-            f"the first BN layer ({stem[0].layer}) is stale on this data: the likeliest reading is a preprocessing "
+            f"the first BN layer ({first}) is stale on this data: the likeliest reading is a preprocessing "
             "mismatch, which recalibration bakes into the checkpoint; check the input scale, mean/std and "
             "channel order against training before using the fixed checkpoint"
         )

@@ -77,8 +77,6 @@ class OutputTally:
     eval_predicted: Counter = pooled("sum", default_factory=Counter)
     """Eval-mode predictions per class (a sample of one class shows as one class, confidently)."""
     train_predicted: Counter = pooled("sum", default_factory=Counter)
-    positions: int = pooled("sum", default=0)
-    """Compared rows: samples, or samples x time steps for sequence outputs."""
 
     def add(self, out_train: Any, out_eval: Any, labels: Optional[Tensor], batch: Optional[int] = None) -> None:
         out_train, out_eval = logits_of(out_train), logits_of(out_eval)
@@ -99,8 +97,7 @@ class OutputTally:
             self.kl += float(kl.sum())
             self.js += float(js.sum())
             self.agree += float(agree.sum())
-            self.samples += out_train.shape[0]
-            self.positions += out_train.shape[0]
+            self.samples += out_train.shape[0]  # rows: samples, or samples x time steps of a sequence
             self._add_tensor_pair(out_train, out_eval)
             self.classes = max(self.classes, int(out_train.shape[1]))
             train_pred, eval_pred = out_train.argmax(-1), out_eval.argmax(-1)

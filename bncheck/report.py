@@ -380,14 +380,19 @@ def load(path: Path) -> Report:
     return report
 
 
+def verdict_of(findings: Iterable[Finding], fail_on: str, *, no_batchnorm: bool) -> str:
+    """The one verdict rule (engine, baseline, saved runs): ``fail`` when a finding reaches
+    ``fail_on``; otherwise ``no-batchnorm`` (a pass: nothing to measure) or ``pass``."""
+    if fails_gate(findings, fail_on):
+        return "fail"
+    return "no-batchnorm" if no_batchnorm else "pass"
+
+
 def gate_verdict(report: Report, fail_on: str) -> str:
     """The verdict ``report``'s own findings give at ``fail_on``: with a baseline, only new and
-    worsened findings count; ``no-batchnorm`` (a pass: nothing to measure) never hides a failing
-    finding."""
+    worsened findings count; ``no-batchnorm`` never hides a failing finding."""
     judged = (*report.baseline.new, *report.baseline.worsened) if report.baseline is not None else report.findings
-    if fails_gate(judged, fail_on):
-        return "fail"
-    return "no-batchnorm" if report.verdict == "no-batchnorm" else "pass"
+    return verdict_of(judged, fail_on, no_batchnorm=report.verdict == "no-batchnorm")
 
 
 GATE_STRICTNESS = {"never": 0, "error": 1, "warning": 2}

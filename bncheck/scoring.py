@@ -54,7 +54,7 @@ from .report import (
     ModelInfo,
     OutputDivergence,
     Report,
-    fails_gate,
+    verdict_of,
 )
 from .scripted import traced_training
 
@@ -270,7 +270,7 @@ def build_report(
         }
     elif has_data and train_mode_is_better(output):
         findings_by_layer = {
-            name: [stale_with_labels(f, output.train_accuracy, output.eval_accuracy)
+            name: [stale_with_labels(f, output.train_accuracy, output.eval_accuracy, input_layer=name == input_layer)
                    if f.code == "stale-running-stats" else f for f in found]
             for name, found in findings_by_layer.items()
         }
@@ -346,12 +346,7 @@ def build_report(
         return (-SEVERITY_ORDER[finding.severity], 1 if gained is not None and gained < 0 else 0, -(gained or 0.0))
 
     all_findings.sort(key=order)
-    if fails_gate(all_findings, fail_on):  # the rule report.gate_verdict re-checks on every saved run
-        verdict = "fail"
-    elif not runs:
-        verdict = "no-batchnorm"
-    else:
-        verdict = "pass"
+    verdict = verdict_of(all_findings, fail_on, no_batchnorm=not runs)  # re-checked on every saved run
     return Report(
         model=model_info,
         data=data_info,

@@ -294,35 +294,49 @@ anything that walks, compares or prints the value (an error message's repr) neve
 
 
 def safe_yaml(text: str, what: str) -> Any:
-    """``yaml.safe_load``, after checking that the document stays small once its aliases are
-    expanded. ``yaml.YAMLError`` propagates for the caller to word."""
+    """``yaml.safe_load`` in one parse: the document is composed (aliases counted as they come,
+    at most ``MAX_YAML_ALIASES``), its size with every alias expanded is checked (shared nodes
+    counted once each, so the check itself stays cheap), and only then is it built into Python
+    values. ``yaml.YAMLError`` propagates for the caller to word."""
     import yaml
 
     from .errors import UsageError
 
-    aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
-    if aliases > MAX_YAML_ALIASES:
-        raise UsageError(f"{what} uses {aliases} YAML aliases (*name), more than {MAX_YAML_ALIASES}; write the "
-                         "values out")
-    if aliases:
-        sizes: dict[int, int] = {}
+    class Loader(yaml.SafeLoader):
+        aliases = 0
 
-        def expanded(node: Any) -> int:
-            known = sizes.get(id(node))
-            if known is not None:
-                return known
-            size = 1
-            if isinstance(node, yaml.SequenceNode):
-                size += sum(expanded(child) for child in node.value)
-            elif isinstance(node, yaml.MappingNode):
-                size += sum(expanded(key) + expanded(value) for key, value in node.value)
-            sizes[id(node)] = min(size, MAX_YAML_NODES + 1)
-            return sizes[id(node)]
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise UsageError(f"{what} uses more than {MAX_YAML_ALIASES} YAML aliases (*name); write the "
+                                     "values out")
+            return super().compose_node(parent, index)
 
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        if root is not None and expanded(root) > MAX_YAML_NODES:
+    sizes: dict[int, int] = {}
+
+    def expanded(node: Any) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            size += sum(expanded(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size += sum(expanded(key) + expanded(value) for key, value in node.value)
+        sizes[id(node)] = min(size, MAX_YAML_NODES + 1)
+        return sizes[id(node)]
+
+    loader = Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        if loader.aliases and expanded(root) > MAX_YAML_NODES:
             raise UsageError(
                 f"{what} expands its YAML aliases (*name) to more than {MAX_YAML_NODES} values; write the "
                 "values out"
             )
-    return yaml.safe_load(text)
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()

@@ -44,7 +44,8 @@ def test_mcnemar_and_binomial_tail_by_hand() -> None:
 def labelled(train: float, eval_: float, train_only: int, eval_only: int, n: int = 128,
              classes: int = 10) -> OutputDivergence:
     return OutputDivergence(kind="classifier", train_accuracy=train, eval_accuracy=eval_, labeled=n,
-                            train_only_correct=train_only, eval_only_correct=eval_only, classes=classes)
+                            train_only_correct=train_only, eval_only_correct=eval_only, classes=classes,
+                            accuracy_gap_p=mcnemar_p(train_only, eval_only))  # as OutputTally.result() sets it
 
 
 def test_labels_at_chance_vouch_for_nothing() -> None:

@@ -12,13 +12,11 @@ input's own path and goes through a temporary file and an atomic rename.
 
 from __future__ import annotations
 
-import logging
 import pickle
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -26,7 +24,6 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from .discovery import find_bn_layers
 from .errors import InputError, UsageError, first_line
 from .files import atomic_write, atomic_write_folder, check_output_folder, check_output_path
 from .loading import (
@@ -39,6 +36,7 @@ from .loading import (
     weight_entries,
 )
 from .report import ModelInfo
+from .runtime import find_bn_layers
 from .untrusted import check_regular_file, inflation_problem, zip_members
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -110,18 +108,6 @@ def _buffers_by_key(module: nn.Module, keys: list[str]) -> dict[str, Tensor]:
     return {key: state[key] for key in keys if key in state}
 
 
-@contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    """Silence a library logger that prints tracebacks of errors we report in one line."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 class Format:
     """One checkpoint format: recognise, read, write back."""
 
@@ -138,7 +124,7 @@ class Format:
 
 
 class TorchScriptFormat(Format):
-    """``torch.jit.save`` archives. Their buffers are mutable: load, update, save."""
+    """TorchScript archives. Their buffers are mutable: load, update, save."""
 
     name = "torchscript"
 
@@ -147,16 +133,16 @@ class TorchScriptFormat(Format):
         return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
     def read(self, probe: Probe, arch: Optional[str], arch_kwargs: dict, trusted: bool, digest: str) -> Checkpoint:
-        if not trusted:  # its code/ is compiled and run by torch.jit.load itself (see untrusted.py)
+        if not trusted:  # its code/ is compiled and run while it loads (see untrusted.py)
             raise InputError(
                 f"{probe.path} is a TorchScript archive: a program whose code runs while it loads (it can "
                 "read and write files), so bncheck loads it only with $trust_checkpoint; pass that if you "
                 "trust the file, or export the model with torch.export (.pt2) or save its state_dict"
             )
+        from .runtime.scripted import load_archive
+
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = torch.jit.load(str(probe.path), map_location="cpu")
+            model = load_archive(probe.path)
         except Exception as exc:
             raise InputError(
                 f"{probe.path} is a TorchScript archive that failed to load ({first_line(exc)})"
@@ -165,12 +151,12 @@ class TorchScriptFormat(Format):
         return Checkpoint(model, info, probe.path, self)
 
     def write(self, checkpoint: Checkpoint, tmp: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # jit.save is deprecated in torch 2.14, still the format's writer
-            torch.jit.save(checkpoint.module, str(tmp))
+        from .runtime.scripted import save_archive
+
+        save_archive(checkpoint.module, tmp)
 
 
-class ExportedProgramFormat(Format):
+class ExportFormat(Format):
     """``torch.export.save`` archives (``.pt2``): BN buffers live in the program's state_dict."""
 
     name = "exported-program"
@@ -182,7 +168,7 @@ class ExportedProgramFormat(Format):
         )
 
     def read(self, probe: Probe, arch: Optional[str], arch_kwargs: dict, trusted: bool, digest: str) -> Checkpoint:
-        from .exported import ExportedProgramModule
+        from .runtime.exported import load_program
         from .untrusted import exported_archive_problems
 
         if not trusted:
@@ -194,10 +180,7 @@ class ExportedProgramFormat(Format):
                     f"{problems[0]}{more}; rerun with $trust_checkpoint only if you trust the file"
                 )
         try:
-            with warnings.catch_warnings(), _quiet_logger("torch.export"):
-                warnings.simplefilter("ignore")
-                program = torch.export.load(str(probe.path))
-                model = ExportedProgramModule(program.module(), getattr(program, "example_inputs", None))
+            program, model = load_program(probe.path)
         except Exception as exc:
             raise InputError(
                 f"{probe.path} is a torch.export archive that failed to load ({first_line(exc)}); check that it "
@@ -207,17 +190,9 @@ class ExportedProgramFormat(Format):
         return Checkpoint(model, info, probe.path, self, container=program)
 
     def write(self, checkpoint: Checkpoint, tmp: Path) -> None:
-        program = checkpoint.container
-        graph = checkpoint.module.exported_graph
-        live = dict(graph.named_buffers())
-        with torch.no_grad():
-            for store in (program.state_dict, program.constants):
-                for key, tensor in store.items():
-                    if key.rsplit(".", 1)[-1] in BN_BUFFERS and key in live and live[key] is not tensor:
-                        tensor.copy_(live[key])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.export.save(program, str(tmp))
+        from .runtime.exported import save_program
+
+        save_program(checkpoint.container, checkpoint.module, tmp, BN_BUFFERS)
 
 
 class SafetensorsFormat(Format):
@@ -332,7 +307,7 @@ class ModelFolderFormat(Format):
         write_model_folder(checkpoint.container, checkpoint.module, checkpoint.bn_buffer_keys(), checkpoint.prefix, tmp)
 
 
-FORMATS: tuple[Format, ...] = (TorchScriptFormat(), ExportedProgramFormat(), SafetensorsFormat(), TorchPickleFormat())
+FORMATS: tuple[Format, ...] = (TorchScriptFormat(), ExportFormat(), SafetensorsFormat(), TorchPickleFormat())
 
 
 def _put_buffers(mapping: Any, checkpoint: Checkpoint) -> None:

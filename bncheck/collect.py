@@ -25,21 +25,16 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .batches import batch_len, forward
-from .capture import StateSnapshot, input_hooks, preserved_state, set_bn_train_mode
-from .discovery import BNLayer
 from .errors import InternalError
 from .metrics import ChannelMoments
-from .scripted import recovery_momentum
+from .runtime import BNLayer, Observation, Runtime, StateSnapshot, preserved_state
 
 NATIVE_SPREAD_SAMPLES = 32
 """With ``native``: per-sample statistics (the noise estimate's groups) on every batch until
 this many samples were seen, then on batches whose number is a power of two."""
-# BN modules whose forward is torch's (a momentum-1 update stores exactly the batch statistics);
-# anything else keeps the hook. SyncBatchNorm is left out: its buffers hold every rank's batch.
-_NATIVE_FORWARDS = ("BatchNormAct2d",)
 # Buffers must match the hook's statistics to this fraction of the channel's std / variance.
 _NATIVE_TOLERANCE = 1e-3
 
@@ -101,7 +96,6 @@ class LayerStats:
     """Order of the layer's first call (0 = first BN the input reaches); None: never called."""
     train_calls: int = 0
     """Train-mode calls pooled (more than the batches when a module runs several times per forward)."""
-    scripted_before: Optional[tuple[Tensor, Tensor, int]] = None
 
 
 class StatisticsPass:
@@ -109,17 +103,16 @@ class StatisticsPass:
     module in eval) or ``train`` (only BN layers in train mode) and pools each BN input into
     that mode's moments."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[BNLayer], snapshot: StateSnapshot, precise: bool,
-                 native: bool = False) -> None:
-        self.model = model
-        self.layers = list(layers)
-        self.stats = [LayerStats(layer, layer.module.training) for layer in layers]
+    def __init__(self, runtime: Runtime, snapshot: StateSnapshot, precise: bool, native: bool = False) -> None:
+        self.runtime = runtime
+        self.model = runtime.model
+        self.layers = list(runtime.layers)
+        self.stats = [LayerStats(layer, layer.module.training) for layer in self.layers]
         self._snapshot = snapshot
         self._precise = precise
         self._mode = "eval"
         self._next_depth = 0
-        self.native: dict[int, bool] = {i: False for i, layer in enumerate(self.layers) if native and
-                                        _native_candidate(layer)}
+        self.native: dict[int, bool] = {i: False for i, layer in enumerate(self.layers) if native and layer.native}
         """Layers that may use BN's own batch statistics; True once their buffers were checked."""
         self._checking: dict[int, tuple[Tensor, Tensor]] = {}
         self._train_batches = 0
@@ -128,14 +121,12 @@ class StatisticsPass:
         self.batch_means: dict[int, list[tuple[Tensor, Tensor, int]]] = {}
         """Per layer (index) and eval-mode call: mean and variance of the per-sample channel
         means, and the number of samples."""
-        for entry in self.stats:
-            if entry.layer.scripted and entry.layer.track_running_stats:
-                entry.scripted_before = _scripted_before(entry.layer)
-        self._scripted = [entry for entry in self.stats if entry.scripted_before is not None]
+        self.observation: Optional[Observation] = None
+        """Set by ``statistics_pass``: reads buffer-measured layers after each forward."""
 
     def forward(self, inputs: Any, mode: str) -> Any:
         self._mode = mode
-        set_bn_train_mode(self.model, self.layers, bn_training=mode == "train")
+        self.runtime.set_mode(bn_training=mode == "train")
         if mode == "train":
             self._train_batches += 1
             number = self._train_batches
@@ -144,12 +135,11 @@ class StatisticsPass:
         if mode == "train":
             n = batch_len(inputs)
             self._train_samples += n
-            for entry in self._scripted:
-                self._recover_scripted(entry, n)
+            self.observation.after_forward(mode, n)
             self._snapshot.restore_buffers()
-        elif self._scripted:
+        elif self.observation.reads_buffers:
             # a graph traced in train mode updates its buffers even in eval mode; the next
-            # train-mode recovery must start from the saved ones
+            # train-mode reading must start from the saved ones
             self._snapshot.restore_buffers()
         return out
 
@@ -219,23 +209,11 @@ class StatisticsPass:
         moments = self.stats[index].train
         moments.add_pooled(mean.to(moments.mean.device), var.to(moments.mean.device), float(values))
 
-    def _recover_scripted(self, entry: LayerStats, batch_size: int) -> None:
-        """Batch statistics of a TorchScript BN layer from its buffer update (no hooks there):
-        ``mu_B = (r_new - (1 - m) r_old) / m``, same for the (unbiased) variance. The number of
-        values per channel is unknown inside the graph, so the variance is left unbiased
-        (an over-estimate by n/(n-1): under 1% once n = N*H*W > 100)."""
-        layer = entry.layer
-        mean_old, var_old, tracked_old = entry.scripted_before
-        momentum = recovery_momentum(layer.module, layer.momentum)
-        if momentum is None:
-            momentum = 1.0 / (tracked_old + 1)
-        mean_new, var_new = layer.running_mean.detach(), layer.running_var.detach()
-        if momentum <= 0.0 or torch.equal(mean_new, mean_old) and torch.equal(var_new, var_old):
-            return  # momentum 0 (or the layer was not called): the update carries no statistics
+    def from_buffers(self, index: int, mean: Tensor, var: Tensor, samples: int) -> None:
+        """A buffer-measured layer's batch statistics after a train-mode forward."""
+        entry = self.stats[index]
         self._mark_called(entry)
-        batch_mean = (mean_new.double() - (1.0 - momentum) * mean_old.double()) / momentum
-        batch_var = (var_new.double() - (1.0 - momentum) * var_old.double()) / momentum
-        self._add(entry, batch_mean[None], batch_var.clamp_min(0.0)[None], max(batch_size, 1))
+        self._add(entry, mean[None], var[None], samples)
 
 
 def _float64(t: Tensor) -> Tensor:
@@ -244,27 +222,6 @@ def _float64(t: Tensor) -> Tensor:
     if t.device.type not in ("cpu", "cuda"):
         t = t.cpu()
     return t.to(torch.float64)
-
-
-def _scripted_before(layer: BNLayer) -> tuple[Tensor, Tensor, int]:
-    tracked = layer.buffer("num_batches_tracked")
-    return (
-        layer.running_mean.detach().clone(),
-        layer.running_var.detach().clone(),
-        int(tracked) if tracked is not None else 0,
-    )
-
-
-def _native_candidate(layer: BNLayer) -> bool:
-    module = layer.module
-    return (
-        isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and not isinstance(module, nn.SyncBatchNorm)
-        and (type(module).forward is nn.modules.batchnorm._BatchNorm.forward
-             or type(module).__name__ in _NATIVE_FORWARDS)
-        and layer.kind == "batchnorm" and not layer.scripted and layer.track_running_stats
-        and layer.running_mean is not None and layer.running_var is not None
-    )
 
 
 @contextmanager
@@ -280,14 +237,14 @@ def _momentum_one(layers: Sequence[BNLayer]) -> Iterator[None]:
 
 
 @contextmanager
-def statistics_pass(model: nn.Module, layers: Sequence[BNLayer], *, precise: bool = False,
-                    native: bool = False) -> Iterator[StatisticsPass]:
-    """Hooks on ``layers`` and a snapshot of ``model``; on exit (also on error) the hooks
-    are removed and every buffer, mode flag and momentum is restored. ``native``: take batch
-    statistics from BatchNorm itself where its buffers prove to hold them (train mode only)."""
-    with torch.no_grad(), preserved_state(model) as snapshot:
-        collector = StatisticsPass(model, layers, snapshot, precise, native)
+def statistics_pass(runtime: Runtime, *, precise: bool = False, native: bool = False) -> Iterator[StatisticsPass]:
+    """Observation of ``runtime``'s layers and a snapshot of its model; on exit (also on error)
+    the hooks are removed and every buffer, mode flag and momentum is restored. ``native``: take
+    batch statistics from BatchNorm itself where its buffers prove to hold them (train mode only)."""
+    with torch.no_grad(), preserved_state(runtime.model) as snapshot:
+        collector = StatisticsPass(runtime, snapshot, precise, native)
         candidates = [collector.layers[i] for i in collector.native]
         after = {i: collector.after_call for i in collector.native}
-        with _momentum_one(candidates), input_hooks(layers, collector, after=after):
+        with _momentum_one(candidates), runtime.observe(collector, after=after) as observation:
+            collector.observation = observation
             yield collector

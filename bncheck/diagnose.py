@@ -55,8 +55,8 @@ class LayerFacts:
     """Share of the output gap that fixing this layer alone removes (None: not measured)."""
     eps: float = 1e-5
     """The layer's eps."""
-    scripted: bool = False
-    """A TorchScript layer: no hooks, batch statistics only from its buffer update."""
+    by_buffers: bool = False
+    """Measured from its buffer updates (a TorchScript layer: no hooks reach it)."""
     max_abs_log_scale: Optional[float] = None
     """Largest |ln scale ratio| over channels (ln 10: a channel's std off by 10x)."""
     momentum_known: bool = True
@@ -67,7 +67,7 @@ class LayerFacts:
     unconverged_channels: int = 0
     """Channels whose variance in the data is below that residual (the init dominates them)."""
     traced_training: Optional[bool] = None
-    """``training`` frozen into the layer's graph by ``torch.jit.trace`` or ``torch.export``
+    """``training`` frozen into the layer's graph by tracing (TorchScript) or ``torch.export``
     (True: batch statistics even in eval mode); None when the layer follows its module's flag."""
 
 
@@ -107,7 +107,7 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
     def add(code: str, severity: str, message: str, hint: str) -> None:
         out.append(Finding(code, severity, f.name, message, hint))
 
-    if has_data and f.depth is None and not f.scripted:
+    if has_data and f.depth is None and not f.by_buffers:
         # Declared but never called (an unused head, a branch this input never takes): its
         # buffers play no part in the outputs, so nothing else about them matters.
         add(
@@ -125,11 +125,11 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "traced or exported in train mode: training=True is frozen into this layer's graph, so even after "
             ".eval() it normalizes every input with the statistics of its own batch -- a sample's output depends "
             "on the rest of its batch, and the running statistics are never used.",
-            "Re-export the model after model.eval() (torch.jit.trace or torch.export) and check the new file with "
+            "Re-export the model after model.eval() (TorchScript trace or torch.export) and check the new file with "
             "bncheck; recalibrating this archive changes nothing it computes.",
         )
         return out
-    if has_data and f.scripted and f.score is None and f.track_running_stats and not f.nonfinite_running:
+    if has_data and f.by_buffers and f.score is None and f.track_running_stats and not f.nonfinite_running:
         momentum = "momentum=0 leaves its buffers unchanged" if f.momentum == 0.0 else "its buffers did not move"
         add(
             "unmeasurable",
@@ -556,7 +556,7 @@ def model_findings(facts: list[LayerFacts], t: Thresholds) -> list[Finding]:
             "small-batch-noise",
             "warning",
             worst.name,
-            f"with batch size {worst.batch_size}, batch statistics jitter by "
+            f"with batch size {worst.batch_size}, batch statistics scatter by "
             f"{_fmt(worst.batch_noise)} output stds from sampling noise alone at "
             f"{len(noisy)} of {len(facts)} layers (worst here).",
             _batch_advice(worst, t),

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import Checkpoint
-from .discovery import BNLayer, find_bn_layers
 from .errors import InputError
 from .report import DiffReport, Finding, LayerDiff, fails_gate
+from .runtime import BNLayer, find_bn_layers
 
 MOVED = 1e-6
 """Relative change below which parameters or statistics count as unchanged (float noise)."""
@@ -61,7 +61,7 @@ def _feeding(model: nn.Module) -> dict[str, str]:
 
 
 def _param(modules: dict[str, nn.Module], module_name: str, attr: str) -> Optional[Tensor]:
-    """``attr`` of a submodule found by name (``get_submodule`` does not work on ScriptModules)."""
+    """``attr`` of a submodule found by name (by ``named_modules``: every runtime kind has it)."""
     value = getattr(modules.get(module_name), attr, None)
     return value if isinstance(value, Tensor) else None
 

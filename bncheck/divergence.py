@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .attribution import Kept
 from .batches import ImageList, batch_len, forward, rebuild, to_device, to_host
-from .capture import preserved_state, set_bn_train_mode
-from .discovery import BNLayer
 from .outputs import OutputTally, logits_of, time_major
 from .report import Finding, OutputDivergence
+from .runtime import Runtime, preserved_state
 
 NOISE_RATIO = 10.0
 """Output divergence (KL, or squared relative L2) this many times what batch noise gives is drift."""
@@ -88,7 +87,7 @@ def _take(value: Any, index: Tensor) -> Any:
 
 
 def noise_divergence(
-    model: nn.Module, layers: list[BNLayer], kept: Kept, device: torch.device, float_dtype: Optional[torch.dtype],
+    runtime: Runtime, kept: Kept, device: torch.device, float_dtype: Optional[torch.dtype],
     reduce: Optional[Callable[[OutputTally], OutputTally]] = None,
 ) -> Optional[OutputDivergence]:
     """What batch noise alone does to train-mode outputs, on the kept sample: the samples are
@@ -99,7 +98,7 @@ def noise_divergence(
     halves stand in (they differ from the whole by the same variance). None when neither is
     possible (one batch of fewer than 4 samples, or inputs that cannot be re-dealt).
     ``reduce`` adds other processes' tallies (each re-deals its own part of the sample)."""
-    local = _noise_tally(model, layers, kept, device, float_dtype)
+    local = _noise_tally(runtime, kept, device, float_dtype)
     tally = reduce(local or OutputTally()) if reduce is not None else local
     if tally is None:
         return None
@@ -108,7 +107,7 @@ def noise_divergence(
 
 
 def _noise_tally(
-    model: nn.Module, layers: list[BNLayer], kept: Kept, device: torch.device, float_dtype: Optional[torch.dtype],
+    runtime: Runtime, kept: Kept, device: torch.device, float_dtype: Optional[torch.dtype],
 ) -> Optional[OutputTally]:
     """The two train-mode runs' divergence as a tally, already scaled to one run's noise."""
     if not kept:
@@ -141,11 +140,11 @@ def _noise_tally(
     else:
         return None
     outputs = []
-    with torch.no_grad(), preserved_state(model) as snapshot:
+    with torch.no_grad(), preserved_state(runtime.model) as snapshot:
         for start, stop in bounds:
-            set_bn_train_mode(model, layers, bn_training=True)
+            runtime.set_mode(bn_training=True)
             batch = to_device(_take(inputs_all, order[start:stop]), device, float_dtype)
-            outputs.append(batch_first(to_host(forward(model, batch, "train")), stop - start))
+            outputs.append(batch_first(to_host(forward(runtime.model, batch, "train")), stop - start))
             snapshot.restore_buffers()
     try:
         again = _take(_cat(outputs), torch.argsort(order))  # back in the original sample order

@@ -31,17 +31,15 @@ from .batches import (
     to_device,
     to_host,
 )
-from .capture import fingerprint
 from .collect import LayerStats, statistics_pass
 from .config import FAIL_ON_LEVELS, Thresholds, resolve_thresholds
 from .diagnose import accuracy_gap, accuracy_gap_finding
-from .discovery import BNLayer, find_bn_layers
 from .divergence import composition, model_level_findings, noise_divergence, triggered
 from .errors import InputError, InternalError, UsageError
 from .outputs import OutputTally, output_gap
 from .report import STALE_CODES, DataInfo, Finding, OutputDivergence, Report, Sources
+from .runtime import BNLayer, Runtime, fingerprint, runtime_for
 from .scoring import build_report
-from .scripted import measurable
 
 KEEP_SAMPLES = 256
 """Samples kept on the host for attribution, the output-noise check and the conclusion
@@ -56,15 +54,13 @@ Progress = Callable[[str, int, Optional[int]], None]
 ThresholdsLike = Union[Thresholds, Mapping[str, float], None]
 
 
-def _discover(model: nn.Module, ignore: Sequence[str]) -> tuple[list[BNLayer], set[str]]:
-    """The BN layers, and the names the ``ignore`` globs leave out. Ignored layers still
+def _discover(runtime: Runtime, ignore: Sequence[str]) -> set[str]:
+    """The names of the BN layers the ``ignore`` globs leave out. Ignored layers still
     switch modes and run (the model must behave as in training); they are only left out
     of ranking and findings."""
     if isinstance(ignore, str):
         ignore = (ignore,)
-    layers = find_bn_layers(model)
-    ignored = {layer.name for layer in layers if any(fnmatch.fnmatchcase(layer.name, glob) for glob in ignore)}
-    return layers, ignored
+    return {layer.name for layer in runtime.layers if any(fnmatch.fnmatchcase(layer.name, glob) for glob in ignore)}
 
 
 def _check_fail_on(fail_on: str) -> None:
@@ -138,15 +134,16 @@ def analyze(
     world = distributed.current()
     if world.active and (shard or (shard is None and _dataset_pair(data) is not None)):
         batches = world.shard(batches)
-    model = measurable(model)  # TorchScript BN with momentum 0 or traced in eval: measured on a twin
-    layers, ignored = _discover(model, ignore)
-    with OnDevice(model, device) as target:
+    runtime = runtime_for(model).measuring()  # a twin where the caller's model cannot be observed as is
+    ignored = _discover(runtime, ignore)
+    layers = runtime.layers
+    with OnDevice(runtime.model, device) as target:
         divergent = distributed.rank_divergence(world, layers)
         own = [_bn_buffers(layer) for layer in layers] if divergent else []
         try:
             if divergent:  # one report on every rank: rank 0's buffers, restored afterwards
                 distributed.broadcast_buffers_from_main(world, layers)
-            return _analyze(model, layers, ignored, batches, resolved, attribute, fail_on, progress, target, started,
+            return _analyze(runtime, ignored, batches, resolved, attribute, fail_on, progress, target, started,
                             momentum_known, world, tuple(_rank_findings(divergent, world)), sources=sources)
         finally:
             if divergent:
@@ -157,8 +154,7 @@ def analyze(
 
 
 def _analyze(
-    model: nn.Module,
-    layers: list[BNLayer],
+    runtime: Runtime,
     ignored: set[str],
     batches: Any,
     thresholds: Thresholds,
@@ -175,6 +171,7 @@ def _analyze(
 ) -> Report:
     world = world or distributed.World()
     keep_samples = KEEP_SAMPLES if keep_samples is None else keep_samples
+    model, layers = runtime.model, runtime.layers
     _, float_dtype = model_placement(model)
     before = fingerprint(model)
     tally = OutputTally()
@@ -190,7 +187,7 @@ def _analyze(
     labels_per_batch: list[Optional[Tensor]] = []
     failure: Optional[BaseException] = None
     try:
-        with statistics_pass(model, layers) as stats:
+        with statistics_pass(runtime) as stats:
             for batch in batches:
                 inputs, labels = split_batch(batch)
                 inputs = to_device(inputs, device, float_dtype)
@@ -261,26 +258,26 @@ def _analyze(
             for index, name in enumerate(flagged):
                 if progress is not None:
                     progress("attribution", index * len(keep), len(flagged) * len(keep))
-                attribution[name] = attribute_layer(model, layers, by_name[name], keep, gap, device, float_dtype,
+                attribution[name] = attribute_layer(runtime, by_name[name], keep, gap, device, float_dtype,
                                                     reduce=reduce)
         if triggered(output):
             if progress is not None:
                 progress("output noise", 0, None)
-            noise = noise_divergence(model, layers, keep, device, float_dtype, reduce=reduce)
+            noise = noise_divergence(runtime, keep, device, float_dtype, reduce=reduce)
             explained = any(layer.score is not None and any(f.severity != "info" for f in layer.findings)
                             for layer in report.layers)
             unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))
             extra = tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
                                                largest_batch, explained, unmeasured))
-        conclusion = _conclusion(model, layers, report, by_name, keep, gap, device, float_dtype, reduce,
+        conclusion = _conclusion(runtime, report, by_name, keep, gap, device, float_dtype, reduce,
                                  measure=attribute > 0)
         if triggered(output) and gap:
-            combined = _combined_evidence(model, layers, report, by_name, keep, gap, device, float_dtype, reduce,
+            combined = _combined_evidence(runtime, report, by_name, keep, gap, device, float_dtype, reduce,
                                           thresholds, measure=attribute > 0)
             extra += (combined,) if combined is not None else ()
         if accuracy_gap(output):
             extra += (accuracy_gap_finding(output, _recovered_accuracy(
-                model, layers, report, by_name, keep, kept_tally, device, float_dtype, reduce, attribute)),)
+                runtime, report, by_name, keep, kept_tally, device, float_dtype, reduce, attribute)),)
     except Exception as exc:
         failure = exc
     world.agree(failure)
@@ -297,7 +294,7 @@ MANY_STALE = 3
 
 
 def _conclusion(
-    model: nn.Module, layers: list[BNLayer], report: Report, by_name: dict[str, LayerStats], kept: Kept,
+    runtime: Runtime, report: Report, by_name: dict[str, LayerStats], kept: Kept,
     gap: Optional[float], device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any = None,
     measure: bool = True,
 ) -> Optional[str]:
@@ -311,7 +308,7 @@ def _conclusion(
     measured = sum(1 for layer in report.layers if layer.score is not None)
     share = None
     if gap and measure:
-        share = attribute_layers(model, layers, [by_name[name] for name in stale], kept, gap, device, float_dtype,
+        share = attribute_layers(runtime, [by_name[name] for name in stale], kept, gap, device, float_dtype,
                                  reduce=reduce)
     if share is not None and share < HELPS:
         # the measurement does not support recalibrating: say what was measured, advise nothing it refutes
@@ -344,7 +341,7 @@ no run of the slow sweep or the healthy samples has three layers at 2x their noi
 
 
 def _combined_evidence(
-    model: nn.Module, layers: list[BNLayer], report: Report, by_name: dict[str, LayerStats], kept: Kept,
+    runtime: Runtime, report: Report, by_name: dict[str, LayerStats], kept: Kept,
     gap: float, device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any, thresholds: Any,
     measure: bool = True,
 ) -> Optional[Finding]:
@@ -371,7 +368,7 @@ def _combined_evidence(
             "recalibrating them closes the output gap was not measured (--attribute 0).",
             "Rerun with --attribute 1 or more to measure it, or check with bncheck fix --dry-run.",
         )
-    share = attribute_layers(model, layers, [by_name[layer.name] for layer in weak], kept, gap, device, float_dtype,
+    share = attribute_layers(runtime, [by_name[layer.name] for layer in weak], kept, gap, device, float_dtype,
                              reduce=reduce)
     if share is None or share < COMBINED_SHARE:
         return None
@@ -388,7 +385,7 @@ def _combined_evidence(
 
 
 def _recovered_accuracy(
-    model: nn.Module, layers: list[BNLayer], report: Report, by_name: dict[str, LayerStats], kept: Kept,
+    runtime: Runtime, report: Report, by_name: dict[str, LayerStats], kept: Kept,
     kept_tally: OutputTally, device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any, attribute: int,
 ) -> Optional[tuple[float, float, int]]:
     """Eval-mode accuracy on the kept labelled samples before and after recalibrating every
@@ -397,7 +394,7 @@ def _recovered_accuracy(
     if attribute == 0 or before.eval_accuracy is None:
         return None
     measured = [by_name[layer.name] for layer in report.layers if layer.score is not None and layer.name in by_name]
-    fixed = recalibrated_tally(model, layers, measured, kept, device, float_dtype, reduce)
+    fixed = recalibrated_tally(runtime, measured, kept, device, float_dtype, reduce)
     after = fixed.result() if fixed is not None else None
     if after is None or after.eval_accuracy is None or not after.labeled:
         return None
@@ -448,7 +445,9 @@ def lint(
     started = time.perf_counter()
     resolved = resolve_thresholds(thresholds)
     _check_fail_on(fail_on)
-    layers, ignored = _discover(model, ignore)
+    runtime = runtime_for(model)
+    ignored = _discover(runtime, ignore)
+    layers = runtime.layers
     entries = [LayerStats(layer, layer.module.training) for layer in layers]
     device, _ = model_placement(model)
     sources = sources or Sources()

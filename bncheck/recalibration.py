@@ -31,12 +31,10 @@ from torch import Tensor, nn
 
 from . import distributed
 from .batches import OnDevice, _dataset_pair, batch_len, iter_batches, model_placement, split_batch, to_device
-from .capture import fingerprint
 from .collect import LayerStats, statistics_pass
-from .discovery import BNLayer, find_bn_layers
 from .errors import InputError, InternalError, UsageError
 from .metrics import channel_weights, noise_floor
-from .scripted import measurable, recovery_momentum
+from .runtime import BNLayer, Runtime, fingerprint, runtime_for
 
 STABLE_ERROR = 0.05
 """Expected error of recalibrated statistics (in output stds, like a layer score) above
@@ -182,16 +180,15 @@ def recalibrate(
     """
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 2):
         raise UsageError(f"$num_samples must be an integer of at least 2, got {num_samples!r}")
-    original = model
-    model = measurable(model)  # TorchScript BN with momentum 0 or traced in eval: measured on a twin
-    all_layers = find_bn_layers(model)
+    runtime = runtime_for(model).measuring()  # a twin where the caller's model cannot be observed as is
+    all_layers = list(runtime.layers)
     chosen, skipped = _selected(all_layers, layers)
     batches = iter_batches(data, batch_size=batch_size, num_batches=None)
     world = distributed.current()
     if world.active and (shard or (shard is None and _dataset_pair(data) is not None)):
         batches = world.shard(batches)
-    with OnDevice(model, device) as target:
-        stats, samples, seen = _measure(model, all_layers, batches, num_samples, target)
+    with OnDevice(runtime.model, device) as target:
+        stats, samples, seen = _measure(runtime, batches, num_samples, target)
     by_name = {entry.layer.name: entry for entry in stats}
     owners = _pool_shared_buffers([by_name[layer.name] for layer in chosen], skipped)
     results, state, previous, targets = [], {}, {}, {}
@@ -204,14 +201,13 @@ def recalibrate(
             skipped.append((layer.name, "never ran in the forward pass" if entry.depth is None
                             else "saw fewer than two values per channel"))
             continue
-        if entry.layer.scripted and (momentum := recovery_momentum(layer.module, layer.momentum)) is not None \
-                and momentum <= 0:
+        if layer.by_buffers and layer.update_momentum is not None and layer.update_momentum <= 0:
             skipped.append((layer.name, "TorchScript layer with momentum 0: its statistics cannot be observed"))
             continue
         new_mean = moments.mean
         # TorchScript statistics come from buffer updates, already unbiased per batch (and
         # ``values`` counts samples there, not values: no second correction)
-        new_var = moments.var if layer.scripted else _unbiased(moments.var, moments.values)
+        new_var = moments.var if layer.by_buffers else _unbiased(moments.var, moments.values)
         if not (torch.isfinite(new_mean).all() and torch.isfinite(new_var).all()):
             skipped.append((layer.name, "its input holds NaN/Inf: left unchanged"))
             continue
@@ -229,8 +225,8 @@ def recalibrate(
             # the statistics now summarize this many batches (it weighs later cumulative updates)
             state[key + "num_batches_tracked"] = torch.tensor(entry.train_calls, dtype=tracked.dtype)
         results.append(_summary(layer, entry, old_mean, old_var, new_mean, new_var))
-    if original is not model:  # measured on a twin: write into the caller's own buffers
-        own = dict(original.named_buffers())
+    if runtime.caller is not runtime.model:  # measured on a twin: write into the caller's own buffers
+        own = runtime.caller_buffers()
         targets = {key: own[key] for key in targets}
         previous = {key: own[key].detach().clone() for key in previous}
     if in_place:
@@ -244,15 +240,16 @@ def recalibrate(
 
 
 def _measure(
-    model: nn.Module, layers: list[BNLayer], batches: Any, num_samples: Optional[int], device: torch.device
+    runtime: Runtime, batches: Any, num_samples: Optional[int], device: torch.device
 ) -> tuple[list[LayerStats], int, int]:
+    model = runtime.model
     _, float_dtype = model_placement(model)
     before = fingerprint(model)
     world = distributed.current()
     samples = seen = 0
     failure: Optional[BaseException] = None
     try:
-        with statistics_pass(model, layers, precise=True, native=True) as stats:
+        with statistics_pass(runtime, precise=True, native=True) as stats:
             for batch in batches:
                 inputs, _ = split_batch(batch)
                 inputs = to_device(inputs, device, float_dtype)

@@ -78,7 +78,7 @@ class LayerResult:
     drift_to_noise: Optional[float]
     """score / noise_floor: how far the drift stands above sampling noise."""
     batch_noise: Optional[float]
-    """Score expected from sampling noise alone within one batch (train-mode jitter)."""
+    """Score expected from sampling noise alone within one batch (train-mode scatter)."""
     eval_score: Optional[float]
     """Same score for the eval-mode pass (deployment inputs); None if not measurable."""
     momentum: Optional[float]

@@ -33,7 +33,6 @@ from .diagnose import (
     stale_with_labels,
     train_mode_is_better,
 )
-from .discovery import BNLayer
 from .metrics import (
     ChannelMoments,
     channel_weights,
@@ -56,7 +55,7 @@ from .report import (
     Report,
     verdict_of,
 )
-from .scripted import traced_training
+from .runtime import BNLayer
 
 WORST_CHANNELS = 5
 
@@ -94,7 +93,7 @@ def score_layer(layer: BNLayer, moments: ChannelMoments, dead_var: float) -> _Sc
     kl = gaussian_kl(a, b)
     score = weighted_rms(e, weights)
     floor = noise_floor(moments, running_var, eps, weights, moments.values)
-    # Batch-to-batch jitter of train mode is about batch vs population statistics, so it is
+    # Batch-to-batch scatter of train mode is about batch vs population statistics, so it is
     # measured against the pooled variance (the running stats play no part in it).
     per_batch = noise_floor(moments, moments.var, eps, weights, moments.values / moments.batches)
     ranked = torch.nan_to_num(e, nan=math.inf).argsort(descending=True)[:WORST_CHANNELS]
@@ -199,9 +198,8 @@ def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -
         affine_frozen=bool(affine) and not any(p.requires_grad for p in affine),
         saved_training=run.saved_training,
         eps=layer.eps,
-        scripted=layer.scripted,
-        traced_training=(traced_training(layer.module) if layer.scripted
-                         else getattr(layer.module, "bncheck_frozen_training", None)),
+        by_buffers=layer.by_buffers,
+        traced_training=layer.traced_training,
         max_abs_log_scale=s.max_abs_log_scale,
         init_residual=residual,
         unconverged_channels=unconverged,

@@ -73,12 +73,12 @@ def _syncs(layers_count: int, native: bool) -> int:
     import warnings
 
     from bncheck.collect import statistics_pass
-    from bncheck.discovery import find_bn_layers
+    from bncheck.runtime import runtime_for
 
     blocks = [torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)) for _ in range(layers_count)]
     model = torch.nn.Sequential(*blocks).cuda().eval()
     x = torch.randn(16, 4, 6, 6, device="cuda")
-    with statistics_pass(model, find_bn_layers(model), precise=native, native=native) as stats:
+    with statistics_pass(runtime_for(model), precise=native, native=native) as stats:
         modes = ["train"] * 4 if native else ["eval", "train"]
         for mode in modes:  # warm-up; native: batches 1, 2 and 4 are hooked and checked
             stats.forward(x, mode)

@@ -12,10 +12,9 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import bncheck
-from bncheck.capture import fingerprint
-from bncheck.discovery import find_bn_layers
 from bncheck.engine import analyze
 from bncheck.errors import InputError
+from bncheck.runtime import find_bn_layers, fingerprint
 
 
 def state_copy(model: nn.Module) -> tuple[dict, dict]:

@@ -172,7 +172,7 @@ def test_timm_models_and_their_bn_variants() -> None:
     timm = pytest.importorskip("timm")
     from timm.layers import freeze_batch_norm_2d
 
-    from bncheck.discovery import find_bn_layers
+    from bncheck.runtime import find_bn_layers
 
     loaded = load_model(None, "timm:efficientnet_b0", {"num_classes": 4})
     model = loaded.module

@@ -57,7 +57,7 @@ def test_torchscript_with_momentum_zero_is_measured_like_the_eager_model() -> No
 
 
 def test_torchscript_layers_that_cannot_be_measured_do_not_pass_silently(monkeypatch) -> None:
-    from bncheck import scripted as twins
+    from bncheck.runtime import scripted as twins
 
     monkeypatch.setattr(twins, "_edit", lambda module: False)  # a graph bncheck cannot edit
     model = trained("pseudo_frozen")

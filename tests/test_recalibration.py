@@ -215,11 +215,12 @@ def test_bn_own_statistics_give_the_hook_result_and_every_variant_stays_exact() 
 
 def test_which_layers_use_bn_own_statistics() -> None:
     from bncheck.collect import statistics_pass
-    from bncheck.discovery import find_bn_layers
+    from bncheck.runtime import runtime_for
 
     model = Mixed().eval()
-    layers = find_bn_layers(model)
-    with statistics_pass(model, layers, precise=True, native=True) as stats:
+    runtime = runtime_for(model)
+    layers = runtime.layers
+    with statistics_pass(runtime, precise=True, native=True) as stats:
         assert all(layer.module.momentum == 1.0 for i, layer in enumerate(layers) if i in stats.native)
         for batch in torch.randn(48, 3, 6, 6).split(8):  # 6 batches: 1-4 hooked, 5 and 6 native
             stats.forward(batch, "train")

@@ -19,8 +19,7 @@ import torch
 import torchvision
 
 import bncheck
-from bncheck.capture import preserved_state, set_bn_train_mode
-from bncheck.discovery import find_bn_layers
+from bncheck.runtime import find_bn_layers, preserved_state, set_bn_train_mode
 
 pytestmark = pytest.mark.zoo
 

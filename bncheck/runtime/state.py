@@ -1,10 +1,9 @@
-"""Side-effect-free access to a model: state snapshots and hooks that never leak.
+"""Side-effect-free access to a model: state snapshots, fingerprints and mode switching.
 
 A run must leave the model bit-identical. ``preserved_state`` snapshots every buffer
 (``running_mean``, ``running_var``, ``num_batches_tracked`` and any other) and every
 module's ``training`` flag, and restores them in ``finally``; ``fingerprint`` lets the
-caller prove it. ``input_hooks`` registers forward pre-hooks and removes them in
-``finally``, even when the forward pass raises.
+caller prove it. ``set_bn_train_mode`` is the one way every pass switches modes.
 """
 
 from __future__ import annotations
@@ -12,12 +11,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .discovery import BNLayer
+from .layer import BNLayer
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -78,36 +76,3 @@ def set_bn_train_mode(model: nn.Module, layers: Sequence[BNLayer], bn_training: 
         for layer in layers:
             if layer.kind == "batchnorm":
                 layer.module.train()
-
-
-InputCallback = Callable[[int, Tensor], None]
-
-
-@contextmanager
-def input_hooks(layers: Sequence[BNLayer], callback: InputCallback,
-                after: Optional[dict[int, InputCallback]] = None) -> Iterator[None]:
-    """Call ``callback(layer_index, input_tensor)`` before every hookable layer runs, and
-    ``after[layer_index](layer_index, input_tensor)`` after it ran, for the layers in ``after``."""
-    handles = []
-    try:
-        for index, layer in enumerate(layers):
-            if layer.scripted:
-                continue
-
-            def hook(_module: nn.Module, args: tuple, index: int = index) -> None:
-                if args and isinstance(args[0], Tensor):
-                    callback(index, args[0])
-
-            handles.append(layer.module.register_forward_pre_hook(hook))
-            if after and index in after:
-
-                def post(_module: nn.Module, args: tuple, _out: object, index: int = index,
-                         call: InputCallback = after[index]) -> None:
-                    if args and isinstance(args[0], Tensor):
-                        call(index, args[0])
-
-                handles.append(layer.module.register_forward_hook(post))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -7,16 +7,27 @@ containers of buffers and whose graph calls ``aten.batch_norm`` (or the
 ``_native_batch_norm_legit*`` variants) with ``training`` baked in; ``.train()`` raises.
 ``ExportedProgramModule`` wraps it: one ``ExportedBatchNorm`` per BN call, sharing the
 graph's own weight and buffer tensors, named after them (``layer1.0.bn1``), and an FX
-interpreter that calls those modules instead of the baked-in op.
+interpreter that calls those modules instead of the baked-in op. ``ExportedRuntime`` is the
+runtime of such a wrapper: its layers are those modules, measured by hooks, each with the
+class the export traced and the ``training`` flag the export baked in.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .base import Runtime
+from .eager import batchnorm_layer
+from .layer import BNLayer
 
 aten = torch.ops.aten
 # target -> (index of the momentum arg, index of the eps arg, whether it returns (out, mean, rstd))
@@ -30,6 +41,13 @@ _BN_OPS: dict[Any, tuple[int, int, bool]] = {
 
 class ExportedBatchNorm(_BatchNorm):
     """A BatchNorm module over tensors owned by an exported graph; any input rank."""
+
+    original_type: str = "BatchNorm (exported)"
+    """The eager class the export traced (``BatchNorm2d``)."""
+    baked_training: Optional[bool] = None
+    """The ``training`` flag the export baked into the call: True when exported from a model in
+    train mode, so the program normalizes with batch statistics for good (the routing through
+    this module would hide that, so it is kept here)."""
 
     def _check_input_dim(self, input: Tensor) -> None:  # noqa: A002 - torch's signature
         if input.dim() < 2:
@@ -50,10 +68,59 @@ def _attr_name(node: Any) -> Optional[str]:
     return node.target if getattr(node, "op", None) == "get_attr" else None
 
 
+class ExportedRuntime(Runtime):
+    kind = "exported"
+
+    @classmethod
+    def claims(cls, model: nn.Module) -> bool:
+        return isinstance(model, ExportedProgramModule)
+
+    @classmethod
+    def layer_of(cls, name: str, module: nn.Module, frozen_by: Optional[str]) -> Optional[BNLayer]:
+        if not isinstance(module, ExportedBatchNorm):
+            return None
+        return batchnorm_layer(name, module, module.original_type, traced_training=module.baked_training)
+
+    @classmethod
+    def opaque(cls, module: nn.Module) -> tuple[str, ...]:
+        return ("exported_graph",) if isinstance(module, ExportedProgramModule) else ()
+
+
+def load_program(path: Path) -> tuple[Any, nn.Module]:
+    """``torch.export.load`` (callers inspect the archive first) and the wrapper that runs it."""
+    with warnings.catch_warnings(), _quiet_logger("torch.export"):
+        warnings.simplefilter("ignore")
+        program = torch.export.load(str(path))
+        return program, ExportedProgramModule(program.module(), getattr(program, "example_inputs", None))
+
+
+def save_program(program: Any, module: nn.Module, path: Path, buffer_names: tuple[str, ...]) -> None:
+    """Save ``program`` with the BN buffers (``buffer_names``) the wrapper ``module`` now holds."""
+    live = dict(module.exported_graph.named_buffers())
+    with torch.no_grad():
+        for store in (program.state_dict, program.constants):
+            for key, tensor in store.items():
+                if key.rsplit(".", 1)[-1] in buffer_names and key in live and live[key] is not tensor:
+                    tensor.copy_(live[key])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.export.save(program, str(path))
+
+
+@contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence a library logger that prints tracebacks of errors reported in one line."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class ExportedProgramModule(nn.Module):
     """Callable like the exported program; BN layers are ``ExportedBatchNorm`` submodules."""
-
-    _bncheck_opaque_children = ("exported_graph",)
 
     def __init__(self, graph_module: nn.Module, example_inputs: Any = None) -> None:
         super().__init__()
@@ -88,10 +155,8 @@ class ExportedProgramModule(nn.Module):
             if tracked is not None:
                 bn.num_batches_tracked = tracked
         bn.eval()
-        bn.bncheck_type_name = _original_type(node)
-        # exported from a model in train(): the program normalizes with batch statistics for
-        # good (bncheck's routing would hide that, so it is recorded here)
-        bn.bncheck_frozen_training = _baked_training(node)
+        bn.original_type = _original_type(node)
+        bn.baked_training = _baked_training(node)
         layer_name = next((n.rsplit(".", 1)[0] for n in (names[2], names[0]) if n and "." in n), None)
         self._attach(layer_name or str(node.name), bn)
         return bn

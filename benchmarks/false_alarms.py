@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from bncheck.config import load_settings  # noqa: E402
-from bncheck.data import open_data  # noqa: E402
 from bncheck.engine import analyze  # noqa: E402
+from bncheck.reading.data import open_data  # noqa: E402
 
 RULES = ("accuracy-gap", "chance-accuracy", "unrepresentative-sample", "bn-frozen-in-eval", "combined")
 

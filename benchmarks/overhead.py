@@ -90,7 +90,7 @@ def healthy_checkpoint(arch: str, images: Path, batch: int, path: Path) -> None:
     """Random weights with BN statistics set to the images' own (a model that passes)."""
     import bncheck
     from bncheck.config import load_settings
-    from bncheck.data import open_data
+    from bncheck.reading.data import open_data
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None).eval()
@@ -140,7 +140,7 @@ def in_process_recalibration(arch: str, images: Path, batch: int, device: str, r
     """Median seconds of ``bncheck.recalibrate`` and of a bare train-mode pass, same tensors."""
     import bncheck
     from bncheck.config import load_settings
-    from bncheck.data import open_data
+    from bncheck.reading.data import open_data
 
     model = torchvision.models.get_model(arch, weights=None).eval().to(device)
     cfg = load_settings(overrides={"data": {"resize": None, "crop": None}}).data
@@ -171,7 +171,7 @@ def in_process_recalibration(arch: str, images: Path, batch: int, device: str, r
 
 def decode_rate(images: Path, batch: int) -> float:
     from bncheck.config import load_settings
-    from bncheck.data import open_data
+    from bncheck.reading.data import open_data
 
     cfg = load_settings(overrides={"data": {"resize": None, "crop": None}}).data
     source = open_data(images, cfg, batch, None)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import bncheck  # noqa: E402
 from bncheck.config import load_settings  # noqa: E402
-from bncheck.data import open_data  # noqa: E402
+from bncheck.reading.data import open_data  # noqa: E402
 
 
 def main() -> None:

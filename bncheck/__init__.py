@@ -25,17 +25,17 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "analyze": "engine",
     "lint": "engine",
-    "recalibrate": "recalibration",
-    "RecalibrationResult": "recalibration",
-    "freeze_batchnorm": "freeze",
-    "unfreeze_batchnorm": "freeze",
-    "open_checkpoint": "checkpoint",
+    "recalibrate": "curing.recalibration",
+    "RecalibrationResult": "curing.recalibration",
+    "freeze_batchnorm": "curing.freeze",
+    "unfreeze_batchnorm": "curing.freeze",
+    "open_checkpoint": "reading.checkpoint",
     "check_drift": "monitor",
     "DriftCheck": "monitor",
-    "Checkpoint": "checkpoint",
-    "Report": "report",
-    "Finding": "report",
-    "LayerResult": "report",
+    "Checkpoint": "reading.checkpoint",
+    "Report": "reporting.report",
+    "Finding": "reporting.report",
+    "LayerResult": "reporting.report",
     "Thresholds": "config",
     "BncheckError": "errors",
     "UsageError": "errors",
@@ -48,14 +48,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .checkpoint import Checkpoint, open_checkpoint
-    from .config import Thresholds
-    from .engine import analyze, lint
-    from .errors import BncheckError, InputError, UsageError
-    from .freeze import freeze_batchnorm, unfreeze_batchnorm
-    from .monitor import DriftCheck, check_drift
-    from .recalibration import RecalibrationResult, recalibrate
-    from .report import Finding, LayerResult, Report
+    from bncheck.config import Thresholds
+    from bncheck.curing.freeze import freeze_batchnorm, unfreeze_batchnorm
+    from bncheck.curing.recalibration import RecalibrationResult, recalibrate
+    from bncheck.engine import analyze, lint
+    from bncheck.errors import BncheckError, InputError, UsageError
+    from bncheck.monitor import DriftCheck, check_drift
+    from bncheck.reading.checkpoint import Checkpoint, open_checkpoint
+    from bncheck.reporting.report import Finding, LayerResult, Report
 
 
 def __getattr__(name: str) -> Any:

@@ -1,3 +1,3 @@
-from .cli import main
+from bncheck.cli import main
 
 main()

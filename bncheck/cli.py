@@ -16,10 +16,10 @@ from typing import Any, Callable, Optional
 
 import click
 
-from . import __version__
-from .config import ANNOTATIONS, DEVICES, FAIL_ON_LEVELS, Settings, load_settings
-from .errors import BncheckError, ExitCode, UsageError, first_line
-from .report import SEVERITY_ORDER, Report
+from bncheck import __version__
+from bncheck.config import ANNOTATIONS, DEVICES, FAIL_ON_LEVELS, Settings, load_settings
+from bncheck.errors import BncheckError, ExitCode, UsageError, first_line
+from bncheck.reporting.report import SEVERITY_ORDER, Report
 
 STDOUT = "-"
 """A format's target meaning stdout (``--json -``, or a bare ``--json``)."""
@@ -29,7 +29,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 def _err(message: str) -> None:
     """One line on stderr. Messages quote file, layer and folder names that a checkpoint or a
     data folder chose: control characters are shown as escapes, never sent raw."""
-    from .render.escape import control
+    from bncheck.reporting.render.escape import control
 
     click.echo(control(message), err=True)
 
@@ -38,14 +38,14 @@ def _main_rank() -> bool:
     """Rank 0 of a torchrun job, or a single process (never imports torch by itself)."""
     if "torch.distributed" not in sys.modules:
         return True
-    from .distributed import current
+    from bncheck.measuring.distributed import current
 
     return current().main
 
 
 def _leave_process_group() -> None:
     if "torch.distributed" in sys.modules:
-        from .distributed import shutdown
+        from bncheck.measuring.distributed import shutdown
 
         shutdown()
 
@@ -104,7 +104,7 @@ def cli(debug: bool) -> None:
 
 def _write_text(path: Path, text: str, what: str) -> None:
     """Write a report atomically: a full disk or a kill mid-write leaves the previous file."""
-    from .files import atomic_write
+    from bncheck.files import atomic_write
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def _check_outputs(targets: dict[str, Any], inputs: dict[str, Any], optional: tu
                    folders: tuple[str, ...] = ()) -> None:
     """Every output path differs from every input and from each other, and can be written:
     refused before any work (``--save`` only warns, as its write does)."""
-    from .files import check_outputs
+    from bncheck.files import check_outputs
 
     flags = {f"--{name}": value for name, value in targets.items()}
     for warning in check_outputs(flags, inputs, optional=tuple(f"--{name}" for name in optional),
@@ -150,7 +150,7 @@ def _save_last_run(report_json: str, settings: Settings) -> None:
 
 
 def _print_report(report: Report, settings: Settings, to_stderr: bool) -> None:
-    from .render import render
+    from bncheck.reporting.render import render
 
     stream = sys.stderr if to_stderr else sys.stdout
     color = stream.isatty()
@@ -276,9 +276,9 @@ def run(
     baseline = _load_baseline(settings.baseline)
 
 
-    from .checkpoint import open_checkpoint
-    from .data import open_data
-    from .engine import lint
+    from bncheck.engine import lint
+    from bncheck.reading.checkpoint import open_checkpoint
+    from bncheck.reading.data import open_data
 
     target = _target_device(settings)
     world = _join(target)
@@ -303,7 +303,7 @@ def run(
                            sources=_sources(loaded.info, settings, source, provenance))
         _data_notes(source, settings)
     if baseline is not None:
-        from .baseline import apply_baseline
+        from bncheck.reporting.baseline import apply_baseline
 
         report = apply_baseline(report, baseline, settings.baseline)
     _finish(report, settings)
@@ -322,7 +322,7 @@ def _target_device(settings: Settings) -> str:
     usage error before any loading. Under torchrun, cuda is this rank's GPU."""
     import torch
 
-    from .distributed import local_device
+    from bncheck.measuring.distributed import local_device
 
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but CUDA is not available here; use --device cpu")
@@ -334,7 +334,7 @@ def _target_device(settings: Settings) -> str:
 def _join(target: str) -> Any:
     """Under torchrun: join the process group (gloo on CPU, nccl on CUDA); only rank 0 prints
     and writes, the other ranks stay silent and exit with the same code."""
-    from .distributed import init_from_env
+    from bncheck.measuring.distributed import init_from_env
 
     world = init_from_env(target.split(":", 1)[0])
     if world.active and not world.main:
@@ -361,7 +361,7 @@ def _agreed(world: Any, step: Callable[[], Any]) -> Any:
 
 def _arch_kwargs(flags: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """--arch-kwargs parsed like the config's arch_kwargs; the flag wins."""
-    from .loading import parse_arch_kwargs
+    from bncheck.reading.architectures import parse_arch_kwargs
 
     return parse_arch_kwargs(flags["arch_kwargs"]) if flags["arch_kwargs"] else settings.arch_kwargs
 
@@ -370,9 +370,9 @@ def _diagnose(model: Any, source: Any, settings: Settings, *, momentum_known: bo
               world: Any = None, sources: Any = None) -> Report:
     """``analyze`` over a data source (this rank's share of it under torchrun), with a
     progress bar on a terminal."""
-    from .distributed import World
-    from .engine import analyze
-    from .render.table import progress_bar
+    from bncheck.engine import analyze
+    from bncheck.measuring.distributed import World
+    from bncheck.reporting.render.table import progress_bar
 
     planned = -(-source.planned_samples // settings.batch_size)
     show = not settings.quiet and sys.stderr.isatty()
@@ -389,7 +389,7 @@ def _sources(
 ) -> Any:
     """Where the model and the data came from, for the engine to put into the report as it
     builds it (the data source describes itself once its batches are read)."""
-    from .report import Sources
+    from bncheck.reporting.report import Sources
 
     if settings is None or source is None:
         return Sources(model=info)
@@ -403,7 +403,7 @@ def _sources(
 
 def _provenance(config_path: Optional[Path], flags: dict[str, Any]) -> dict[str, str]:
     """Where each image transform setting came from: flag, config or default."""
-    from .config import read_user_data_keys
+    from bncheck.config import read_user_data_keys
 
     in_config = read_user_data_keys(config_path)
     return {
@@ -459,7 +459,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
 def _load_baseline(path: Optional[str]) -> Optional[Report]:
     if path is None:
         return None
-    from . import report as report_module
+    from bncheck.reporting import report as report_module
 
     return report_module.load(Path(path))
 
@@ -476,7 +476,7 @@ def _stdout_format(targets: dict[str, Optional[str]]) -> Optional[str]:
 
 
 def _render_text(report: Report, fmt: str, top: int) -> str:
-    from .render import render
+    from bncheck.reporting.render import render
 
     return render(report, fmt, top=top)
 
@@ -505,7 +505,7 @@ def _quiet_line(report: Report) -> None:
 def _finish(report: Report, settings: Settings) -> None:
     """Save, write and print the result; exit 1 when it failed (under torchrun only rank 0
     saves, writes and prints; every rank exits with the same code)."""
-    from .report import dumps
+    from bncheck.reporting.report import dumps
 
     if not _main_rank():
         if report.verdict == "fail":
@@ -536,7 +536,7 @@ def _annotate(report: Report, mode: str, *, to_stderr: bool) -> None:
 
     if mode == "none" or (mode == "auto" and os.environ.get("GITHUB_ACTIONS") != "true"):
         return
-    from .render import render
+    from bncheck.reporting.render import render
 
     text = render(report, "github")
     stream = sys.stderr if to_stderr else sys.stdout
@@ -603,7 +603,7 @@ def fix(
     flags.update(markdown_out=None, junit_out=None, baseline=None,
                  top=None, save=None, attribute=None)
     settings = load_settings(config_path, _overrides(flags))
-    from .files import check_output_folder, check_output_path
+    from bncheck.files import check_output_folder, check_output_path
 
     if settings.data.path is None:
         raise UsageError("fix needs --data: the samples whose statistics the BN layers should hold")
@@ -617,9 +617,9 @@ def fix(
     kwargs = _arch_kwargs(flags, settings)
 
 
-    from .checkpoint import open_checkpoint
-    from .data import open_data
-    from .fixing import run_fix
+    from bncheck.curing.fix import run_fix
+    from bncheck.reading.checkpoint import open_checkpoint
+    from bncheck.reading.data import open_data
 
     target = _target_device(settings)
     world = _join(target)
@@ -645,7 +645,7 @@ def fix(
 
 
 def _finish_fix(result: Any, settings: Settings) -> None:
-    from .render import render
+    from bncheck.reporting.render import render
 
     if not _main_rank():
         if result.verdict == "fail":
@@ -704,10 +704,10 @@ def diff(
     (statistics moved while the weights stayed frozen: a frozen part left in train mode).
     Exit codes as for run.
     """
-    from .checkpoint import open_checkpoint
-    from .diff import diff_checkpoints
-    from .loading import parse_arch_kwargs
-    from .render import render
+    from bncheck.diff import diff_checkpoints
+    from bncheck.reading.architectures import parse_arch_kwargs
+    from bncheck.reading.checkpoint import open_checkpoint
+    from bncheck.reporting.render import render
 
     to_stdout = _stdout_format({"json": json_out, "markdown": markdown_out})
     _check_outputs({"json": json_out, "markdown": markdown_out},
@@ -771,7 +771,7 @@ def report(
     \b
     --json and --markdown work as in `run`: a PATH, or bare/'-' for stdout (one format
     at a time on stdout); with neither, the table prints."""
-    from . import report as report_module
+    from bncheck.reporting import report as report_module
 
     targets = {"json": json_out, "markdown": markdown_out, "html": html_out, "junit": junit_out}
     to_stdout = _stdout_format(targets)
@@ -785,7 +785,7 @@ def report(
     loaded = report_module.load(run_json)
     loaded = report_module.regate(loaded, fail_on or report_module.stricter(loaded.fail_on, settings.fail_on))
     if baseline is not None:
-        from .baseline import apply_baseline
+        from bncheck.reporting.baseline import apply_baseline
 
         loaded = apply_baseline(loaded, report_module.load(Path(baseline)), baseline)
     _write_formats(loaded, targets, settings.top)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UsageError
-from .untrusted import shown
+from bncheck.errors import UsageError
+from bncheck.reading.untrusted import shown
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 FAIL_ON_LEVELS = ("error", "warning", "never")
@@ -100,8 +100,8 @@ class Settings:
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
-    from .errors import InputError
-    from .untrusted import read_text_bounded, safe_yaml
+    from bncheck.errors import InputError
+    from bncheck.reading.untrusted import read_text_bounded, safe_yaml
 
     if not path.exists():
         raise UsageError(f"config file {path} does not exist; check the --config path")

@@ -24,10 +24,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import Checkpoint
-from .errors import InputError
-from .report import DiffReport, Finding, LayerDiff, fails_gate
-from .runtime import BNLayer, find_bn_layers
+from bncheck.errors import InputError
+from bncheck.reading.checkpoint import Checkpoint
+from bncheck.reporting.report import DiffReport, Finding, LayerDiff, fails_gate
+from bncheck.runtime import BNLayer, find_bn_layers
 
 MOVED = 1e-6
 """Relative change below which parameters or statistics count as unchanged (float noise)."""

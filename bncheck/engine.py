@@ -17,9 +17,14 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import distributed
-from .attribution import Kept, attribute_layer, attribute_layers, recalibrated_tally
-from .batches import (
+from bncheck.config import FAIL_ON_LEVELS, Thresholds, resolve_thresholds
+from bncheck.errors import InputError, InternalError, UsageError
+from bncheck.judging.attribution import Kept, attribute_layer, attribute_layers, recalibrated_tally
+from bncheck.judging.output_divergence import composition, model_level_findings, noise_divergence, triggered
+from bncheck.judging.rules import accuracy_gap, accuracy_gap_finding
+from bncheck.judging.scoring import build_report
+from bncheck.measuring import distributed
+from bncheck.measuring.batches import (
     ImageList,
     OnDevice,
     _dataset_pair,
@@ -31,15 +36,10 @@ from .batches import (
     to_device,
     to_host,
 )
-from .collect import LayerStats, statistics_pass
-from .config import FAIL_ON_LEVELS, Thresholds, resolve_thresholds
-from .diagnose import accuracy_gap, accuracy_gap_finding
-from .divergence import composition, model_level_findings, noise_divergence, triggered
-from .errors import InputError, InternalError, UsageError
-from .outputs import OutputTally, output_gap
-from .report import STALE_CODES, DataInfo, Finding, OutputDivergence, Report, Sources
-from .runtime import BNLayer, Runtime, fingerprint, runtime_for
-from .scoring import build_report
+from bncheck.measuring.outputs import OutputTally, output_gap
+from bncheck.measuring.statistics import LayerStats, statistics_pass
+from bncheck.reporting.report import STALE_CODES, DataInfo, Finding, OutputDivergence, Report, Sources
+from bncheck.runtime import BNLayer, Runtime, fingerprint, runtime_for
 
 KEEP_SAMPLES = 256
 """Samples kept on the host for attribution, the output-noise check and the conclusion

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .errors import InputError, UsageError
+from bncheck.errors import InputError, UsageError
 
 PathLike = Union[str, Path]
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .numbers import num
-from .report import SEVERITY_ORDER, Finding, Report
+from bncheck.reporting.numbers import num
+from bncheck.reporting.report import SEVERITY_ORDER, Finding, Report
 
 SEVERITIES_FOR_LEVEL = {"never": None, None: None, "info": "info", "warning": "warning", "error": "error"}
 
@@ -117,8 +117,8 @@ def check_drift(
     """
     import torch
 
-    from .config import FAIL_ON_LEVELS
-    from .engine import analyze
+    from bncheck.config import FAIL_ON_LEVELS
+    from bncheck.engine import analyze
 
     gate = fail_on if fail_on in FAIL_ON_LEVELS else "never"
     devices = _cuda_devices(model) if torch.cuda.is_available() else []

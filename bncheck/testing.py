@@ -14,9 +14,9 @@ from typing import Any, Optional
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .engine import analyze
-from .freeze import is_frozen
-from .report import Report, fails_gate
+from bncheck.curing.freeze import is_frozen
+from bncheck.engine import analyze
+from bncheck.reporting.report import Report, fails_gate
 
 
 def _worst(report: Report, limit: int = 5) -> str:

@@ -155,7 +155,7 @@ def make_frozen_eval(base_state: dict, xb: torch.Tensor, yb: torch.Tensor, xb_te
     freeze_the_right_way(model)
     train(model, xb, yb, epochs=3, lr=2e-3, seed=1)
     model.eval()
-    from bncheck.freeze import unfreeze_batchnorm
+    from bncheck.curing.freeze import unfreeze_batchnorm
 
     unfreeze_batchnorm(model)
     torch.save(model.state_dict(), HERE / "frozen_eval.pt")

@@ -15,8 +15,8 @@ import bncheck
 from bncheck.testing import assert_bn_frozen, assert_no_bn_drift
 
 
-@pytest.mark.parametrize("module", ["bncheck.engine", "bncheck.recalibration", "bncheck.freeze", "bncheck.testing",
-                                    "bncheck.monitor", "bncheck.integrations.lightning"])
+@pytest.mark.parametrize("module", ["bncheck.engine", "bncheck.curing.recalibration", "bncheck.curing.freeze",
+                                    "bncheck.testing", "bncheck.monitor", "bncheck.integrations.lightning"])
 def test_docstring_examples_run(module) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
@@ -129,7 +129,7 @@ def test_a_report_is_built_once_with_its_sources(tmp_path) -> None:
     from conftest import TinyNet, calibrate, make_batches
 
     import bncheck
-    from bncheck.report import ModelInfo, Sources
+    from bncheck.reporting.report import ModelInfo, Sources
 
     model = calibrate(TinyNet(), make_batches(4))
     read = []

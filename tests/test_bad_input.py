@@ -148,7 +148,7 @@ def build_root(root: Path) -> None:
     if hasattr(os, "mkfifo"):
         os.mkfifo(root / "fifo.pt")
     from bncheck.engine import analyze
-    from bncheck.report import dumps
+    from bncheck.reporting.report import dumps
 
     (root / "other_model_run.json").write_text(dumps(analyze(calibrate(TinyNet(), make_batches(2)), make_batches(2))))
     (root / "exists.pt").write_bytes(b"keep")

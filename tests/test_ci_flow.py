@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conftest import PYTHON, ROOT, SAMPLE_ARGS, SAMPLES
 
 from bncheck.cli import cli
-from bncheck.report import schema_path
+from bncheck.reporting.report import schema_path
 
 SCHEMA = json.loads(schema_path().read_text())
 
@@ -116,7 +116,7 @@ def test_junit_golden(fmt, name) -> None:
 
     from test_report import GOLDEN, make_report
 
-    from bncheck.render import render
+    from bncheck.reporting.render import render
 
     text = render(make_report(), fmt)
     golden = GOLDEN / name

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import PYTHON, ROOT, SAMPLE_ARGS, SAMPLES, tree_hashes
 
 from bncheck.cli import cli
-from bncheck.report import schema_path
+from bncheck.reporting.report import schema_path
 
 SCHEMA = json.loads(schema_path().read_text())
 
@@ -110,7 +110,7 @@ def test_json_to_stdout_is_only_json_and_valid(tmp_path, cli_env, resnet_case) -
 
 def test_cli_runner_report_renders_saved_run(tmp_path, tiny, batches) -> None:
     from bncheck.engine import analyze
-    from bncheck.report import dumps
+    from bncheck.reporting.report import dumps
 
     with torch.no_grad():
         tiny.bn2.running_mean += 5.0
@@ -128,7 +128,7 @@ def test_cli_runner_report_renders_saved_run(tmp_path, tiny, batches) -> None:
 
 def test_report_without_torch_is_fast(tmp_path, tiny, batches, cli_env) -> None:
     from bncheck.engine import analyze
-    from bncheck.report import dumps
+    from bncheck.reporting.report import dumps
 
     (tmp_path / ".bncheck").mkdir()
     (tmp_path / ".bncheck" / "last-run.json").write_text(dumps(analyze(tiny, batches)))

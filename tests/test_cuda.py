@@ -72,7 +72,7 @@ def _syncs(layers_count: int, native: bool) -> int:
     recalibration batches after the hooked ones) over a stack of conv+BN blocks."""
     import warnings
 
-    from bncheck.collect import statistics_pass
+    from bncheck.measuring.statistics import statistics_pass
     from bncheck.runtime import runtime_for
 
     blocks = [torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)) for _ in range(layers_count)]

@@ -42,7 +42,7 @@ def test_identical_statistics_around_changed_weights_are_blamed(checkpoints, tmp
     doc = json.loads((tmp_path / "d.json").read_text())
     assert doc["schema"] == "bncheck/diff/v1" and doc["verdict"] == "fail"
     jsonschema = pytest.importorskip("jsonschema")
-    from bncheck.report import schema_path
+    from bncheck.reporting.report import schema_path
 
     jsonschema.validate(doc, json.loads(schema_path("diff").read_text()))
     assert {(f["code"], f["layer"]) for f in doc["findings"]} == {

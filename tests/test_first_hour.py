@@ -14,7 +14,7 @@ from conftest import SAMPLE_ARGS, SAMPLES
 from PIL import Image
 
 from bncheck.cli import cli
-from bncheck.report import Finding, LayerResult, load, to_dict
+from bncheck.reporting.report import Finding, LayerResult, load, to_dict
 
 HEALTHY = str(SAMPLES / "healthy.pt")
 ARCH = SAMPLE_ARGS[:4]
@@ -90,8 +90,8 @@ def finding(code: str, layer: str, severity: str = "error") -> Finding:
 def test_baseline_keeps_two_findings_on_one_layer_and_lists_every_new_one(tmp_path) -> None:
     from test_report import make_report
 
-    from bncheck.baseline import apply_baseline, check_same_model
-    from bncheck.render import render
+    from bncheck.reporting.baseline import apply_baseline, check_same_model
+    from bncheck.reporting.render import render
 
     base = make_report()
     layers = tuple(LayerResult(**{**to_dict(base)["layers"][0], "name": f"l{i}", "worst_channels": (),
@@ -118,7 +118,7 @@ def test_no_builder_touches_the_network(monkeypatch) -> None:
         raise AssertionError("a builder tried to download weights")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    from bncheck.loading import build_arch
+    from bncheck.reading.architectures import build_arch
 
     for spec in ("torchvision:ssdlite320_mobilenet_v3_large", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn",
                  "torchvision:deeplabv3_mobilenet_v3_large", "torchvision:lraspp_mobilenet_v3_large"):

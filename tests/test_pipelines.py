@@ -16,7 +16,7 @@ from conftest import TinyNet, calibrate, make_batches
 
 from bncheck.cli import cli
 from bncheck.config import load_settings
-from bncheck.data import MappedArray, is_callable_spec, open_data
+from bncheck.reading.data import MappedArray, is_callable_spec, open_data
 
 PIPELINE = '''
 import torch
@@ -140,7 +140,7 @@ def test_npy_is_memory_mapped_and_only_used_rows_are_read(tmp_path) -> None:
     source = open_data(path, cfg, 16, 4)
     batches = list(source.batches())
     assert len(batches) == 4 and torch.equal(batches[0][0], torch.from_numpy(array[:16]))
-    from bncheck.data import _load_tensor_file
+    from bncheck.reading.data import _load_tensor_file
 
     inputs, _ = _load_tensor_file(path)
     assert isinstance(inputs, MappedArray) and isinstance(inputs.array, np.memmap)
@@ -149,7 +149,7 @@ def test_npy_is_memory_mapped_and_only_used_rows_are_read(tmp_path) -> None:
 
 
 def test_progress_bar_shows_rate_and_time_left() -> None:
-    from bncheck.render.table import progress_bar
+    from bncheck.reporting.render.table import progress_bar
 
     with progress_bar(4, enabled=True, batch_size=8) as advance:
         for done in range(1, 5):
@@ -165,7 +165,7 @@ def test_parallel_decode_gives_the_same_batches_in_the_same_order(tmp_path, monk
 
     from conftest import SAMPLES
 
-    import bncheck.data as data_module
+    import bncheck.reading.data as data_module
 
     folder = tmp_path / "images"
     shutil.copytree(SAMPLES / "data", folder)
@@ -184,7 +184,7 @@ def test_parallel_decode_gives_the_same_batches_in_the_same_order(tmp_path, monk
 
 
 def test_prefetch_surfaces_errors_and_stops_early() -> None:
-    from bncheck.data import prefetched
+    from bncheck.reading.data import prefetched
 
     def source():
         yield 1

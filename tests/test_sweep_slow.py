@@ -16,8 +16,8 @@ import torchvision
 from conftest import SAMPLES
 
 from bncheck.config import load_settings
-from bncheck.data import open_data
 from bncheck.engine import analyze
+from bncheck.reading.data import open_data
 
 pytestmark = pytest.mark.slow
 ARCHS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "regnet_y_400mf",

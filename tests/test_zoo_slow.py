@@ -74,7 +74,7 @@ def check(name: str, model: torch.nn.Module, calibrate: list, test: list, size: 
 
 
 def _floor(model: torch.nn.Module, layers: list, test: list) -> float:
-    from bncheck.batches import forward, split_batch
+    from bncheck.measuring.batches import forward, split_batch
 
     started = time.perf_counter()
     with torch.no_grad(), preserved_state(model) as snapshot:
@@ -167,8 +167,8 @@ def test_recalibration_from_bn_own_statistics_equals_the_hooks(name, monkeypatch
     """Recalibration takes standard BN layers' own batch statistics after the first 32 samples
     (batches 5-7, 9, 10 here): across architectures, BN variants and input layouts the result
     equals the all-hooks one."""
-    from bncheck import collect
-    from bncheck.metrics import ChannelMoments
+    from bncheck.judging.metrics import ChannelMoments
+    from bncheck.measuring import statistics as collect
 
     model, batches = _native_model(name)
     model.eval()

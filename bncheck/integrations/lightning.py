@@ -17,8 +17,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from ..monitor import DriftCheck, check_drift
-from ..report import Report
+from bncheck.monitor import DriftCheck, check_drift
+from bncheck.reporting.report import Report
 
 try:  # the unified package first; the callback must subclass the Trainer's own Callback
     from lightning.pytorch import Callback

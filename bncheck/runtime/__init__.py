@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Observation, Runtime, Sink
-from .eager import EagerRuntime
-from .exported import ExportedRuntime
-from .layer import BUFFERS, HOOKS, BNLayer
-from .scripted import ScriptedRuntime
-from .state import StateSnapshot, fingerprint, preserved_state, set_bn_train_mode
+from bncheck.runtime.base import Observation, Runtime, Sink
+from bncheck.runtime.eager import EagerRuntime
+from bncheck.runtime.exported import ExportedRuntime
+from bncheck.runtime.layer import BUFFERS, HOOKS, BNLayer
+from bncheck.runtime.scripted import ScriptedRuntime
+from bncheck.runtime.state import StateSnapshot, fingerprint, preserved_state, set_bn_train_mode
 
 KINDS: tuple[type[Runtime], ...] = (ScriptedRuntime, ExportedRuntime, EagerRuntime)
 """Most specific first: the first that claims a model runs it; discovery asks each about

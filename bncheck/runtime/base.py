@@ -26,8 +26,8 @@ from typing import Callable, ClassVar, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
-from .layer import BNLayer
-from .state import set_bn_train_mode
+from bncheck.runtime.layer import BNLayer
+from bncheck.runtime.state import set_bn_train_mode
 
 LayerCallback = Callable[[int, Tensor], None]
 """``callback(layer_index, tensor)``: a layer's input, before (or after) it ran."""

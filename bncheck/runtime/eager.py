@@ -15,8 +15,8 @@ from typing import Optional
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .base import Runtime
-from .layer import BNLayer
+from bncheck.runtime.base import Runtime
+from bncheck.runtime.layer import BNLayer
 
 # BN modules whose forward is torch's own besides _BatchNorm's: a momentum-1 update stores
 # exactly the batch statistics. SyncBatchNorm is left out: its buffers hold every rank's batch.

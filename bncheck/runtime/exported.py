@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .base import Runtime
-from .eager import batchnorm_layer
-from .layer import BNLayer
+from bncheck.runtime.base import Runtime
+from bncheck.runtime.eager import batchnorm_layer
+from bncheck.runtime.layer import BNLayer
 
 aten = torch.ops.aten
 # target -> (index of the momentum arg, index of the eps arg, whether it returns (out, mean, rstd))

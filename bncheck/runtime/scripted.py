@@ -28,9 +28,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .base import Runtime
-from .eager import has_running_buffers
-from .layer import BUFFERS, BNLayer
+from bncheck.runtime.base import Runtime
+from bncheck.runtime.eager import has_running_buffers
+from bncheck.runtime.layer import BUFFERS, BNLayer
 
 _BN_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "_BatchNorm"}
 _MISSING = object()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .layer import BNLayer
+from bncheck.runtime.layer import BNLayer
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -1,0 +1,287 @@
+"""The model-level safety net: do train- and eval-mode outputs disagree far beyond what batch
+noise explains -- whether or not a layer explains it, or could be measured at all?
+
+What noise alone explains is measured, not assumed: the sample runs once more in train mode,
+re-dealt into new batches of the same sizes. Two independent batch estimates of a statistic
+differ by twice the variance each has around the population, so half the divergence between
+the two train-mode runs estimates the train/eval divergence a model with right running
+statistics shows at this batch size. The pass runs only when the outputs disagree
+noticeably, so healthy models pay nothing.
+
+Batch composition is the other innocent cause: a batch of one class normalizes with that
+class's statistics, so train mode diverges from eval mode by construction. With labels,
+batches holding few of the classes say so; without, the input layer's batch means spreading
+far beyond sampling noise (a one-way ANOVA F statistic) does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from bncheck.judging.attribution import Kept
+from bncheck.measuring.batches import ImageList, batch_len, forward, rebuild, to_device, to_host
+from bncheck.measuring.outputs import OutputTally, logits_of, time_major
+from bncheck.reporting.report import Finding, OutputDivergence
+from bncheck.runtime import Runtime, preserved_state
+
+NOISE_RATIO = 10.0
+"""Output divergence (KL, or squared relative L2) this many times what batch noise gives is drift."""
+FIRES_AGREEMENT = 0.9
+"""...and the modes must disagree on at least 10% of top-1 predictions (classifiers)."""
+FIRES_KL = 0.05
+"""...with a mean KL of at least 0.05 nats (near-uniform outputs of an untrained model flip
+their arg-max at the slightest change; that is not a disagreement worth failing)."""
+FIRES_RELATIVE_L2 = 0.2
+"""...or differ by at least 20% in relative L2 (other outputs)."""
+COMPOSITION_F = 8.0
+"""Input-layer batch means spreading this many times more than sampling explains: batches
+were not drawn alike."""
+
+
+@dataclass(frozen=True)
+class Composition:
+    """Whether the batches were drawn alike, and the evidence."""
+
+    unrepresentative: bool
+    evidence: str
+
+
+def _slice(value: Any, start: int, stop: int) -> Any:
+    if isinstance(value, Tensor):
+        return value[start:stop] if value.dim() else value
+    if isinstance(value, dict):
+        return {k: _slice(v, start, stop) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return rebuild(value, [_slice(v, start, stop) for v in value])
+    return value
+
+
+def _cat(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, ImageList):  # per-sample items: the batch is the list itself
+        return ImageList(item for part in parts for item in part)
+    if isinstance(first, Tensor):
+        return torch.cat(parts) if first.dim() else first
+    if isinstance(first, dict):
+        return {k: _cat([p[k] for p in parts]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return rebuild(first, [_cat([p[i] for p in parts]) for i in range(len(first))])
+    return first
+
+
+def _take(value: Any, index: Tensor) -> Any:
+    if isinstance(value, ImageList):
+        return ImageList(value[int(i)] for i in index)
+    if isinstance(value, Tensor):
+        return value[index] if value.dim() else value
+    if isinstance(value, dict):
+        return {k: _take(v, index) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return rebuild(value, [_take(v, index) for v in value])
+    return value
+
+
+def noise_divergence(
+    runtime: Runtime, kept: Kept, device: torch.device, float_dtype: Optional[torch.dtype],
+    reduce: Optional[Callable[[OutputTally], OutputTally]] = None,
+) -> Optional[OutputDivergence]:
+    """What batch noise alone does to train-mode outputs, on the kept sample: the samples are
+    re-dealt into batches of the same sizes (a fixed shuffle across batches) and run in train
+    mode again. Two independent batch estimates differ by twice the variance one has around
+    the population, so half the divergence between the two train-mode runs estimates the
+    train/eval divergence of a model whose running statistics are right. With one batch, its
+    halves stand in (they differ from the whole by the same variance). None when neither is
+    possible (one batch of fewer than 4 samples, or inputs that cannot be re-dealt).
+    ``reduce`` adds other processes' tallies (each re-deals its own part of the sample)."""
+    local = _noise_tally(runtime, kept, device, float_dtype)
+    tally = reduce(local or OutputTally()) if reduce is not None else local
+    if tally is None:
+        return None
+    result = tally.result()
+    return None if result.kind == "none" else result
+
+
+def _noise_tally(
+    runtime: Runtime, kept: Kept, device: torch.device, float_dtype: Optional[torch.dtype],
+) -> Optional[OutputTally]:
+    """The two train-mode runs' divergence as a tally, already scaled to one run's noise."""
+    if not kept:
+        return None
+    sizes = [batch_len(inputs) for inputs, _, _ in kept]
+    # time-major sequence outputs ([T, batch, classes]) are re-dealt along their batch dimension
+    sequence = time_major(logits_of(kept[0][2]), sizes[0])
+
+    def batch_first(out: Any, size: int) -> Any:
+        out = logits_of(out)
+        return out.transpose(0, 1) if sequence and time_major(out, size) else out
+
+    try:
+        inputs_all = _cat([inputs for inputs, _, _ in kept])
+        train_all = _cat([batch_first(out, size) for (_, _, out), size in zip(kept, sizes)])
+        labels = [y for _, y, _ in kept]
+        labels_all = torch.cat(labels) if all(y is not None for y in labels) else None
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return None  # ragged inputs (a list of differently sized images, say)
+    total = sum(sizes)
+    if len(kept) >= 2:
+        order, scale = torch.randperm(total, generator=torch.Generator().manual_seed(0)), 0.5
+        bounds, start = [], 0
+        for size in sizes:
+            bounds.append((start, start + size))
+            start += size
+    elif total >= 4:
+        order, scale = torch.arange(total), 1.0
+        bounds = [(0, total // 2), (total // 2, total)]
+    else:
+        return None
+    outputs = []
+    with torch.no_grad(), preserved_state(runtime.model) as snapshot:
+        for start, stop in bounds:
+            runtime.set_mode(bn_training=True)
+            batch = to_device(_take(inputs_all, order[start:stop]), device, float_dtype)
+            outputs.append(batch_first(to_host(forward(runtime.model, batch, "train")), stop - start))
+            snapshot.restore_buffers()
+    try:
+        again = _take(_cat(outputs), torch.argsort(order))  # back in the original sample order
+        tally = OutputTally()
+        if sequence:  # one row per time step, as the main tally compares them
+            train_all, again, labels_all = train_all.reshape(-1, train_all.shape[-1]), \
+                again.reshape(-1, again.shape[-1]), None
+        tally.add(train_all, again, labels_all)
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return None  # outputs that do not line up per sample (variable-length detections, say)
+    if tally.kind in (None, "none"):
+        return None
+    # KL and squared distances scale with the variance: half of two runs' divergence is one run's
+    tally.kl *= scale
+    tally.diff_sq *= scale
+    return tally
+
+
+def _f_statistic(calls: list[tuple[Tensor, Tensor, int]]) -> float:
+    """One-way ANOVA over batches: the spread of batch means against what the within-batch
+    spread of per-sample means predicts for random batches (1 when batches are drawn alike);
+    the median over channels."""
+    means = torch.stack([m for m, _, _ in calls]).cpu()
+    within = torch.stack([v for _, v, _ in calls]).cpu()
+    sizes = torch.tensor([float(n) for _, _, n in calls], dtype=torch.float64)
+    expected = (within / sizes[:, None]).mean(0)
+    ratio = means.var(0, correction=1) / expected.clamp_min(1e-12)
+    finite = ratio[torch.isfinite(ratio)]
+    return float(finite.median()) if finite.numel() else math.nan
+
+
+def composition(labels_per_batch: list[Optional[Tensor]],
+                batch_means: dict[int, list[tuple[Tensor, Tensor, int]]]) -> Composition:
+    """Were the batches drawn alike? From labels when every batch has them, else from how far
+    the BN inputs' batch means spread beyond sampling noise (one-way ANOVA F, the largest over
+    layers: class-specific features make one-class batches stand out deep in the network)."""
+    if labels_per_batch and all(y is not None and y.dim() == 1 for y in labels_per_batch):
+        distinct = [len(set(y.tolist())) for y in labels_per_batch]
+        classes = len(set().union(*(set(y.tolist()) for y in labels_per_batch)))
+        sizes = [int(y.shape[0]) for y in labels_per_batch]
+        expected = sum(min(size, classes) for size in sizes) / len(sizes)
+        mean_distinct = sum(distinct) / len(distinct)
+        text = f"batches hold {mean_distinct:.1f} of the {classes} classes on average"
+        return Composition(classes >= 2 and mean_distinct <= 0.5 * expected, text)
+    scores = [_f_statistic(calls) for calls in batch_means.values() if len(calls) >= 3]
+    scores = [f for f in scores if math.isfinite(f)]
+    if not scores:
+        return Composition(False, "too few batches to compare their composition")
+    worst = max(scores)
+    text = f"batch means of BN inputs spread up to {worst:.0f}x as much as sampling explains"
+    return Composition(worst >= COMPOSITION_F, text)
+
+
+def _gap_value(out: OutputDivergence) -> Optional[float]:
+    if out.kind == "classifier":
+        return out.kl
+    if out.kind == "tensor" and out.relative_l2 is not None:
+        return out.relative_l2**2
+    return None
+
+
+def triggered(output: OutputDivergence) -> bool:
+    """Whether the outputs disagree enough for a model-level finding to be possible: only then
+    is the noise pass (one more train-mode pass over the kept sample) worth its cost."""
+    if output.kind == "classifier":
+        return (output.top1_agreement is not None and output.top1_agreement <= FIRES_AGREEMENT
+                and (output.kl or 0.0) >= FIRES_KL)
+    return output.kind == "tensor" and (output.relative_l2 or 0.0) >= FIRES_RELATIVE_L2
+
+
+def model_level_findings(
+    output: OutputDivergence, noise: Optional[OutputDivergence], batches: Composition, batch_size: int,
+    layer_explains: bool, unmeasured: int = 0,
+) -> list[Finding]:
+    """``output-divergence`` when the modes disagree far beyond batch noise (a warning when the
+    noise could not be measured), or ``unrepresentative-batches`` when batch composition
+    explains the disagreement instead."""
+    if not triggered(output):
+        return []
+    gap, floor = _gap_value(output), _gap_value(noise) if noise is not None else None
+    if gap is None:
+        return []
+    if output.kind == "classifier":
+        what = (f"train- and eval-mode outputs agree on {100 * output.top1_agreement:.1f}% of top-1 predictions "
+                f"(KL {output.kl:.3f} nats)")
+        noise_text = (f"batch noise alone gives KL {floor:.3f} ({100 * noise.top1_agreement:.1f}% agreement)"
+                      if floor is not None and noise is not None and noise.top1_agreement is not None
+                      else "batch noise could not be measured")
+    else:
+        what = f"train- and eval-mode outputs differ by {output.relative_l2:.3f} in relative L2"
+        noise_text = (f"batch noise alone gives {math.sqrt(floor):.3f}" if floor is not None
+                      else "batch noise could not be measured")
+    if batches.unrepresentative:  # composition, not drift, whatever the noise says
+        return [Finding(
+            "unrepresentative-batches", "warning", None,
+            f"{what}, but {batches.evidence}: train mode normalizes each batch with its own statistics, so "
+            "outputs diverge by construction and say nothing about drift.",
+            "Shuffle the data so that every batch looks like the whole (bncheck shuffles image folders; "
+            "tensor files and iterables are used in their order), then run again.",
+        )]
+    if floor is None:  # a material gap, but no noise measurement to hold it against
+        return [Finding(
+            "output-divergence", "warning", None,
+            f"{what}, and {noise_text} (one batch of fewer than 4 samples, or inputs that cannot be re-batched).",
+            "Run with at least two batches of 4+ samples so bncheck can tell drift from batch noise.",
+        )]
+    if floor > 0 and gap < NOISE_RATIO * floor:
+        return []
+    ratio = f"{gap / floor:.0f}x" if floor > 0 else "far beyond"
+    if output.train_accuracy is not None and output.eval_accuracy is not None \
+            and output.eval_accuracy > output.train_accuracy:
+        return [Finding(
+            "output-divergence", "info", None,
+            f"{what}, {ratio} what batch noise explains, but eval mode is more accurate than train mode on "
+            f"these labels ({100 * output.eval_accuracy:.1f}% vs {100 * output.train_accuracy:.1f}%): "
+            "deployment is the better mode.",
+            "Nothing to fix in eval mode; if the model still trains in train mode, its BN layers were likely "
+            "frozen in eval on purpose.",
+        )]
+    if not layer_explains and not unmeasured:
+        # Every layer was measured and none is off: the statistics are right, the modes still part
+        # ways. Per-batch normalization differs from population statistics by sampling noise that
+        # a deep (or untrained) network amplifies layer after layer; recalibrating cannot help.
+        return [Finding(
+            "output-divergence", "warning", None,
+            f"{what}, {ratio} what re-dealing the batches explains at batch size {batch_size} ({noise_text}), "
+            "yet every BN layer's running statistics match this data: the network amplifies the difference "
+            "between normalizing each batch of this size and normalizing with population statistics.",
+            "Not stale statistics (recalibrating will not change it). Check eval-mode accuracy against train "
+            f"mode on labelled data; if it falls short, train with BN batches larger than {batch_size}, "
+            "SyncBatchNorm or GroupNorm. Expected on an untrained network.",
+        )]
+    where = ("the flagged layers above account for it" if layer_explains
+             else f"{unmeasured} BN layers could not be measured and may explain it")
+    return [Finding(
+        "output-divergence", "error", None,
+        f"{what}, {ratio} what batch noise explains at batch size {batch_size} ({noise_text}); {where}.",
+        "Eval mode will not behave as in training: check the layers flagged above, layers that could not be "
+        "measured, and the preprocessing; bncheck fix recalibrates every BN layer and verifies the outputs.",
+    )]

@@ -1,0 +1,164 @@
+"""How far the model's outputs move between train and eval mode, tallied over batches."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from bncheck.judging.metrics import mcnemar_p, softmax_divergence, squared_norms
+from bncheck.measuring.batches import tensors
+from bncheck.measuring.distributed import pooled
+from bncheck.reporting.report import OutputDivergence
+
+
+def is_logits(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and value.dim() == 2 and value.shape[1] >= 2
+
+
+def class_rows(value: Any, batch: Optional[int]) -> Any:
+    """Per-position class scores as rows: ``[batch, classes]`` as it is, and a time-major
+    sequence ``[T, batch, classes]`` (CTC log-probabilities of OCR and ASR models) as
+    ``[batch * T, classes]`` -- the batch dimension found from the batch size fed in, never
+    assumed to be dim 0. Other shapes are returned unchanged (compared as tensors)."""
+    if time_major(value, batch):
+        return value.transpose(0, 1).reshape(-1, value.shape[2])
+    return value
+
+
+def time_major(value: Any, batch: Optional[int]) -> bool:
+    """A ``[T, batch, classes]`` output: 3-D, the batch size fed in at dim 1 and not at dim 0."""
+    return (batch is not None and isinstance(value, Tensor) and value.is_floating_point() and value.dim() == 3
+            and value.shape[1] == batch and value.shape[0] != batch and value.shape[2] >= 2)
+
+
+def logits_of(value: Any) -> Any:
+    """Classifier logits inside a model output object (``ModelOutput.logits``, a dict's
+    ``logits``), else the output itself."""
+    if isinstance(value, dict) and is_logits(value.get("logits")):
+        return value["logits"]
+    inner = getattr(value, "logits", None)
+    return inner if is_logits(inner) else value
+
+
+def _pooled_kind(kinds: list[Optional[str]]) -> Optional[str]:
+    """Ranks agree on what their outputs are, or nothing is compared."""
+    seen = {kind for kind in kinds if kind is not None}
+    return "none" if "none" in seen or len(seen) > 1 else next(iter(seen), None)
+
+
+@dataclass
+class OutputTally:
+    """Output divergence between modes, summed over batches; every field declares how it pools
+    across ranks (``distributed.pooled``), so tallies from several processes add up."""
+
+    kind: Optional[str] = pooled(_pooled_kind, default=None)
+    samples: int = pooled("sum", default=0)
+    kl: float = pooled("sum", default=0.0)
+    js: float = pooled("sum", default=0.0)
+    agree: float = pooled("sum", default=0.0)
+    diff_sq: float = pooled("sum", default=0.0)
+    ref_sq: float = pooled("sum", default=0.0)
+    labeled: int = pooled("sum", default=0)
+    train_correct: int = pooled("sum", default=0)
+    eval_correct: int = pooled("sum", default=0)
+    train_only: int = pooled("sum", default=0)
+    """Labelled samples right in train mode and wrong in eval mode (McNemar's discordant pairs)."""
+    eval_only: int = pooled("sum", default=0)
+    """Labelled samples right in eval mode and wrong in train mode."""
+    classes: int = pooled("max", default=0)
+    """Width of the class dimension."""
+    eval_confidence: float = pooled("sum", default=0.0)
+    """Sum of the eval-mode top softmax probability."""
+    eval_predicted: Counter = pooled("sum", default_factory=Counter)
+    """Eval-mode predictions per class (a sample of one class shows as one class, confidently)."""
+    train_predicted: Counter = pooled("sum", default_factory=Counter)
+
+    def add(self, out_train: Any, out_eval: Any, labels: Optional[Tensor], batch: Optional[int] = None) -> None:
+        out_train, out_eval = logits_of(out_train), logits_of(out_eval)
+        out_train, out_eval = class_rows(out_train, batch), class_rows(out_eval, batch)
+        if batch is not None and labels is not None and is_logits(out_train) and out_train.shape[0] != batch:
+            labels = None  # per-sample labels do not label each time step
+        if is_logits(out_train) and is_logits(out_eval) and out_train.shape == out_eval.shape:
+            kind = "classifier"
+        else:
+            kind = "tensor"
+        if self.kind not in (None, kind):
+            self.kind = "none"
+        if self.kind == "none":
+            return
+        self.kind = kind
+        if kind == "classifier":
+            kl, js, agree = softmax_divergence(out_train, out_eval)
+            self.kl += float(kl.sum())
+            self.js += float(js.sum())
+            self.agree += float(agree.sum())
+            self.samples += out_train.shape[0]  # rows: samples, or samples x time steps of a sequence
+            self._add_tensor_pair(out_train, out_eval)
+            self.classes = max(self.classes, int(out_train.shape[1]))
+            train_pred, eval_pred = out_train.argmax(-1), out_eval.argmax(-1)
+            self.eval_confidence += float(torch.softmax(out_eval.detach().double(), -1).amax(-1).sum())
+            self.eval_predicted.update(eval_pred.tolist())
+            self.train_predicted.update(train_pred.tolist())
+            if labels is not None and labels.dim() == 1 and labels.shape[0] == out_train.shape[0]:
+                labels = labels.to(out_train.device)
+                train_ok, eval_ok = train_pred == labels, eval_pred == labels
+                self.labeled += labels.shape[0]
+                self.train_correct += int(train_ok.sum())
+                self.eval_correct += int(eval_ok.sum())
+                self.train_only += int((train_ok & ~eval_ok).sum())
+                self.eval_only += int((eval_ok & ~train_ok).sum())
+            return
+        train_parts, eval_parts = tensors(out_train), tensors(out_eval)
+        if not train_parts or len(train_parts) != len(eval_parts) or any(
+            a.shape != b.shape for a, b in zip(train_parts, eval_parts)
+        ):
+            self.kind = "none"
+            return
+        for a, b in zip(train_parts, eval_parts):
+            self._add_tensor_pair(a, b)
+
+    def _add_tensor_pair(self, a: Tensor, b: Tensor) -> None:
+        if a.is_floating_point() or a.is_complex():
+            diff, ref = squared_norms(a, b)
+            self.diff_sq += diff
+            self.ref_sq += ref
+
+    def result(self) -> OutputDivergence:
+        if self.kind in (None, "none"):
+            return OutputDivergence(kind="none")
+        rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else None
+        if self.kind == "tensor":
+            return OutputDivergence(kind="tensor", relative_l2=rel)
+        n = max(self.samples, 1)
+        top_class, top_count = (self.eval_predicted.most_common(1) or [(None, 0)])[0]
+        train_top = (self.train_predicted.most_common(1) or [(None, 0)])[0][1]
+        return OutputDivergence(
+            kind="classifier",
+            kl=self.kl / n,
+            js=self.js / n,
+            top1_agreement=self.agree / n,
+            relative_l2=rel,
+            train_accuracy=self.train_correct / self.labeled if self.labeled else None,
+            eval_accuracy=self.eval_correct / self.labeled if self.labeled else None,
+            labeled=self.labeled or None,
+            train_only_correct=self.train_only if self.labeled else None,
+            eval_only_correct=self.eval_only if self.labeled else None,
+            accuracy_gap_p=mcnemar_p(self.train_only, self.eval_only) if self.labeled else None,
+            classes=self.classes or None,
+            eval_top_class=top_class,
+            eval_top_class_share=top_count / n if self.samples else None,
+            train_top_class_share=train_top / n if self.samples else None,
+            eval_confidence=self.eval_confidence / n if self.samples else None,
+        )
+
+
+def output_gap(output: OutputDivergence) -> Optional[float]:
+    """The output gap between modes that a fix tries to close: mean KL for classifiers,
+    relative L2 otherwise; None when there is none to close."""
+    value = output.kl if output.kind == "classifier" else output.relative_l2
+    return value if value is not None and math.isfinite(value) and value > 0 else None

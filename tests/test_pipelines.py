@@ -16,7 +16,9 @@ from conftest import TinyNet, calibrate, make_batches
 
 from bncheck.cli import cli
 from bncheck.config import load_settings
-from bncheck.reading.data import MappedArray, is_callable_spec, open_data
+from bncheck.reading.data import open_data
+from bncheck.reading.data.pipeline import is_callable_spec
+from bncheck.reading.data.tensors import MappedArray
 
 PIPELINE = '''
 import torch
@@ -140,7 +142,7 @@ def test_npy_is_memory_mapped_and_only_used_rows_are_read(tmp_path) -> None:
     source = open_data(path, cfg, 16, 4)
     batches = list(source.batches())
     assert len(batches) == 4 and torch.equal(batches[0][0], torch.from_numpy(array[:16]))
-    from bncheck.reading.data import _load_tensor_file
+    from bncheck.reading.data.tensors import _load_tensor_file
 
     inputs, _ = _load_tensor_file(path)
     assert isinstance(inputs, MappedArray) and isinstance(inputs.array, np.memmap)
@@ -165,7 +167,7 @@ def test_parallel_decode_gives_the_same_batches_in_the_same_order(tmp_path, monk
 
     from conftest import SAMPLES
 
-    import bncheck.reading.data as data_module
+    import bncheck.reading.data.images as data_module
 
     folder = tmp_path / "images"
     shutil.copytree(SAMPLES / "data", folder)
@@ -184,7 +186,7 @@ def test_parallel_decode_gives_the_same_batches_in_the_same_order(tmp_path, monk
 
 
 def test_prefetch_surfaces_errors_and_stops_early() -> None:
-    from bncheck.reading.data import prefetched
+    from bncheck.reading.data.source import prefetched
 
     def source():
         yield 1

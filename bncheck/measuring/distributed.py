@@ -221,15 +221,17 @@ def merge_moments(parts: list[Any], device: Any) -> Any:
     return merged
 
 
-def moments_to_cpu(moments: Any) -> Any:
+def moments_on(moments: Any, device: Any) -> Any:
+    """A copy of a ``ChannelMoments`` on ``device`` (None stays None)."""
     if moments is None:
         return None
     from bncheck.judging.metrics import ChannelMoments
 
-    out = ChannelMoments(moments.channels)
+    out = ChannelMoments(moments.channels, device=torch.device(device))
     for f in fields(moments):
         value = getattr(moments, f.name)
-        setattr(out, f.name, value.detach().cpu() if isinstance(value, Tensor) else value)
+        if f.name != "device":
+            setattr(out, f.name, value.detach().to(device) if isinstance(value, Tensor) else value)
     return out
 
 
@@ -250,8 +252,26 @@ def _summed(values: list[Any]) -> Any:
     return sum(values[1:], values[0])  # numbers, and Counters (per-class tallies) alike
 
 
+def _min_present(values: list[Any]) -> Any:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _moments(values: list[Any]) -> Any:
+    return merge_moments(values, torch.device("cpu"))
+
+
+def _concatenated_by_key(values: list[dict]) -> dict:
+    merged: dict = {}
+    for value in values:
+        for key, items in value.items():
+            merged.setdefault(key, []).extend(items)
+    return merged
+
+
 REDUCTIONS: dict[str, Callable[[list[Any]], Any]] = {
-    "sum": _summed, "max": max, "any": any, "cat": _concatenated, "first": _first,
+    "sum": _summed, "max": max, "min": _min_present, "any": any, "cat": _concatenated, "first": _first,
+    "moments": _moments, "cat-by-key": _concatenated_by_key,
 }
 
 
@@ -296,24 +316,35 @@ class SampleCounts:
     labels_per_batch: list = pooled("cat", default_factory=list)
 
 
+@dataclass
+class LayerPart:
+    """What one rank's statistics pass learned about one BN layer."""
+
+    train: Any = pooled("moments", default=None)
+    eval: Any = pooled("moments", default=None)
+    depth: Optional[int] = pooled("min", default=None)
+    train_calls: int = pooled("sum", default=0)
+
+
+@dataclass
+class PassPart:
+    """One rank's statistics pass: every layer's part, and the per-batch means per layer."""
+
+    layers: list = pooled(lambda parts: [combine(list(layer)) for layer in zip(*parts)], default_factory=list)
+    batch_means: dict = pooled("cat-by-key", default_factory=dict)
+
+
 def pool_stats(world: World, stats: Any, device: torch.device) -> None:
-    """Merge every layer's moments, depth and call counts, and the per-batch means, over ranks
-    (in rank order)."""
-    mine = [(moments_to_cpu(e.train), moments_to_cpu(e.eval), e.depth, e.train_calls)
-            for e in stats.stats]
-    everyone = world.gather((mine, to_cpu(stats.batch_means)))
-    for index, entry in enumerate(stats.stats):
-        parts = [rank_part[0][index] for rank_part in everyone]
-        entry.train = merge_moments([p[0] for p in parts], device)
-        entry.eval = merge_moments([p[1] for p in parts], device)
-        depths = [p[2] for p in parts if p[2] is not None]
-        entry.depth = min(depths) if depths else None
-        entry.train_calls = sum(p[3] for p in parts)
-    merged: dict[int, list] = {}
-    for _, means in everyone:
-        for key, calls in means.items():
-            merged.setdefault(key, []).extend(calls)
-    stats.batch_means = merged
+    """Every layer's moments, depth and call counts, and the per-batch means, pooled over ranks
+    (in rank order); the moments end up on ``device``."""
+    cpu = torch.device("cpu")
+    mine = PassPart([LayerPart(moments_on(e.train, cpu), moments_on(e.eval, cpu), e.depth, e.train_calls)
+                     for e in stats.stats], stats.batch_means)
+    everyone = pool(world, mine)
+    for entry, part in zip(stats.stats, everyone.layers):
+        entry.train, entry.eval = moments_on(part.train, device), moments_on(part.eval, device)
+        entry.depth, entry.train_calls = part.depth, part.train_calls
+    stats.batch_means = everyone.batch_means
 
 
 def rank_divergence(world: World, layers: list[Any]) -> list[tuple[str, list[tuple[int, float]]]]:

@@ -454,7 +454,7 @@ def test_an_npz_bomb_reads_only_the_samples_used(tmp_path) -> None:
     _npz_bomb(bomb, 40 * 1024)  # 2 GB inflated, a few MB on disk
     assert bomb.stat().st_size < 20 * 1024 * 1024
     script = (f"import resource, sys; sys.path.insert(0, {str(ROOT)!r})\n"
-              "from pathlib import Path\nfrom bncheck.reading.data import tensor_file\n"
+              "from pathlib import Path\nfrom bncheck.reading.data.tensors import tensor_file\n"
               f"source = tensor_file(Path({str(bomb)!r}), 2, 1)\nbatch = next(iter(source.batches()))\n"
               "print(tuple(batch[0].shape), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=120)
@@ -604,7 +604,7 @@ def test_sigterm_ends_a_run_cleanly(tmp_path, weights) -> None:
 def test_building_from_a_folder_is_sealed_offline_with_no_stdin(monkeypatch) -> None:
     import sys as system
 
-    from bncheck.reading.model_folder import OFFLINE_ENV, sealed
+    from bncheck.reading.formats.hub_folder import OFFLINE_ENV, sealed
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     stdin, stdout = system.stdin, system.stdout

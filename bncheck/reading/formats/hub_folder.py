@@ -30,7 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from bncheck.errors import InputError, first_line
+from bncheck.reading.architectures import build_arch, load_state_into, sha256_of
+from bncheck.reading.formats.base import Checkpoint, Format, Probe, momentum_source
 from bncheck.reading.untrusted import shown
+from bncheck.reporting.report import ModelInfo
 
 CONFIG = "config.json"
 PREPROCESSOR = "preprocessor_config.json"
@@ -397,3 +400,36 @@ def _floats3(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) in (1, 3) and all(
         isinstance(v, (int, float)) for v in value
     )
+
+
+class ModelFolderFormat(Format):
+    """A Hub-style model folder (timm export or transformers ``save_pretrained``)."""
+
+    name = "model-folder"
+    writes_folder = True
+
+    def sniff(self, probe: Probe) -> bool:
+        return False  # folders never reach the file probe
+
+    def read_folder(self, path: Path, arch: Optional[str], arch_kwargs: dict) -> Checkpoint:
+        import hashlib
+
+        folder = read_model_folder(path)
+        if arch is not None:  # the user's builder, the folder's weights
+            model = build_arch(arch, arch_kwargs)
+            prefix = load_state_into(model, folder.state, arch, path)
+            model.eval()
+            spec, momentum = arch, momentum_source(arch)
+        else:
+            model, spec = build_from_folder(folder)
+            prefix = ""
+            momentum = "library-default" if folder.kind == "timm-folder" else "builder"
+        digest = hashlib.sha256()
+        for weight in folder.files:
+            digest.update(sha256_of(path / weight.name).encode())
+        info = ModelInfo(str(path), spec, folder.kind, digest.hexdigest(), 0, momentum_from=momentum)
+        return Checkpoint(model, info, path, self, container=folder, prefix=prefix,
+                          preprocessing=folder.preprocessing())
+
+    def write(self, checkpoint: Checkpoint, tmp: Path) -> None:
+        write_model_folder(checkpoint.container, checkpoint.module, checkpoint.bn_buffer_keys(), checkpoint.prefix, tmp)

@@ -19,11 +19,15 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-_MARK = "_bncheck_frozen"
-
 
 def _keep_eval(module: nn.Module, _args: Any) -> None:
     module.training = False
+
+
+def _frozen_here(module: nn.Module) -> bool:
+    """Whether ``freeze_batchnorm`` froze this module (its hook is the mark: nothing is set on
+    the user's module besides it)."""
+    return any(hook is _keep_eval for hook in module._forward_pre_hooks.values())
 
 
 @dataclass
@@ -42,8 +46,6 @@ class FrozenBatchNorm:
             module.training = training
             for name, flag in grads.items():
                 getattr(module, name).requires_grad_(flag)
-            if hasattr(module, _MARK):
-                delattr(module, _MARK)
         self._undo.clear()
 
     def __enter__(self) -> FrozenBatchNorm:
@@ -72,7 +74,7 @@ def freeze_batchnorm(model: nn.Module, *, affine: bool = True) -> FrozenBatchNor
     """
     handle = FrozenBatchNorm(layers=[])
     for name, module in model.named_modules():
-        if not isinstance(module, _BatchNorm) or hasattr(module, _MARK):
+        if not isinstance(module, _BatchNorm) or _frozen_here(module):
             continue
         grads = {}
         if affine:
@@ -83,7 +85,6 @@ def freeze_batchnorm(model: nn.Module, *, affine: bool = True) -> FrozenBatchNor
                     param.requires_grad_(False)
         hook = module.register_forward_pre_hook(_keep_eval)
         handle._undo.append((module, hook, module.training, grads))
-        setattr(module, _MARK, True)
         module.training = False
         handle.layers.append(name)
     return handle
@@ -93,13 +94,11 @@ def unfreeze_batchnorm(model: nn.Module) -> None:
     """Remove every ``freeze_batchnorm`` hook from ``model`` (requires_grad is left as is;
     use the handle's ``remove()`` to restore it too)."""
     for module in model.modules():
-        if hasattr(module, _MARK):
-            for key, hook in list(module._forward_pre_hooks.items()):
-                if hook is _keep_eval:
-                    del module._forward_pre_hooks[key]
-            delattr(module, _MARK)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _keep_eval:
+                del module._forward_pre_hooks[key]
 
 
 def is_frozen(module: nn.Module) -> bool:
     """Whether a BN module will normalize with its running statistics at its next call."""
-    return hasattr(module, _MARK) or not module.training
+    return _frozen_here(module) or not module.training

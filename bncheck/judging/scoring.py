@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from typing import Optional
 
 import torch
@@ -176,34 +176,28 @@ def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -
     count = int(tracked) if tracked is not None and tracked.numel() == 1 else None
     residual, unconverged = _init_residual(layer.momentum, count, run)
     return LayerFacts(
-        name=layer.name,
-        type_name=layer.type_name,
-        kind=layer.kind,
-        channels=layer.channels,
+        **same_named(s, LayerFacts),  # the scores: score, drift_to_noise, dead channels, ...
+        **same_named(layer, LayerFacts),  # the runtime's facts: name, kind, momentum, eps, ...
         depth=run.depth,
-        score=s.score,
-        max_abs_mean_shift=s.max_abs_mean_shift,
-        drift_to_noise=s.drift_to_noise,
-        batch_noise=s.batch_noise,
         batch_size=batch_size,
-        momentum=layer.momentum,
-        track_running_stats=layer.track_running_stats,
         nonfinite_running=nonfinite_running,
-        nonfinite_batch=s.nonfinite_batch,
         default_buffers=default,
-        num_batches_tracked=int(tracked) if tracked is not None and tracked.numel() == 1 else None,
-        dead_blowup=s.dead_blowup,
-        dead_both=s.dead_both,
+        num_batches_tracked=count,
         dead_running=int((rv <= dead_var).sum()) if rv is not None else 0,
         affine_frozen=bool(affine) and not any(p.requires_grad for p in affine),
         saved_training=run.saved_training,
-        eps=layer.eps,
-        by_buffers=layer.by_buffers,
-        traced_training=layer.traced_training,
-        max_abs_log_scale=s.max_abs_log_scale,
         init_residual=residual,
         unconverged_channels=unconverged,
     )
+
+
+def same_named(source: object, target: type) -> dict[str, object]:
+    """The values of ``source`` (a dataclass or an object with properties) for every field of
+    the dataclass ``target`` it has under the same name: results are built from the measured
+    quantities without hand-copied field lists."""
+    own = {f.name for f in fields(source)} if is_dataclass(source) else set()
+    return {f.name: getattr(source, f.name) for f in fields(target)
+            if f.name in own or isinstance(getattr(type(source), f.name, None), property)}
 
 
 def _rank_key(item: tuple[LayerFacts, _Scores]) -> tuple:
@@ -295,19 +289,12 @@ def build_report(
         ev = eval_scores.get(facts.name)
         layer_results.append(
             LayerResult(
+                **same_named(s, LayerResult),  # score, mean_shift, scale_ratio, kl, noise_floor, ...
                 name=facts.name,
                 type=facts.type_name,
                 channels=facts.channels,
                 rank=rank,
                 depth=facts.depth,
-                score=s.score,
-                mean_shift=s.mean_shift,
-                scale_ratio=s.scale_ratio,
-                kl=s.kl,
-                max_error=s.max_error,
-                noise_floor=s.noise_floor,
-                drift_to_noise=s.drift_to_noise,
-                batch_noise=s.batch_noise,
                 eval_score=ev.score if ev else None,
                 attribution=facts.attribution,
                 momentum=facts.momentum,

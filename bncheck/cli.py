@@ -634,8 +634,11 @@ def fix(
         open_data(path, settings.data, settings.batch_size, every),
         open_data(path, settings.data, settings.batch_size, settings.num_batches)))
     verify = _agreed(world, lambda: list(verify_source.batches_for(world)))  # read once: used before and after
+    # the verification batches hold the whole sample recalibration would read: fix shares the passes
+    same = (num_samples is None and verify_source.kind != "pipeline"
+            and verify_source.planned_samples == recal_source.planned_samples)
     result = run_fix(
-        loaded, recal_source.batches_for(world), lambda: verify, out=out, layers=list(layers) or None,
+        loaded, None if same else recal_source.batches_for(world), lambda: verify, out=out, layers=list(layers) or None,
         num_samples=num_samples, batch_size=settings.batch_size, thresholds=settings.thresholds, attribute=0,
         ignore=settings.ignore, fail_on=settings.fail_on, dry_run=dry_run, force=force,
         sources=_sources(loaded.info, settings, verify_source, provenance),

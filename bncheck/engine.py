@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -20,7 +21,13 @@ from torch import Tensor, nn
 from bncheck.config import FAIL_ON_LEVELS, Thresholds, resolve_thresholds
 from bncheck.errors import InputError, InternalError, UsageError
 from bncheck.judging.attribution import Kept, attribute_layer, attribute_layers, recalibrated_tally
-from bncheck.judging.output_divergence import composition, model_level_findings, noise_divergence, triggered
+from bncheck.judging.output_divergence import (
+    NoiseEstimate,
+    composition,
+    model_level_findings,
+    noise_divergence,
+    triggered,
+)
 from bncheck.judging.rules import accuracy_gap, accuracy_gap_finding
 from bncheck.judging.scoring import build_report
 from bncheck.measuring import distributed
@@ -46,6 +53,35 @@ KEEP_SAMPLES = 256
 (whole batches; per rank under torchrun). Measured on the pseudo-frozen sample (256 images):
 conv1.1's share 0.921 from all 256, 0.931 from 128, 0.955 from 64; conv5.1's 0.070 / 0.048 /
 0.061 -- within a few points from 128 on, at a fraction of the cost on large samples."""
+
+REPLAY_BUDGET = 64 * 2**20
+"""Values of train-mode outputs a ``TrainPass`` keeps on the host (256 MB in float32); beyond
+that it records nothing and the second diagnosis runs its own train-mode pass."""
+
+
+@dataclass
+class TrainPass:
+    """The train-mode half of a diagnosis, shared by two diagnoses of one model on the same
+    batches when only running statistics changed in between (``fix``: before and after
+    recalibrating). Train mode normalizes with batch statistics and never reads the running
+    ones, so its outputs, its input statistics and the output-noise estimate are the same; the
+    second diagnosis runs only the eval-mode pass. Empty until a first ``analyze`` fills it."""
+
+    stats: Optional[dict[str, LayerStats]] = None
+    """Per layer: the pooled train-mode input statistics (also what recalibration needs)."""
+    outputs: list[Any] = field(default_factory=list)
+    """This process's train-mode outputs per batch, on the host."""
+    noise: Optional[NoiseEstimate] = None
+    """The output-noise estimate, when the first diagnosis measured all of it."""
+    samples: int = 0
+    batches: int = 0
+    complete: bool = True
+    """False when the outputs went over ``REPLAY_BUDGET`` (nothing to replay then)."""
+
+    @property
+    def replayable(self) -> bool:
+        return self.stats is not None and self.complete
+
 
 Progress = Callable[[str, int, Optional[int]], None]
 """``progress(stage, done, total)``: stage ``batches`` (total unknown to the engine) or
@@ -83,6 +119,7 @@ def analyze(
     momentum_known: bool = True,
     shard: Optional[bool] = None,
     sources: Optional[Sources] = None,
+    train_pass: Optional[TrainPass] = None,
 ) -> Report:
     """Compare every BN layer's running statistics with the statistics of ``data``.
 
@@ -113,6 +150,9 @@ def analyze(
             differ between ranks (the report then describes rank 0's buffers).
         sources: where the model and the data came from (the CLI's checkpoint and data
             source), put into the report as it is built; None: an in-memory model and data.
+        train_pass: an empty ``TrainPass`` to record this run's train-mode half into, or a
+            filled one to replay instead of running train mode (same model and batches, only
+            running statistics changed since; ``fix`` does this before and after recalibrating).
 
     Returns:
         A frozen ``Report``; ``report.verdict`` is ``"pass"``, ``"fail"`` or ``"no-batchnorm"``.
@@ -144,7 +184,8 @@ def analyze(
             if divergent:  # one report on every rank: rank 0's buffers, restored afterwards
                 distributed.broadcast_buffers_from_main(world, layers)
             return _analyze(runtime, ignored, batches, resolved, attribute, fail_on, progress, target, started,
-                            momentum_known, world, tuple(_rank_findings(divergent, world)), sources=sources)
+                            momentum_known, world, tuple(_rank_findings(divergent, world)), sources=sources,
+                            train_pass=train_pass)
         finally:
             if divergent:
                 with torch.no_grad():
@@ -168,8 +209,12 @@ def _analyze(
     rank_findings: tuple[Finding, ...] = (),
     keep_samples: Optional[int] = None,
     sources: Optional[Sources] = None,
+    train_pass: Optional[TrainPass] = None,
 ) -> Report:
     world = world or distributed.World()
+    replay = train_pass if train_pass is not None and train_pass.replayable else None
+    record = train_pass if train_pass is not None and replay is None else None
+    recorded = 0
     keep_samples = KEEP_SAMPLES if keep_samples is None else keep_samples
     model, layers = runtime.model, runtime.layers
     _, float_dtype = model_placement(model)
@@ -187,7 +232,8 @@ def _analyze(
     labels_per_batch: list[Optional[Tensor]] = []
     failure: Optional[BaseException] = None
     try:
-        with statistics_pass(runtime) as stats:
+        # recording for recalibration: its precision (the exact variance path from a smaller ratio)
+        with statistics_pass(runtime, precise=record is not None) as stats:
             for batch in batches:
                 inputs, labels = split_batch(batch)
                 inputs = to_device(inputs, device, float_dtype)
@@ -197,7 +243,18 @@ def _analyze(
                     per_sample = isinstance(inputs, ImageList)  # a list of images: each is one sample
                     input_shape = tuple(first[0].shape[0 if per_sample else 1:]) if first else None
                 out_eval = stats.forward(inputs, "eval")
-                out_train = stats.forward(inputs, "train")
+                if replay is not None:  # train mode never reads the running statistics that changed
+                    if batches_seen >= len(replay.outputs):
+                        raise InternalError("the replayed train-mode pass has fewer batches than the data")
+                    out_train = to_device(replay.outputs[batches_seen], device, None)
+                else:
+                    out_train = stats.forward(inputs, "train")
+                if record is not None and record.complete:
+                    kept_train = to_host(out_train)
+                    recorded += sum(t.numel() for t in tensors(kept_train))
+                    record.outputs.append(kept_train)
+                    if recorded > REPLAY_BUDGET:
+                        record.complete, record.outputs = False, []
                 tally.add(out_train, out_eval, labels, batch=n)
                 # on the host: later passes re-read them, and accelerator memory is for the model
                 if sum(batch_len(k[0]) for k in keep) < keep_samples:
@@ -225,6 +282,15 @@ def _analyze(
         distributed.pool_stats(world, stats, device)
         tally = distributed.pool(world, tally)
         kept_tally = distributed.pool(world, kept_tally)
+    if replay is not None:
+        for entry in stats.stats:
+            shared = replay.stats.get(entry.layer.name)
+            if shared is not None:
+                entry.train, entry.train_calls = shared.train, shared.train_calls
+                entry.depth = shared.depth if entry.depth is None else entry.depth  # buffer-measured layers
+    if record is not None:
+        record.stats = {entry.layer.name: entry for entry in stats.stats}
+        record.samples, record.batches = samples, batches_seen
     if batches_seen == 0:
         raise InputError("the data yielded no batches; point $data at a non-empty folder, file or iterable")
     sources = sources or Sources()
@@ -263,7 +329,12 @@ def _analyze(
         if triggered(output):
             if progress is not None:
                 progress("output noise", 0, None)
-            noise = noise_divergence(runtime, keep, device, float_dtype, reduce=reduce)
+            if replay is not None and replay.noise is not None:
+                noise = replay.noise  # train mode alone: the same as before
+            else:
+                noise = noise_divergence(runtime, keep, device, float_dtype, reduce=reduce, gap=output)
+            if record is not None and noise is not None and noise.complete:
+                record.noise = noise
             explained = any(layer.score is not None and any(f.severity != "info" for f in layer.findings)
                             for layer in report.layers)
             unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))

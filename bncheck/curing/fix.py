@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from bncheck.config import Thresholds
-from bncheck.curing.recalibration import RecalibrationResult, recalibrate
-from bncheck.engine import analyze
+from bncheck.curing.recalibration import RecalibrationResult, recalibrate, recalibrate_measured
+from bncheck.engine import TrainPass, analyze
 from bncheck.reading.checkpoint import Checkpoint
 from bncheck.reporting.numbers import pct
 from bncheck.reporting.report import FixReport, LayerFix, Report, SkippedLayer, Sources, fails_gate
@@ -38,7 +38,7 @@ def _fmt_pct(value: Optional[float]) -> str:
 
 def run_fix(
     checkpoint: Checkpoint,
-    recalibration_data: Iterable[Any],
+    recalibration_data: Optional[Iterable[Any]],
     verification_data: Callable[[], Iterable[Any]],
     *,
     out: Optional[Path],
@@ -56,12 +56,19 @@ def run_fix(
     """Diagnose ``checkpoint.module`` on ``verification_data()``, recalibrate it (in place:
     the checkpoint object is bncheck's own copy) on ``recalibration_data``, diagnose again,
     and write ``out`` unless refused or ``dry_run``. ``sources`` describes the data (default:
-    only the checkpoint)."""
+    only the checkpoint).
+
+    ``recalibration_data=None``: recalibrate on the verification data itself. Then the passes
+    are shared: train mode never reads running statistics, so the first diagnosis's train-mode
+    pass gives the recalibration its statistics and the second diagnosis its train-mode
+    outputs; what runs is one eval pass and one train pass before, and one eval pass after --
+    what a careful script does by hand (an eval pass, ``update_bn``, an eval pass)."""
     model = checkpoint.module
     common = dict(batch_size=batch_size, thresholds=thresholds, attribute=attribute, ignore=ignore, fail_on=fail_on,
                   momentum_known=checkpoint.info.momentum_from != "library-default",
                   sources=sources or Sources(model=checkpoint.info))
-    before = analyze(model, verification_data(), **common)
+    shared = TrainPass()
+    before = analyze(model, verification_data(), **common, train_pass=shared)
     reasons: list[str] = []
     warnings: list[str] = []
     blocking: list[str] = []
@@ -98,9 +105,13 @@ def run_fix(
             "re-export the model after model.eval()"
         )
 
-    result = recalibrate(model, recalibration_data, layers=layers, num_samples=num_samples,
-                         batch_size=batch_size, in_place=True)
-    after = analyze(model, verification_data(), **common) if result.layers else None
+    if recalibration_data is None and num_samples is None and shared.stats is not None:
+        result = recalibrate_measured(model, shared.stats, shared.samples, shared.batches, layers=layers)
+    else:
+        data = verification_data() if recalibration_data is None else recalibration_data
+        result = recalibrate(model, data, layers=layers, num_samples=num_samples, batch_size=batch_size,
+                             in_place=True)
+    after = analyze(model, verification_data(), **common, train_pass=shared) if result.layers else None
 
     if after is not None:
         blocking += _harm(before, after)

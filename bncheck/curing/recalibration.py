@@ -197,6 +197,28 @@ def recalibrate(
         batches = world.shard(batches)
     with OnDevice(runtime.model, device) as target:
         stats, samples, seen = _measure(runtime, batches, num_samples, target)
+    return _recalibrated(runtime, chosen, skipped, stats, samples, seen, in_place)
+
+
+def recalibrate_measured(model: nn.Module, measured: dict[str, LayerStats], samples: int, batches: int, *,
+                         layers: Optional[Sequence[str]] = None, in_place: bool = True) -> RecalibrationResult:
+    """``recalibrate`` from train-mode statistics already measured on the sample (the train-mode
+    half of a diagnosis on the same batches: ``engine.TrainPass``), without another pass."""
+    runtime = runtime_for(model).measuring()
+    chosen, skipped = _selected(list(runtime.layers), layers)
+    stats = []
+    for layer in runtime.layers:
+        entry = LayerStats(layer, layer.module.training)
+        found = measured.get(layer.name)
+        if found is not None:
+            entry.train, entry.depth, entry.train_calls = found.train, found.depth, found.train_calls
+        stats.append(entry)
+    return _recalibrated(runtime, chosen, skipped, stats, samples, batches, in_place)
+
+
+def _recalibrated(runtime: Runtime, chosen: list[BNLayer], skipped: list[tuple[str, str]], stats: list[LayerStats],
+                  samples: int, seen: int, in_place: bool) -> RecalibrationResult:
+    """New running statistics of the ``chosen`` layers from their pooled train-mode statistics."""
     by_name = {entry.layer.name: entry for entry in stats}
     owners = _pool_shared_buffers([by_name[layer.name] for layer in chosen], skipped)
     results, state, previous, targets = [], {}, {}, {}

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from bncheck.judging.attribution import Kept
 from bncheck.measuring.batches import ImageList, batch_len, forward, rebuild, to_device, to_host
+from bncheck.measuring.distributed import combine
 from bncheck.measuring.outputs import OutputTally, logits_of, time_major
 from bncheck.reporting.report import Finding, OutputDivergence
 from bncheck.runtime import Runtime, preserved_state
@@ -38,9 +39,33 @@ FIRES_KL = 0.05
 their arg-max at the slightest change; that is not a disagreement worth failing)."""
 FIRES_RELATIVE_L2 = 0.2
 """...or differ by at least 20% in relative L2 (other outputs)."""
+EARLY_STOP_MARGIN = 3.0
+"""The noise pass stops after two or more re-dealt batches once every one of them puts the
+noise this many times below what would explain the gap (``gap / NOISE_RATIO``): the decision
+cannot turn on the batches left, so a failing model pays for a fraction of the pass."""
 COMPOSITION_F = 8.0
 """Input-layer batch means spreading this many times more than sampling explains: batches
 were not drawn alike."""
+
+
+@dataclass(frozen=True)
+class NoiseEstimate:
+    """What batch noise alone does to train-mode outputs, and how well it was measured."""
+
+    divergence: OutputDivergence
+    samples: int
+    """Samples re-dealt into new batches (all those kept, unless the pass stopped early)."""
+    batches: int
+    """Re-dealt batches run."""
+    error: Optional[float] = None
+    """Standard error of the noise value (KL, or squared relative L2) between the re-dealt
+    batches; None with fewer than two."""
+    complete: bool = True
+    """False when the pass stopped early (the estimate then serves only the gap it was sized for)."""
+
+    def describe(self) -> str:
+        spread = f" +/- {self.error:.2g}" if self.error is not None else ""
+        return f"{spread} from {self.samples} samples in {self.batches} re-dealt batches"
 
 
 @dataclass(frozen=True)
@@ -88,8 +113,8 @@ def _take(value: Any, index: Tensor) -> Any:
 
 def noise_divergence(
     runtime: Runtime, kept: Kept, device: torch.device, float_dtype: Optional[torch.dtype],
-    reduce: Optional[Callable[[OutputTally], OutputTally]] = None,
-) -> Optional[OutputDivergence]:
+    reduce: Optional[Callable[[OutputTally], OutputTally]] = None, gap: Optional[OutputDivergence] = None,
+) -> Optional[NoiseEstimate]:
     """What batch noise alone does to train-mode outputs, on the kept sample: the samples are
     re-dealt into batches of the same sizes (a fixed shuffle across batches) and run in train
     mode again. Two independent batch estimates differ by twice the variance one has around
@@ -97,21 +122,37 @@ def noise_divergence(
     train/eval divergence of a model whose running statistics are right. With one batch, its
     halves stand in (they differ from the whole by the same variance). None when neither is
     possible (one batch of fewer than 4 samples, or inputs that cannot be re-dealt).
-    ``reduce`` adds other processes' tallies (each re-deals its own part of the sample)."""
-    local = _noise_tally(runtime, kept, device, float_dtype)
+    ``reduce`` adds other processes' tallies (each re-deals its own part of the sample).
+
+    Sized by the decision it serves: given the output ``gap``, the re-dealt batches run one at a
+    time and stop (from the second on) once each puts the noise ``EARLY_STOP_MARGIN`` times
+    under ``gap / NOISE_RATIO``; the estimate says how many samples it used and its standard
+    error between batches."""
+    value = _gap_value(gap) if gap is not None else None
+    enough = value / NOISE_RATIO / EARLY_STOP_MARGIN if value is not None else None
+    local, floors = _noise_tally(runtime, kept, device, float_dtype, enough)
+    batches = len(kept) if len(kept) >= 2 else 2  # one batch: its two halves
     tally = reduce(local or OutputTally()) if reduce is not None else local
     if tally is None:
         return None
     result = tally.result()
-    return None if result.kind == "none" else result
+    if result.kind == "none":
+        return None
+    error = None
+    if len(floors) >= 2 and all(f is not None for f in floors):
+        mean = sum(floors) / len(floors)
+        error = math.sqrt(sum((f - mean) ** 2 for f in floors) / (len(floors) - 1) / len(floors))
+    return NoiseEstimate(result, tally.samples, len(floors), error, complete=len(floors) == batches)
 
 
 def _noise_tally(
     runtime: Runtime, kept: Kept, device: torch.device, float_dtype: Optional[torch.dtype],
-) -> Optional[OutputTally]:
-    """The two train-mode runs' divergence as a tally, already scaled to one run's noise."""
+    enough: Optional[float] = None,
+) -> tuple[Optional[OutputTally], list[Optional[float]]]:
+    """The two train-mode runs' divergence as a tally, already scaled to one run's noise, and
+    each re-dealt batch's own noise value; stops early when every batch's is under ``enough``."""
     if not kept:
-        return None
+        return None, []
     sizes = [batch_len(inputs) for inputs, _, _ in kept]
     # time-major sequence outputs ([T, batch, classes]) are re-dealt along their batch dimension
     sequence = time_major(logits_of(kept[0][2]), sizes[0])
@@ -126,7 +167,7 @@ def _noise_tally(
         labels = [y for _, y, _ in kept]
         labels_all = torch.cat(labels) if all(y is not None for y in labels) else None
     except (RuntimeError, TypeError, ValueError, IndexError):
-        return None  # ragged inputs (a list of differently sized images, say)
+        return None, []  # ragged inputs (a list of differently sized images, say)
     total = sum(sizes)
     if len(kept) >= 2:
         order, scale = torch.randperm(total, generator=torch.Generator().manual_seed(0)), 0.5
@@ -138,29 +179,37 @@ def _noise_tally(
         order, scale = torch.arange(total), 1.0
         bounds = [(0, total // 2), (total // 2, total)]
     else:
-        return None
-    outputs = []
+        return None, []
+    parts: list[OutputTally] = []
+    floors: list[Optional[float]] = []
     with torch.no_grad(), preserved_state(runtime.model) as snapshot:
         for start, stop in bounds:
             runtime.set_mode(bn_training=True)
-            batch = to_device(_take(inputs_all, order[start:stop]), device, float_dtype)
-            outputs.append(batch_first(to_host(forward(runtime.model, batch, "train")), stop - start))
+            chosen = order[start:stop]
+            batch = to_device(_take(inputs_all, chosen), device, float_dtype)
+            again = batch_first(to_host(forward(runtime.model, batch, "train")), stop - start)
             snapshot.restore_buffers()
-    try:
-        again = _take(_cat(outputs), torch.argsort(order))  # back in the original sample order
-        tally = OutputTally()
-        if sequence:  # one row per time step, as the main tally compares them
-            train_all, again, labels_all = train_all.reshape(-1, train_all.shape[-1]), \
-                again.reshape(-1, again.shape[-1]), None
-        tally.add(train_all, again, labels_all)
-    except (RuntimeError, TypeError, ValueError, IndexError):
-        return None  # outputs that do not line up per sample (variable-length detections, say)
-    if tally.kind in (None, "none"):
-        return None
-    # KL and squared distances scale with the variance: half of two runs' divergence is one run's
-    tally.kl *= scale
-    tally.diff_sq *= scale
-    return tally
+            try:  # these samples' outputs in their own batch against the new one
+                before = _take(train_all, chosen)
+                labels_part = labels_all[chosen] if labels_all is not None else None
+                if sequence:  # one row per time step, as the main tally compares them
+                    before, again, labels_part = before.reshape(-1, before.shape[-1]), \
+                        again.reshape(-1, again.shape[-1]), None
+                part = OutputTally()
+                part.add(before, again, labels_part)
+            except (RuntimeError, TypeError, ValueError, IndexError):
+                return None, []  # outputs that do not line up per sample (variable-length detections, say)
+            if part.kind in (None, "none"):
+                return None, []
+            # KL and squared distances scale with the variance: half of two runs' divergence is one run's
+            part.kl *= scale
+            part.diff_sq *= scale
+            parts.append(part)
+            floors.append(_gap_value(part.result()))
+            if enough is not None and len(parts) >= 2 and len(parts) < len(bounds) \
+                    and all(f is not None and f < enough for f in floors):
+                break
+    return combine(parts), floors
 
 
 def _f_statistic(calls: list[tuple[Tensor, Tensor, int]]) -> float:
@@ -216,7 +265,7 @@ def triggered(output: OutputDivergence) -> bool:
 
 
 def model_level_findings(
-    output: OutputDivergence, noise: Optional[OutputDivergence], batches: Composition, batch_size: int,
+    output: OutputDivergence, estimate: Optional[NoiseEstimate], batches: Composition, batch_size: int,
     layer_explains: bool, unmeasured: int = 0,
 ) -> list[Finding]:
     """``output-divergence`` when the modes disagree far beyond batch noise (a warning when the
@@ -224,18 +273,20 @@ def model_level_findings(
     explains the disagreement instead."""
     if not triggered(output):
         return []
+    noise = estimate.divergence if estimate is not None else None
     gap, floor = _gap_value(output), _gap_value(noise) if noise is not None else None
     if gap is None:
         return []
     if output.kind == "classifier":
         what = (f"train- and eval-mode outputs agree on {100 * output.top1_agreement:.1f}% of top-1 predictions "
                 f"(KL {output.kl:.3f} nats)")
-        noise_text = (f"batch noise alone gives KL {floor:.3f} ({100 * noise.top1_agreement:.1f}% agreement)"
+        noise_text = (f"batch noise alone gives KL {floor:.3f}{estimate.describe()} "
+                      f"({100 * noise.top1_agreement:.1f}% agreement)"
                       if floor is not None and noise is not None and noise.top1_agreement is not None
                       else "batch noise could not be measured")
     else:
         what = f"train- and eval-mode outputs differ by {output.relative_l2:.3f} in relative L2"
-        noise_text = (f"batch noise alone gives {math.sqrt(floor):.3f}" if floor is not None
+        noise_text = (f"batch noise alone gives {math.sqrt(floor):.3f}{estimate.describe()}" if floor is not None
                       else "batch noise could not be measured")
     if batches.unrepresentative:  # composition, not drift, whatever the noise says
         return [Finding(

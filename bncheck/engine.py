@@ -1,10 +1,11 @@
 """Orchestration of a diagnosis: ``analyze`` (with data) and ``lint`` (without).
 
-No printing and no UI imports. Steps: find BN layers, then per batch one eval-mode
-forward (deployment) and one train-mode forward (only BN layers in train mode) through
-the statistics pass (``collect``), tallying the outputs of both modes (``outputs``);
-then score, diagnose and rank (``scoring``), attribute the output gap to the top flagged
-layers (``attribution``), and prove the model is unchanged.
+No printing and no UI imports. Steps: the model's runtime and its BN layers (``runtime``),
+then per batch one eval-mode forward (deployment) and one train-mode forward (only BN layers
+in train mode) through the statistics pass (``measuring.statistics``), tallying the outputs
+of both modes (``measuring.outputs``); then score, judge and rank (``judging.scoring``),
+attribute the output gap to the top flagged layers (``judging.attribution``), and prove the
+model is unchanged.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ class TrainPass:
     samples: int = 0
     batches: int = 0
     complete: bool = True
-    """False when the outputs went over ``REPLAY_BUDGET`` (nothing to replay then)."""
+    """False when the outputs went over ``REPLAY_BUDGET``, or when a layer's train mode may read
+    its running statistics (not BatchNorm's own forward, or kept in eval by its parent): nothing
+    to replay then."""
 
     @property
     def replayable(self) -> bool:
@@ -217,6 +220,11 @@ def _analyze(
     recorded = 0
     keep_samples = KEEP_SAMPLES if keep_samples is None else keep_samples
     model, layers = runtime.model, runtime.layers
+    if record is not None and not all(layer.native and layer.frozen_by is None
+                                      for layer in layers if layer.kind == "batchnorm"):
+        # a forward of its own (Batch Renorm, ghost BN, TorchScript code) or a layer kept in eval
+        # by its parent (QAT freeze_bn) may read running statistics in train mode: no replay
+        record.complete = False
     _, float_dtype = model_placement(model)
     before = fingerprint(model)
     tally = OutputTally()

@@ -8,7 +8,7 @@ so every value counts once (an uneven last batch weighs what it holds, a BN modu
 several times per forward -- ghost BN, a head shared across FPN levels -- pools every
 call), and the result equals the mean and variance over all values at once. The running
 variance stores the unbiased estimate (``n / (n - 1)``), as PyTorch's BN does. Standard BN
-layers hand over their own batch statistics after the first samples (``collect``'s native
+layers hand over their own batch statistics after the first samples (``measuring.statistics``' native
 mode: momentum 1 for the pass, checked against the hook's numbers), so most batches cost no
 more than a bare train-mode forward.
 

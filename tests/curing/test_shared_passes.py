@@ -71,3 +71,24 @@ def test_the_noise_pass_stops_early_when_the_gap_is_far_beyond_noise_and_says_so
     assert "re-dealt batches" in net.message
     # 6 eval + 6 train in the statistics pass; the noise pass stopped after 2 of its 6 batches
     assert model.calls == {"eval": 6, "train": 8}
+
+
+class ReadsRunning(nn.BatchNorm2d):
+    """A BN whose train mode also reads its running statistics (as Batch Renorm does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 0.5 * self.running_mean.view(1, -1, 1, 1)
+
+
+def test_no_replay_when_train_mode_may_read_running_statistics() -> None:
+    data = make_batches(4)
+    model = Counting()
+    model.bn2 = ReadsRunning(8)
+    model = stale(model)
+    reference = copy.deepcopy(model)
+    info = ModelInfo(None, None, "random-init", None, 0)
+    shared = run_fix(Checkpoint(model, info), None, lambda: data, out=None, dry_run=True, batch_size=16)
+    unshared = run_fix(Checkpoint(reference, info), list(data), lambda: data, out=None, dry_run=True, batch_size=16)
+    assert model.calls["eval"] == 2 * len(data) and model.calls["train"] >= 2 * len(data)  # after ran train mode
+    assert shared.after.output.kl == pytest.approx(unshared.after.output.kl, rel=1e-5, abs=1e-9)
+    assert [(f.code, f.layer) for f in shared.after.findings] == [(f.code, f.layer) for f in unshared.after.findings]

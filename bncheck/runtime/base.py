@@ -71,6 +71,12 @@ class Runtime:
         return None
 
     @classmethod
+    def owns(cls, module: nn.Module) -> bool:
+        """Whether ``module`` is of this kind even when it is not a layer (no other kind may then
+        read it as one: a TorchScript module with running buffers that is not BatchNorm)."""
+        return False
+
+    @classmethod
     def opaque(cls, module: nn.Module) -> tuple[str, ...]:
         """Children of ``module`` whose submodules are not layers of their own."""
         return ()
@@ -181,5 +187,6 @@ def discover(model: nn.Module, kinds: Sequence[type[Runtime]]) -> list[BNLayer]:
             layer = kind.layer_of(name, module, parent if parent in freezing else None)
             if layer is not None:
                 layers.append(layer)
+            if layer is not None or kind.owns(module):
                 break
     return layers

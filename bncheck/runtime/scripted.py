@@ -44,6 +44,10 @@ class ScriptedRuntime(Runtime):
         return isinstance(model, torch.jit.ScriptModule)
 
     @classmethod
+    def owns(cls, module: nn.Module) -> bool:
+        return isinstance(module, torch.jit.ScriptModule)
+
+    @classmethod
     def layer_of(cls, name: str, module: nn.Module, frozen_by: Optional[str]) -> Optional[BNLayer]:
         if not isinstance(module, torch.jit.ScriptModule):
             return None

@@ -103,3 +103,14 @@ def test_exported_programs_name_layers_after_the_eager_model(train, tmp_path) ->
     assert [layer.traced_training for layer in runtime.layers] == [train, train]
     assert runtime.layers[0].momentum == pytest.approx(0.2)
     assert not any(name.startswith("exported_graph") for name in (layer.name for layer in runtime.layers))
+
+
+def test_a_torchscript_module_with_running_buffers_that_is_not_batchnorm_is_no_layer() -> None:
+    class TwoCalls(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + super().forward(x * 2)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), TwoCalls(4)).eval()
+    assert [layer.kind for layer in find_bn_layers(model)] == ["batchnorm"]
+    scripted = traced(model, torch.randn(2, 3, 4, 4))  # two batch_norm calls: not read as one layer
+    assert find_bn_layers(scripted) == []

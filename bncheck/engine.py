@@ -47,7 +47,7 @@ from bncheck.measuring.batches import (
 from bncheck.measuring.outputs import OutputTally, output_gap
 from bncheck.measuring.statistics import LayerStats, statistics_pass
 from bncheck.reporting.report import STALE_CODES, DataInfo, Finding, OutputDivergence, Report, Sources
-from bncheck.runtime import BNLayer, Runtime, fingerprint, runtime_for
+from bncheck.runtime import BNLayer, Runtime, checksum, runtime_for
 
 KEEP_SAMPLES = 256
 """Samples kept on the host for attribution, the output-noise check and the conclusion
@@ -160,7 +160,7 @@ def analyze(
     Returns:
         A frozen ``Report``; ``report.verdict`` is ``"pass"``, ``"fail"`` or ``"no-batchnorm"``.
         The model is left bit-identical: parameters, buffers and every ``training`` flag
-        (checked by fingerprint).
+        (checked by a checksum before and after; the tests prove it with ``fingerprint``).
 
     >>> import torch, bncheck
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
@@ -226,7 +226,7 @@ def _analyze(
         # by its parent (QAT freeze_bn) may read running statistics in train mode: no replay
         record.complete = False
     _, float_dtype = model_placement(model)
-    before = fingerprint(model)
+    before = checksum(model)
     tally = OutputTally()
     samples = batches_seen = largest_batch = 0
     any_labels = False
@@ -278,7 +278,7 @@ def _analyze(
     except Exception as exc:  # every rank learns of it before the next collective
         failure = exc
     finally:
-        after = fingerprint(model)
+        after = checksum(model)
     world.agree(failure)
     if after != before:
         raise InternalError("the model's parameters, buffers or modes changed during the run; please report this bug")
@@ -361,7 +361,7 @@ def _analyze(
         failure = exc
     world.agree(failure)
     passes_ran = bool(flagged and gap) or triggered(output) or conclusion is not None or bool(extra)
-    if passes_ran and fingerprint(model) != before:  # a healthy model ran none: no second hash
+    if passes_ran and checksum(model) != before:  # a healthy model ran none: no second hash
         raise InternalError("the model changed during attribution or the noise check; please report this bug")
     if not attribution and not extra and conclusion is None:
         return report

@@ -42,7 +42,7 @@ from bncheck.measuring.batches import (
     to_device,
 )
 from bncheck.measuring.statistics import LayerStats, statistics_pass
-from bncheck.runtime import BNLayer, Runtime, fingerprint, runtime_for
+from bncheck.runtime import BNLayer, Runtime, checksum, runtime_for
 
 STABLE_ERROR = 0.05
 """Expected error of recalibrated statistics (in output stds, like a layer score) above
@@ -274,7 +274,7 @@ def _measure(
 ) -> tuple[list[LayerStats], int, int]:
     model = runtime.model
     _, float_dtype = model_placement(model)
-    before = fingerprint(model)
+    before = checksum(model)
     world = distributed.current()
     samples = seen = 0
     failure: Optional[BaseException] = None
@@ -291,7 +291,7 @@ def _measure(
     except Exception as exc:  # every rank learns of it before the pooling
         failure = exc
     finally:
-        after = fingerprint(model)
+        after = checksum(model)
     world.agree(failure)
     if after != before:
         raise InternalError("the model changed while measuring its statistics; please report this bug")

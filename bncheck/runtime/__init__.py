@@ -17,7 +17,7 @@ from bncheck.runtime.eager import EagerRuntime
 from bncheck.runtime.exported import ExportedRuntime
 from bncheck.runtime.layer import BUFFERS, HOOKS, BNLayer
 from bncheck.runtime.scripted import ScriptedRuntime
-from bncheck.runtime.state import StateSnapshot, fingerprint, preserved_state, set_bn_train_mode
+from bncheck.runtime.state import StateSnapshot, checksum, fingerprint, preserved_state, set_bn_train_mode
 
 KINDS: tuple[type[Runtime], ...] = (ScriptedRuntime, ExportedRuntime, EagerRuntime)
 """Most specific first: the first that claims a model runs it; discovery asks each about
@@ -38,6 +38,6 @@ def find_bn_layers(model: nn.Module) -> list[BNLayer]:
 
 __all__ = [
     "BUFFERS", "HOOKS", "KINDS", "BNLayer", "EagerRuntime", "ExportedRuntime", "Observation", "Runtime",
-    "ScriptedRuntime", "Sink", "StateSnapshot", "find_bn_layers", "fingerprint", "preserved_state",
+    "ScriptedRuntime", "Sink", "StateSnapshot", "checksum", "find_bn_layers", "fingerprint", "preserved_state",
     "runtime_for", "set_bn_train_mode",
 ]

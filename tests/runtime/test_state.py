@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from bncheck.runtime import fingerprint, preserved_state, runtime_for
+from bncheck.runtime import checksum, fingerprint, preserved_state, runtime_for
 
 
 class Net(nn.Sequential):
@@ -34,6 +34,42 @@ def test_fingerprint_sees_buffers_parameters_and_modes() -> None:
     assert fingerprint(m) == before
     m[2].train()
     assert fingerprint(m) != before
+
+
+def test_checksum_sees_every_write_a_run_could_make_and_survives_the_runs_own_restores() -> None:
+    m = model()
+    before = checksum(m)
+    with preserved_state(m) as snapshot:  # the passes write buffers and restore them: no change
+        m[1].train()
+        m[1](torch.randn(8, 4))
+        snapshot.restore_buffers()
+    assert checksum(m) == before
+    with torch.no_grad():
+        m[0].weight.mul_(1.0)  # same values, but a write through torch: its version counter moved
+    assert checksum(m) != before
+    before = checksum(m)
+    m[0].bias.data[0] += 1  # bypasses the version counter: the bit sum sees it
+    assert checksum(m) != before
+    m[0].bias.data[0] -= 1
+    assert checksum(m) == before
+    m[1].running_var.data[1] = 2.0  # a buffer, written behind torch's back
+    assert checksum(m) != before
+    m[1].running_var.data[1] = 1.0
+    m[1].num_batches_tracked.data += 1  # integer buffers too
+    assert checksum(m) != before
+    m[1].num_batches_tracked.data -= 1
+    m.frozen.train()
+    assert checksum(m) != before
+    m.frozen.eval()
+    half = nn.BatchNorm1d(4).half()  # 2-byte and 1-byte elements read as their own widths
+    flags = nn.Module()
+    flags.register_buffer("mask", torch.tensor([True, False]))
+    for module in (half, flags):
+        start = checksum(module)
+        next(iter(module.buffers())).data[0] = not bool(next(iter(module.buffers()))[0]) \
+            if module is flags else 3.0
+        assert checksum(module) != start
+    assert checksum(m) == before
 
 
 def test_preserved_state_restores_buffers_and_each_modules_own_flag_even_on_error() -> None:

@@ -3,11 +3,13 @@
 ``fix`` on the same batches shares the train-mode pass (train mode never reads the running
 statistics it changes): one eval and one train pass before, one eval pass after -- and the
 result is the one the unshared path gives. The output-noise pass stops once its batches
-already put the noise far under what would explain the gap."""
+already put the noise far under what would explain the gap (one batch, when its samples'
+spread says so)."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -16,8 +18,16 @@ from torch import nn
 
 import bncheck
 from bncheck.curing.fix import run_fix
+from bncheck.judging.output_divergence import (
+    EARLY_STOP_MARGIN,
+    ONE_BATCH_Z,
+    _noise_tally,
+    _sample_error,
+    noise_divergence,
+)
 from bncheck.reading.checkpoint import Checkpoint
 from bncheck.reporting.report import ModelInfo
+from bncheck.runtime import preserved_state, runtime_for
 
 
 class Counting(TinyNet):
@@ -68,9 +78,73 @@ def test_the_noise_pass_stops_early_when_the_gap_is_far_beyond_noise_and_says_so
     model = stale(Counting())
     report = bncheck.analyze(model, data, attribute=0)
     net = next(f for f in report.findings if f.code == "output-divergence")
-    assert "re-dealt batches" in net.message
-    # 6 eval + 6 train in the statistics pass; the noise pass stopped after 2 of its 6 batches
-    assert model.calls == {"eval": 6, "train": 8}
+    assert "from 16 samples in 1 re-dealt batch" in net.message
+    # 6 eval + 6 train in the statistics pass; the noise pass stopped after 1 of its 6 batches:
+    # its value plus 3 (inflated) standard errors is far under what the decision turns on
+    assert model.calls == {"eval": 6, "train": 7}
+
+
+def _kept(model: nn.Module, data: list[torch.Tensor]) -> list:
+    """The engine's kept sample: inputs, no labels, train-mode outputs in their own batches."""
+    kept = []
+    with torch.no_grad():
+        for x in data:
+            runtime = runtime_for(model)
+            with preserved_state(model):
+                runtime.set_mode(bn_training=True)
+                kept.append((x, None, model(x)))
+    return kept
+
+
+def test_one_batch_settles_the_noise_only_when_its_samples_agree_well_enough() -> None:
+    data = make_batches(6)
+    model = stale(Counting())
+    kept, runtime = _kept(model, data), runtime_for(model)
+    _, floors, error = _noise_tally(runtime, kept, torch.device("cpu"), None)  # no decision: every batch
+    assert len(floors) == 6 and error is not None and error > 0
+    limit = floors[0] * 1.0001  # the first batch is under the early-stop limit ...
+    assert floors[0] + ONE_BATCH_Z * error >= limit * EARLY_STOP_MARGIN  # ... but not surely under the decision
+    _, ran, _ = _noise_tally(runtime, kept, torch.device("cpu"), None, limit)
+    assert len(ran) >= 2
+    roomy = (floors[0] + ONE_BATCH_Z * error) / EARLY_STOP_MARGIN * 1.01
+    _, ran, _ = _noise_tally(runtime, kept, torch.device("cpu"), None, roomy)
+    assert ran == floors[:1]
+
+
+def test_under_torchrun_every_rank_runs_every_noise_batch() -> None:
+    data = make_batches(6)
+    model = stale(Counting())
+    kept = _kept(model, data)
+    model.calls = {"train": 0, "eval": 0}
+    gap = bncheck.analyze(copy.deepcopy(model), data, attribute=0).output
+    estimate = noise_divergence(runtime_for(model), kept, torch.device("cpu"), None, reduce=lambda t: t, gap=gap)
+    assert estimate is not None and estimate.batches == 6 and estimate.complete
+    assert model.calls["train"] == 6
+
+
+def test_sample_error_by_hand() -> None:
+    # classifier: per-sample KL of 2-class softmaxes; the noise value is half of each (two runs)
+    before = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    again = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    p, q = before.softmax(-1).double(), again.softmax(-1).double()
+    kl = [float((p[i] * (p[i] / q[i]).log()).sum()) for i in range(4)]
+    s = math.e / (1 + math.e)  # softmax([1, 0])[0]
+    assert kl == pytest.approx([0.0, 0.5 * math.log(0.5 / s) + 0.5 * math.log(0.5 / (1 - s)), 0.0,
+                                s * math.log(s / 0.5) + (1 - s) * math.log((1 - s) / 0.5)])
+    values = [0.5 * v for v in kl]
+    mean = sum(values) / 4
+    expected = math.sqrt(sum((v - mean) ** 2 for v in values) / 3) / 2  # sample std / sqrt(4)
+    assert _sample_error(before, again, "classifier", 0.5) == pytest.approx(expected)
+    # other outputs: ratio sum d / sum r with d_i = 0.5 * ||again_i - before_i||^2, r_i = ||before_i||^2
+    before = torch.tensor([[1.0], [1.0], [2.0], [2.0]])
+    again = torch.tensor([[2.0], [1.0], [2.0], [4.0]])
+    d, r = [0.5, 0.0, 0.0, 2.0], [1.0, 1.0, 4.0, 4.0]
+    ratio = sum(d) / sum(r)  # 2.5 / 10
+    residual = [di - ratio * ri for di, ri in zip(d, r)]  # 0.25, -0.25, -1, 1
+    expected = math.sqrt(sum(e * e for e in residual) / 3 / 4) / (sum(r) / 4)
+    assert _sample_error(before, again, "tensor", 0.5) == pytest.approx(expected)
+    assert _sample_error(before[:3], again[:3], "tensor", 0.5) is None  # fewer than 4 samples
+    assert _sample_error((before,), (again,), "tensor", 0.5) is None  # not one row per sample
 
 
 class ReadsRunning(nn.BatchNorm2d):

@@ -15,7 +15,7 @@ Measured (each a whole process: interpreter start, imports, loading, decoding, f
    before and after) vs the bare train-pass script and vs the careful user's script (an eval pass,
    ``swa_utils.update_bn``, an eval pass; target <= 1.10x);
    and ``bncheck run`` on a failing model (every BN mean off by half a std) with ``--attribute 0``
-   (target <= 1.25x) and with the default;
+   (target <= 1.25x) and with the default, with each stage's time and what it bought (in process);
 3. peak memory of ``bncheck run`` at 4 and 16 batches (flat: the sample kept for the
    later passes is capped);
 4. image decoding throughput (images/s) of bncheck's folder reader.
@@ -42,16 +42,20 @@ import torchvision
 from PIL import Image
 
 HAND_WRITTEN = """
-import sys, glob
+import sys, glob, gc
+if sys.argv[4].endswith("-gc"):  # what bncheck does: no collections while importing, then freeze
+    gc.disable()
 import numpy as np, torch, torchvision
 from PIL import Image
 model = torchvision.models.{arch}(weights=None)
 model.load_state_dict(torch.load(sys.argv[1], map_location="cpu", weights_only=True))
+if sys.argv[4].endswith("-gc"):
+    gc.freeze(); gc.enable()
 model.eval().to(sys.argv[3])
 mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 files = sorted(glob.glob(sys.argv[2] + "/*.jpg"))
-mode = sys.argv[4]
+mode = sys.argv[4].removesuffix("-gc")
 batches = []
 with torch.no_grad():
     for i in range(0, len(files), {batch}):
@@ -169,6 +173,45 @@ def in_process_recalibration(arch: str, images: Path, batch: int, device: str, r
     return statistics.median(times["ours"]), statistics.median(times["bare"])
 
 
+def pass_costs(arch: str, images: Path, batch: int, stale: Path, device: str) -> list[tuple[str, str, str]]:
+    """In process: ``bncheck.analyze`` on the failing model with the default ``attribute``, the
+    wall time of each stage (from the engine's progress callback) and what that stage bought."""
+    import bncheck
+    from bncheck.config import load_settings
+    from bncheck.reading.data import open_data
+
+    model = torchvision.models.get_model(arch, weights=None)
+    model.load_state_dict(torch.load(stale, weights_only=True))
+    model.eval().to(device)
+    cfg = load_settings(overrides={"data": {"resize": None, "crop": None}}).data
+    batches = [x.to(device) for x, _ in open_data(images, cfg, batch, None).batches()]
+    marks: list[tuple[str, float]] = []
+
+    def progress(stage: str, _done: int, _total: object) -> None:
+        if not marks or marks[-1][0] != stage:
+            marks.append((stage, time.perf_counter()))
+
+    start = time.perf_counter()
+    report = bncheck.analyze(model, batches, batch_size=batch, progress=progress)
+    marks.append(("end", time.perf_counter()))
+    spent = {stage: later - at for (stage, at), (_, later) in zip(marks, marks[1:])}
+    total = marks[-1][1] - start
+    net = next((f.message for f in report.findings if f.code == "output-divergence"), "")
+    noise = net[net.find("(batch noise"):].split(";")[0] if "(batch noise" in net else "not measured"
+    attributed = [f"{layer.name} {100 * layer.attribution:.0f}%" for layer in report.layers
+                  if layer.attribution is not None]
+    buys = {
+        "batches": f"eval and train statistics of {len(report.layers)} BN layers; verdict {report.verdict}",
+        "attribution": "share of the output gap fixing each layer alone removes: " + ", ".join(attributed[:5]),
+        "output noise": "what batch noise explains " + noise,
+        "conclusion": f"the measured 'recalibrate all' conclusion: {report.conclusion or '-'}",
+    }
+    rows = [(f"`bncheck.analyze` on the failing model, default `--attribute`, stage `{stage}`",
+             f"{seconds:.2f} s of {total:.2f} s", f"{100 * seconds / total:.0f}%; buys: {buys.get(stage, '')}")
+            for stage, seconds in spent.items()]
+    return rows
+
+
 def decode_rate(images: Path, batch: int) -> float:
     from bncheck.config import load_settings
     from bncheck.reading.data import open_data
@@ -206,23 +249,30 @@ def main() -> None:
                "--batch-size", str(args.batch_size), "--resize", "none", "--crop", "none", "--device", args.device,
                "--out", "fixed.pt", "--force", "--quiet"]
         hand = [python, "hand.py", "model.pt", "images", args.device, "both"]
+        hand_gc = [python, "hand.py", "model.pt", "images", args.device, "both-gc"]
         hand_train = [python, "hand.py", "model.pt", "images", args.device, "train"]
         hand_fix = [python, "hand.py", "model.pt", "images", args.device, "fix"]
         failing = [*run[:4], "stale.pt", *run[5:]]
         failing_quick = [*failing, "--attribute", "0"]
-        result = alternate({"run": run, "hand": hand, "fix": fix, "hand_train": hand_train, "hand_fix": hand_fix,
+        result = alternate({"run": run, "hand": hand, "hand_gc": hand_gc, "fix": fix,
+                            "hand_train": hand_train, "hand_fix": hand_fix,
                             "failing": failing, "failing_quick": failing_quick}, work, args.repeats)
         (run_wall, run_peak), (hand_wall, hand_peak) = result["run"], result["hand"]
         (fix_wall, fix_peak), (train_wall, _) = result["fix"], result["hand_train"]
         rows.append(("`bncheck run` process vs hand-written script (eval+train forward per batch)",
                      f"{run_wall:.2f} s vs {hand_wall:.2f} s", f"**{run_wall / hand_wall:.3f}×** wall, "
                      f"{run_peak / hand_peak:.2f}× peak RSS ({run_peak} vs {hand_peak} MiB)"))
+        gc_wall = result["hand_gc"][0]
+        rows.append(("... vs the same script with the garbage collector handled as bncheck does (off while "
+                     "importing, then frozen)", f"{run_wall:.2f} s vs {gc_wall:.2f} s",
+                     f"{run_wall / gc_wall:.3f}× wall"))
         for name, label in (("failing_quick", "`--attribute 0`: output-noise pass only"),
                             ("failing", "default `--attribute`: + attribution, conclusion, recovery passes")):
             wall, peak = result[name]
             rows.append((f"`bncheck run` on a failing model (every BN mean off by 0.5 std), {label}",
                          f"{wall:.2f} s vs {hand_wall:.2f} s", f"**{wall / hand_wall:.3f}×** wall, "
                          f"{peak / hand_peak:.2f}× peak RSS"))
+        rows += pass_costs(args.arch, images, args.batch_size, work / "stale.pt", args.device)
         ours, bare = in_process_recalibration(args.arch, images, args.batch_size, args.device, args.repeats)
         rows.append(("`bncheck.recalibrate` vs bare train-mode pass (in process, same tensors)",
                      f"{ours:.2f} s vs {bare:.2f} s", f"**{ours / bare:.3f}×**"))

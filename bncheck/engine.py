@@ -87,8 +87,10 @@ class TrainPass:
 
 
 Progress = Callable[[str, int, Optional[int]], None]
-"""``progress(stage, done, total)``: stage ``batches`` (total unknown to the engine) or
-``attribution`` (one step per eval batch of the attribution passes)."""
+"""``progress(stage, done, total)``: stage ``batches`` (total unknown to the engine),
+``attribution`` (one step per eval batch of the attribution passes), then, once each as it
+starts (``done`` 0, ``total`` None): ``output noise``, ``conclusion``, ``combined evidence``,
+``accuracy recovery`` (each runs a pass only when the report needs it)."""
 
 ThresholdsLike = Union[Thresholds, Mapping[str, float], None]
 
@@ -348,13 +350,19 @@ def _analyze(
             unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))
             extra = tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
                                                largest_batch, explained, unmeasured))
+        if progress is not None:
+            progress("conclusion", 0, None)
         conclusion = _conclusion(runtime, report, by_name, keep, gap, device, float_dtype, reduce,
                                  measure=attribute > 0)
         if triggered(output) and gap:
+            if progress is not None:
+                progress("combined evidence", 0, None)
             combined = _combined_evidence(runtime, report, by_name, keep, gap, device, float_dtype, reduce,
                                           thresholds, measure=attribute > 0)
             extra += (combined,) if combined is not None else ()
         if accuracy_gap(output):
+            if progress is not None:
+                progress("accuracy recovery", 0, None)
             extra += (accuracy_gap_finding(output, _recovered_accuracy(
                 runtime, report, by_name, keep, kept_tally, device, float_dtype, reduce, attribute)),)
     except Exception as exc:

@@ -166,3 +166,13 @@ def test_no_replay_when_train_mode_may_read_running_statistics() -> None:
     assert model.calls["eval"] == 2 * len(data) and model.calls["train"] >= 2 * len(data)  # after ran train mode
     assert shared.after.output.kl == pytest.approx(unshared.after.output.kl, rel=1e-5, abs=1e-9)
     assert [(f.code, f.layer) for f in shared.after.findings] == [(f.code, f.layer) for f in unshared.after.findings]
+
+
+def test_progress_names_each_stage_of_a_failing_run_in_order() -> None:
+    data = make_batches(4)
+    model = stale(Counting())
+    stages: list[str] = []
+    bncheck.analyze(model, data, attribute=1,
+                    progress=lambda stage, _done, _total: stages.append(stage) if stage not in stages else None)
+    assert stages[:2] == ["batches", "attribution"]
+    assert stages.index("output noise") < stages.index("conclusion") < stages.index("combined evidence")

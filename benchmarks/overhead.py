@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,16 +91,22 @@ def make_images(folder: Path, count: int, size: int) -> None:
         Image.fromarray(img).save(folder / f"{i:04d}.jpg", quality=90)
 
 
-def healthy_checkpoint(arch: str, images: Path, batch: int, path: Path) -> None:
-    """Random weights with BN statistics set to the images' own (a model that passes)."""
-    import bncheck
+def image_source(images: Path, batch: int) -> Any:
+    """bncheck's reader over the benchmark's JPEGs as they are (no resize, no crop)."""
     from bncheck.config import load_settings
     from bncheck.reading.data import open_data
 
+    cfg = load_settings(overrides={"data": {"resize": None, "crop": None}}).data
+    return open_data(images, cfg, batch, None)
+
+
+def healthy_checkpoint(arch: str, images: Path, batch: int, path: Path) -> None:
+    """Random weights with BN statistics set to the images' own (a model that passes)."""
+    import bncheck
+
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None).eval()
-    cfg = load_settings(overrides={"data": {"resize": None, "crop": None}}).data
-    source = open_data(images, cfg, batch, None)
+    source = image_source(images, batch)
     bncheck.recalibrate(model, [x for x, _ in source.batches()])
     torch.save(model.state_dict(), path)
 
@@ -143,12 +150,9 @@ def alternate(commands: dict[str, list[str]], cwd: Path, repeats: int) -> dict[s
 def in_process_recalibration(arch: str, images: Path, batch: int, device: str, repeats: int) -> tuple[float, float]:
     """Median seconds of ``bncheck.recalibrate`` and of a bare train-mode pass, same tensors."""
     import bncheck
-    from bncheck.config import load_settings
-    from bncheck.reading.data import open_data
 
     model = torchvision.models.get_model(arch, weights=None).eval().to(device)
-    cfg = load_settings(overrides={"data": {"resize": None, "crop": None}}).data
-    batches = [x.to(device) for x, _ in open_data(images, cfg, batch, None).batches()]
+    batches = [x.to(device) for x, _ in image_source(images, batch).batches()]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def bare() -> None:
@@ -177,14 +181,11 @@ def pass_costs(arch: str, images: Path, batch: int, stale: Path, device: str) ->
     """In process: ``bncheck.analyze`` on the failing model with the default ``attribute``, the
     wall time of each stage (from the engine's progress callback) and what that stage bought."""
     import bncheck
-    from bncheck.config import load_settings
-    from bncheck.reading.data import open_data
 
     model = torchvision.models.get_model(arch, weights=None)
     model.load_state_dict(torch.load(stale, weights_only=True))
     model.eval().to(device)
-    cfg = load_settings(overrides={"data": {"resize": None, "crop": None}}).data
-    batches = [x.to(device) for x, _ in open_data(images, cfg, batch, None).batches()]
+    batches = [x.to(device) for x, _ in image_source(images, batch).batches()]
     marks: list[tuple[str, float]] = []
 
     def progress(stage: str, _done: int, _total: object) -> None:
@@ -213,11 +214,8 @@ def pass_costs(arch: str, images: Path, batch: int, stale: Path, device: str) ->
 
 
 def decode_rate(images: Path, batch: int) -> float:
-    from bncheck.config import load_settings
-    from bncheck.reading.data import open_data
 
-    cfg = load_settings(overrides={"data": {"resize": None, "crop": None}}).data
-    source = open_data(images, cfg, batch, None)
+    source = image_source(images, batch)
     start = time.perf_counter()
     count = sum(x.shape[0] for x, _ in source.batches())
     return count / (time.perf_counter() - start)

@@ -329,6 +329,11 @@ def _analyze(
     extra: tuple[Finding, ...] = ()
     failure = None
     conclusion = None
+
+    def stage(name: str) -> None:  # a stage after the attribution passes starts
+        if progress is not None:
+            progress(name, 0, None)
+
     try:
         if flagged and gap:
             for index, name in enumerate(flagged):
@@ -337,8 +342,7 @@ def _analyze(
                 attribution[name] = attribute_layer(runtime, by_name[name], keep, gap, device, float_dtype,
                                                     reduce=reduce)
         if triggered(output):
-            if progress is not None:
-                progress("output noise", 0, None)
+            stage("output noise")
             if replay is not None and replay.noise is not None:
                 noise = replay.noise  # train mode alone: the same as before
             else:
@@ -350,19 +354,16 @@ def _analyze(
             unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))
             extra = tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
                                                largest_batch, explained, unmeasured))
-        if progress is not None:
-            progress("conclusion", 0, None)
+        stage("conclusion")
         conclusion = _conclusion(runtime, report, by_name, keep, gap, device, float_dtype, reduce,
                                  measure=attribute > 0)
         if triggered(output) and gap:
-            if progress is not None:
-                progress("combined evidence", 0, None)
+            stage("combined evidence")
             combined = _combined_evidence(runtime, report, by_name, keep, gap, device, float_dtype, reduce,
                                           thresholds, measure=attribute > 0)
             extra += (combined,) if combined is not None else ()
         if accuracy_gap(output):
-            if progress is not None:
-                progress("accuracy recovery", 0, None)
+            stage("accuracy recovery")
             extra += (accuracy_gap_finding(output, _recovered_accuracy(
                 runtime, report, by_name, keep, kept_tally, device, float_dtype, reduce, attribute)),)
     except Exception as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,19 +20,30 @@ from torch import Tensor, nn
 from bncheck.runtime.layer import BNLayer
 
 
+def _tensors(model: nn.Module) -> Iterator[tuple[str, str, Optional[Tensor]]]:
+    """``("p" | "b", name, tensor)`` for every parameter and buffer, detached; None for a lazy
+    module's uninitialized ones."""
+    for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers())):
+        for name, tensor in named:
+            uninitialized = isinstance(tensor, nn.parameter.UninitializedTensorMixin)
+            yield kind, name, None if uninitialized else tensor.detach()
+
+
+def _bytes(t: Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+
+
 def fingerprint(model: nn.Module) -> str:
     """SHA-256 over every parameter's and buffer's name, dtype, shape and bytes, plus
     every module's ``training`` flag."""
     digest = hashlib.sha256()
-    for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
-        for name, tensor in items:
-            if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
-                digest.update(f"{kind}:{name}:uninitialized".encode())
-                continue
-            t = tensor.detach()
-            digest.update(f"{kind}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            if t.numel():
-                digest.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    for kind, name, t in _tensors(model):
+        if t is None:
+            digest.update(f"{kind}:{name}:uninitialized".encode())
+            continue
+        digest.update(f"{kind}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            digest.update(_bytes(t))
     for name, module in model.named_modules():
         digest.update(f"t:{name}:{module.training}".encode())
     return digest.hexdigest()
@@ -48,7 +60,7 @@ def _bit_sum(t: Tensor) -> object:
         bits = t.view(_BITS[t.element_size()]) if t.dtype not in _BITS.values() else t
         return int(torch.sum(bits, dtype=torch.int64))
     except (KeyError, RuntimeError, TypeError):
-        return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+        return hashlib.sha256(_bytes(t)).hexdigest()
 
 
 def checksum(model: nn.Module) -> tuple:
@@ -60,15 +72,13 @@ def checksum(model: nn.Module) -> tuple:
     parameter, bypasses its version counter (values swapped through ``.data``); tests prove
     bit-identity with ``fingerprint``."""
     items: list[object] = []
-    for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers())):
-        for name, tensor in named:
-            if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
-                items.append((kind, name, "uninitialized"))
-                continue
-            t = tensor.detach()
-            version = tensor._version if kind == "p" else None
-            storage = t.data_ptr() if t.layout == torch.strided else None
-            items.append((kind, name, t.dtype, tuple(t.shape), version, storage, _bit_sum(t) if t.numel() else 0))
+    for kind, name, t in _tensors(model):
+        if t is None:
+            items.append((kind, name, "uninitialized"))
+            continue
+        version = t._version if kind == "p" else None  # a detached tensor shares its version counter
+        storage = t.data_ptr() if t.layout == torch.strided else None
+        items.append((kind, name, t.dtype, tuple(t.shape), version, storage, _bit_sum(t) if t.numel() else 0))
     items.extend(module.training for module in model.modules())
     return tuple(items)
 

@@ -229,6 +229,12 @@ def _transform_options(command: Callable) -> Callable:
 @click.option("--trust-checkpoint", is_flag=True,
               help="Load files that are programs: full pickles (torch.save(model)), TorchScript archives, "
                    ".pt2 archives that hold code. Loading them runs code from the file.")
+@click.option("--trust-config", is_flag=True,
+              help="Let the --config file name code (arch: module:callable, data: file.py:callable); "
+                   "without it only a flag may.")
+@click.option("--force", is_flag=True,
+              help="Replace existing files that the --config file names as outputs (flags' paths are always "
+                   "replaced when they are regular files).")
 @click.option("--attribute", type=click.IntRange(min=0), metavar="K",
               help="For the K top flagged layers, measure how much of the output gap fixing each alone "
                    "removes: one extra eval pass over the sample per layer (default 5; 0: off).")
@@ -254,6 +260,8 @@ def run(
     checkpoint: Optional[Path],
     config_path: Optional[Path],
     trust_checkpoint: bool,
+    trust_config: bool,
+    force: bool,
     **flags: Any,
 ) -> None:
     """Run the model in train and eval mode on sample data and rank the BN layers
@@ -263,7 +271,7 @@ def run(
     batch, plus one eval pass per attributed layer; the model and the checkpoint are
     never modified.
     """
-    settings = load_settings(config_path, _overrides(flags))
+    settings = load_settings(config_path, _overrides(flags), trust_config=trust_config, force=force)
     arch = settings.arch
     kwargs = _arch_kwargs(flags, settings)
     if checkpoint is None and arch is None:
@@ -567,6 +575,9 @@ def _annotate(report: Report, mode: str, *, to_stderr: bool) -> None:
 @click.option("--trust-checkpoint", is_flag=True,
               help="Load files that are programs: full pickles (torch.save(model)), TorchScript archives, "
                    ".pt2 archives that hold code. Loading them runs code from the file.")
+@click.option("--trust-config", is_flag=True,
+              help="Let the --config file name code (arch: module:callable, data: file.py:callable); "
+                   "without it only a flag may.")
 @click.option("--dry-run", is_flag=True, help="Compute and show before -> after; write nothing.")
 @click.option("--force", is_flag=True,
               help="Replace an existing --out, and write even when bncheck would refuse (loudly).")
@@ -586,6 +597,7 @@ def fix(
     layers: tuple[str, ...],
     num_samples: Optional[int],
     trust_checkpoint: bool,
+    trust_config: bool,
     dry_run: bool,
     force: bool,
     **flags: Any,
@@ -603,17 +615,18 @@ def fix(
     """
     flags.update(markdown_out=None, junit_out=None, baseline=None,
                  top=None, save=None, attribute=None)
-    settings = load_settings(config_path, _overrides(flags))
+    settings = load_settings(config_path, _overrides(flags), trust_config=trust_config, force=force)
     from bncheck.files import check_output_folder, check_output_path
 
     if settings.data.path is None:
         raise UsageError("fix needs --data: the samples whose statistics the BN layers should hold")
     if out is None and not dry_run:
         raise UsageError("give --out NEW for the recalibrated checkpoint, or --dry-run to only see before -> after")
+    inputs = _input_paths(checkpoint, settings.data.path, config=config_path)
     if out is not None:
-        (check_output_folder if Path(checkpoint).is_dir() else check_output_path)(out, checkpoint, force=force)
-    _check_outputs({"out": out, "json": settings.outputs.json, "html": settings.outputs.html},
-                   _input_paths(checkpoint, settings.data.path, config=config_path),
+        (check_output_folder if Path(checkpoint).is_dir() else check_output_path)(
+            out, checkpoint, force=force, inputs=inputs)
+    _check_outputs({"out": out, "json": settings.outputs.json, "html": settings.outputs.html}, inputs,
                    folders=("out",) if Path(checkpoint).is_dir() else ())
     kwargs = _arch_kwargs(flags, settings)
 
@@ -645,6 +658,7 @@ def fix(
         ignore=settings.ignore, fail_on=settings.fail_on, dry_run=dry_run, force=force,
         sources=_sources(loaded.info, settings, verify_source, provenance),
     )
+    verify_source.notes.extend(note for note in recal_source.notes if note not in verify_source.notes)
     _data_notes(verify_source, settings, skipped=sorted(set(recal_source.skipped + verify_source.skipped)))
     _finish_fix(result, settings)
 
@@ -781,7 +795,7 @@ def report(
 
     targets = {"json": json_out, "markdown": markdown_out, "html": html_out, "junit": junit_out}
     to_stdout = _stdout_format(targets)
-    settings = load_settings(config_path, {"top": top, "annotations": annotations, "fail_on": fail_on})
+    settings = load_settings(config_path, {"top": top, "annotations": annotations, "fail_on": fail_on}, writes=False)
     if run_json is None:
         if settings.save is None:
             raise UsageError("no RUN_JSON given and saving is off (save: null); pass the JSON path")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bncheck.errors import UsageError
-from bncheck.reading.untrusted import shown
+from bncheck.reading.untrusted import names_code, shown
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 FAIL_ON_LEVELS = ("error", "warning", "never")
@@ -190,10 +190,37 @@ def check_arch_kwargs(value: Any, what: str) -> dict[str, Any]:
     return dict(value)
 
 
+THRESHOLD_RANGES: dict[str, tuple[float, float, bool]] = {
+    "stale_error": (0.0, 10.0, False),
+    "stale_warning": (0.0, 10.0, False),
+    "drift_to_noise": (0.0, 100.0, True),
+    "divergence": (0.0, 10.0, False),
+    "input_mean_shift": (0.0, 100.0, False),
+    "small_batch_noise": (0.0, 10.0, False),
+    "dead_channel_var": (0.0, 1.0, True),
+    "eps_low": (0.0, 1.0, True),
+    "eps_high": (0.0, 1.0, True),
+    "baseline_worsen": (0.0, 10.0, True),
+}
+"""Each threshold's valid range ``(low, high, low_included)``; the high end is included. A
+layer score (the RMS normalization error) of 10 is ten output standard deviations: a gate set
+above that, or a drift-to-noise ratio above 100, would pass every broken model, so a file
+cannot switch a gate off with a number (``fail_on: never`` is the one documented switch)."""
+
+
+def _in_range(name: str, value: float) -> float:
+    low, high, low_included = THRESHOLD_RANGES[name]
+    if value > high or value < low or (value == low and not low_included):
+        bracket = "[" if low_included else "("
+        raise UsageError(f"setting 'thresholds.{name}' must be in {bracket}{low:g}, {high:g}], got {value:g}")
+    return value
+
+
 def _thresholds(t: dict[str, Any]) -> Thresholds:
-    thresholds = Thresholds(
-        **{f.name: _number(t, f.name, float, minimum=0.0, where="thresholds.") for f in fields(Thresholds)}
-    )
+    thresholds = Thresholds(**{
+        f.name: _in_range(f.name, _number(t, f.name, float, minimum=0.0, where="thresholds."))
+        for f in fields(Thresholds)
+    })
     for low, high in (("stale_warning", "stale_error"), ("eps_low", "eps_high")):
         if getattr(thresholds, low) > getattr(thresholds, high):
             raise UsageError(
@@ -250,21 +277,95 @@ def _build(raw: dict[str, Any]) -> Settings:
     )
 
 
+CODE_FIELDS = ("arch", "data.path")
+"""Config keys whose value may name code to import and call (``module:callable``, ``file.py:fn``)."""
+OUTPUT_FIELDS = ("save", "outputs.json", "outputs.markdown", "outputs.html", "outputs.junit")
+"""Config keys naming a file bncheck writes."""
+
+
+def _dotted(raw: Mapping[str, Any], key: str) -> Any:
+    value: Any = raw
+    for part in key.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
 def load_settings(
-    config_path: Optional[Path] = None, overrides: Optional[Mapping[str, Any]] = None
+    config_path: Optional[Path] = None, overrides: Optional[Mapping[str, Any]] = None, *,
+    trust_config: bool = False, force: bool = False, writes: bool = True,
 ) -> Settings:
-    """Defaults, then the user's YAML file, then ``overrides`` (flags; None values are unset)."""
+    """Defaults, then the user's YAML file, then ``overrides`` (flags; None values are unset).
+
+    A config file may come from a stranger: a value of it that names code (``arch:
+    os:system``, ``data: helpers.py:load``) is refused unless ``trust_config`` (the flag
+    ``--trust-config``); a flag naming code is the user's own. Output paths it names must stay
+    inside the working directory, and an existing file there is replaced only with ``force``
+    (or when bncheck wrote it: a saved run, a report). ``writes=False``: the command only reads
+    the paths (``report`` reads ``save``)."""
     raw = _read_yaml(DEFAULT_CONFIG)
     if config_path is not None:
-        raw = _merge(raw, _read_yaml(Path(config_path)), str(config_path))
+        user = _read_yaml(Path(config_path))
+        raw = _merge(raw, user, str(config_path))
         try:
             _build(raw)  # name the file when a value in it is wrong
         except UsageError as exc:
             raise UsageError(f"{exc.template} (in {config_path})") from None
+        given = _given(overrides)
+        if not trust_config:
+            for key in CODE_FIELDS:
+                value = _dotted(user, key)
+                if _dotted(given, key) is None and names_code(value, builder=key == "arch"):
+                    raise UsageError(
+                        f"config file {config_path} names code in '{key}' ({shown(value)}); a config may come from "
+                        f"anyone, so it runs none: pass it on the command line (--{key.split('.')[0]}) or add "
+                        "--trust-config if you wrote this file")
+        for key in OUTPUT_FIELDS if writes else ():
+            value = _dotted(user, key)
+            if value is not None and _dotted(given, key) is None:
+                check_config_output(str(value), key, Path(config_path), force=force)
     if overrides:
-        given = {k: v for k, v in overrides.items() if v is not None}
-        raw = _merge(raw, given, "command-line flags")
+        raw = _merge(raw, _given(overrides), "command-line flags")
     return _build(raw)
+
+
+def _given(overrides: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    return {k: v for k, v in (overrides or {}).items() if v is not None}
+
+
+_SIGNATURES = (b'"schema": "bncheck/', b"<title>bncheck", b"bncheck: ", b'name="bncheck"')
+"""What the first bytes of each file bncheck writes carry (JSON, HTML, Markdown, JUnit)."""
+
+
+def _written_by_bncheck(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return any(sign in head for sign in _SIGNATURES)
+
+
+def check_config_output(value: str, key: str, config_path: Path, *, force: bool) -> None:
+    """An output path named by a config file: relative, inside the working directory (links
+    resolved), and replacing an existing file only with ``--force`` or when bncheck wrote it."""
+    import os
+
+    path = Path(value)
+    cwd = Path.cwd().resolve()
+    where = f"config file {config_path} sets '{key}: {shown(value)}'"
+    if value == "-":
+        return
+    if path.is_absolute() or value.startswith("~") or ".." in path.parts:
+        raise UsageError(f"{where}, outside the working directory; a config writes only below it: give the path "
+                         "as a flag instead")
+    real = Path(os.path.realpath(path))
+    if real != cwd and cwd not in real.parents:
+        raise UsageError(f"{where}, which links outside the working directory; give the path as a flag instead")
+    if (path.exists() or path.is_symlink()) and not force and not (path.is_file() and _written_by_bncheck(path)):
+        raise UsageError(f"{where}, an existing file that bncheck did not write; pass --force to replace it, or "
+                         "choose another path")
 
 
 def read_user_data_keys(config_path: Optional[Path]) -> set[str]:

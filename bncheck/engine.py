@@ -27,6 +27,7 @@ from bncheck.judging.output_divergence import (
     composition,
     model_level_findings,
     noise_divergence,
+    nonfinite_output_finding,
     triggered,
 )
 from bncheck.judging.rules import accuracy_gap, accuracy_gap_finding
@@ -334,6 +335,9 @@ def _analyze(
         if progress is not None:
             progress(name, 0, None)
 
+    broken_outputs = nonfinite_output_finding(output)
+    if broken_outputs is not None:
+        extra += (broken_outputs,)
     try:
         if flagged and gap:
             for index, name in enumerate(flagged):
@@ -352,7 +356,7 @@ def _analyze(
             explained = any(layer.score is not None and any(f.severity != "info" for f in layer.findings)
                             for layer in report.layers)
             unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))
-            extra = tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
+            extra += tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
                                                largest_batch, explained, unmeasured))
         stage("conclusion")
         conclusion = _conclusion(runtime, report, by_name, keep, gap, device, float_dtype, reduce,

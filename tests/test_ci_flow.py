@@ -29,11 +29,12 @@ def test_github_actions_example_commands(tmp_path, monkeypatch) -> None:
     workflow = (ROOT / "examples" / "github-actions.yml").read_text()
     assert "bncheck run sample_models/pseudo_frozen.pt --config configs/ci.yaml --quiet" in workflow
     assert 'bncheck report bncheck-report/run.json --markdown >> "$GITHUB_STEP_SUMMARY"' in workflow
-    monkeypatch.chdir(ROOT)
-    out = tmp_path / "out"
-    config = (ROOT / "configs" / "ci.yaml").read_text().replace("bncheck-report/", f"{out}/")
-    (tmp_path / "ci.yaml").write_text(config)
-    result = invoke(["run", "sample_models/pseudo_frozen.pt", "--config", str(tmp_path / "ci.yaml"), "--quiet",
+    # a checkout in a scratch folder: the config's relative outputs land below the working directory
+    (tmp_path / "sample_models").symlink_to(ROOT / "sample_models")
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bncheck-report"
+    result = invoke(["run", "sample_models/pseudo_frozen.pt", "--config", "configs/ci.yaml", "--quiet",
                      "--save", str(tmp_path / "last.json")])
     assert result.exit_code == 1  # the pseudo-frozen model fails the gate
     assert result.stdout == ""  # --quiet

@@ -323,6 +323,29 @@ def model_level_findings(
     explains the disagreement instead."""
     if not triggered(output):
         return []
+    return _divergence_findings(output, estimate, batches, batch_size, layer_explains, unmeasured)
+
+
+def nonfinite_output_finding(output: OutputDivergence) -> Optional[Finding]:
+    """Eval-mode outputs that hold NaN/Inf are an error whatever else was measured: no
+    threshold can make them pass."""
+    if output.eval_nonfinite:
+        train = ("train mode's are finite" if not output.train_nonfinite
+                 else f"train mode's for {output.train_nonfinite}")
+        return Finding(
+            "output-divergence", "error", None,
+            f"eval-mode outputs hold NaN/Inf for {output.eval_nonfinite} of {output.outputs_counted} samples "
+            f"({train}): the model outputs nothing usable in deployment.",
+            "Look for a non-finite-stats finding above (NaN/Inf or negative running variance); recalibrate the "
+            "running statistics on clean data (bncheck fix) or restore them from a good checkpoint.",
+        )
+    return None
+
+
+def _divergence_findings(
+    output: OutputDivergence, estimate: Optional[NoiseEstimate], batches: Composition, batch_size: int,
+    layer_explains: bool, unmeasured: int,
+) -> list[Finding]:
     noise = estimate.divergence if estimate is not None else None
     gap, floor = _gap_value(output), _gap_value(noise) if noise is not None else None
     if gap is None:

@@ -35,7 +35,8 @@ class LayerFacts:
     momentum: Optional[float]
     track_running_stats: bool
     nonfinite_running: int
-    """Channels whose running mean or var is NaN/Inf."""
+    """Channels whose running mean or var is NaN/Inf, or whose running var is negative (eval mode
+    takes its square root: NaN)."""
     nonfinite_batch: int
     """Channels whose batch statistics are NaN/Inf."""
     default_buffers: bool
@@ -144,7 +145,8 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
         add(
             "non-finite-stats",
             "error",
-            f"running statistics hold NaN/Inf in {f.nonfinite_running} of {f.channels} channels.",
+            f"running statistics hold NaN/Inf or a negative variance in {f.nonfinite_running} of {f.channels} "
+            "channels: eval mode outputs NaN for them.",
             "Recalibrate the running stats on clean data (bncheck fix) "
             "and look for the step that wrote NaN (a diverged batch, fp16 overflow).",
         )
@@ -500,6 +502,8 @@ def one_class_sample_finding(output: OutputDivergence) -> Optional[Finding]:
     one class. Train mode does not decide it: measured on the shipped samples, train mode
     spreads its predictions in both cases (batches of one class normalize the class away)."""
     if output.labeled or not output.classes or output.classes < 3 or output.eval_top_class_share is None:
+        return None
+    if output.eval_nonfinite:  # NaN outputs "predict" class 0: no reading of the sample, the outputs are broken
         return None
     if output.eval_top_class_share < UNREPRESENTATIVE_SHARE or (output.eval_confidence or 0.0) < 0.8:
         return None

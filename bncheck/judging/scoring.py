@@ -168,7 +168,7 @@ def layer_facts(run: LayerStats, s: _Scores, batch_size: int, dead_var: float) -
     nonfinite_running = 0
     default = False
     if rm is not None and rv is not None:
-        nonfinite_running = int((~(torch.isfinite(rm) & torch.isfinite(rv))).sum())
+        nonfinite_running = int((~(torch.isfinite(rm) & torch.isfinite(rv)) | (rv < 0)).sum())
         default = bool((rm == 0).all()) and bool((rv == 1).all())
     tracked = layer.buffer("num_batches_tracked")
     affine = [p for p in (getattr(layer.module, "weight", None), getattr(layer.module, "bias", None))

@@ -77,8 +77,14 @@ class OutputTally:
     eval_predicted: Counter = pooled("sum", default_factory=Counter)
     """Eval-mode predictions per class (a sample of one class shows as one class, confidently)."""
     train_predicted: Counter = pooled("sum", default_factory=Counter)
+    counted: int = pooled("sum", default=0)
+    """Samples whose outputs were checked for NaN/Inf (every kind of output)."""
+    eval_nonfinite: int = pooled("sum", default=0)
+    """Samples whose eval-mode output holds NaN/Inf: deployment outputs nothing usable for them."""
+    train_nonfinite: int = pooled("sum", default=0)
 
     def add(self, out_train: Any, out_eval: Any, labels: Optional[Tensor], batch: Optional[int] = None) -> None:
+        self._count_nonfinite(out_train, out_eval, batch)
         out_train, out_eval = logits_of(out_train), logits_of(out_eval)
         out_train, out_eval = class_rows(out_train, batch), class_rows(out_eval, batch)
         if batch is not None and labels is not None and is_logits(out_train) and out_train.shape[0] != batch:
@@ -122,6 +128,30 @@ class OutputTally:
         for a, b in zip(train_parts, eval_parts):
             self._add_tensor_pair(a, b)
 
+    def _count_nonfinite(self, out_train: Any, out_eval: Any, batch: Optional[int]) -> None:
+        """Samples with NaN/Inf anywhere in their output, per mode, whatever the output is (a
+        running variance below zero makes eval mode output NaN while train mode is fine)."""
+        def bad(output: Any) -> Optional[Tensor]:
+            flags = None
+            for part in tensors(output):
+                if not (part.is_floating_point() or part.is_complex()) or part.dim() == 0:
+                    continue
+                if batch is not None and part.shape[0] != batch:
+                    rows = part.isfinite().logical_not().reshape(part.shape[0], -1).any(-1).any().reshape(1)
+                    rows = rows.expand(batch)
+                else:
+                    rows = part.isfinite().logical_not().reshape(part.shape[0], -1).any(-1)
+                flags = rows if flags is None or flags.shape != rows.shape else flags | rows
+            return flags
+
+        train_bad, eval_bad = bad(out_train), bad(out_eval)
+        if eval_bad is None:
+            return
+        self.counted += int(eval_bad.numel())
+        self.eval_nonfinite += int(eval_bad.sum())
+        if train_bad is not None:
+            self.train_nonfinite += int(train_bad.sum())
+
     def _add_tensor_pair(self, a: Tensor, b: Tensor) -> None:
         if a.is_floating_point() or a.is_complex():
             diff, ref = squared_norms(a, b)
@@ -129,11 +159,13 @@ class OutputTally:
             self.ref_sq += ref
 
     def result(self) -> OutputDivergence:
+        counts = {"eval_nonfinite": self.eval_nonfinite, "train_nonfinite": self.train_nonfinite,
+                  "outputs_counted": self.counted} if self.counted else {}
         if self.kind in (None, "none"):
-            return OutputDivergence(kind="none")
+            return OutputDivergence(kind="none", **counts)
         rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else None
         if self.kind == "tensor":
-            return OutputDivergence(kind="tensor", relative_l2=rel)
+            return OutputDivergence(kind="tensor", relative_l2=rel, **counts)
         n = max(self.samples, 1)
         top_class, top_count = (self.eval_predicted.most_common(1) or [(None, 0)])[0]
         train_top = (self.train_predicted.most_common(1) or [(None, 0)])[0][1]
@@ -154,6 +186,7 @@ class OutputTally:
             eval_top_class_share=top_count / n if self.samples else None,
             train_top_class_share=train_top / n if self.samples else None,
             eval_confidence=self.eval_confidence / n if self.samples else None,
+            **counts,
         )
 
 

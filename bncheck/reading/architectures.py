@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from bncheck.config import check_arch_kwargs
 from bncheck.errors import InputError, UsageError, first_line
+from bncheck.reading.sizing import build_sized
+from bncheck.reading.untrusted import BUILDER_SOURCES
 
 # Keys under which training code nests the weights, most specific first.
 # Prefix names preferred when several prefixes fit the architecture equally well.
@@ -165,12 +167,23 @@ def resolve_arch(spec: str) -> Callable[..., nn.Module]:
     return _load_attr(source, name, spec)
 
 
+def _shown(value: Any) -> str:
+    from bncheck.reading.untrusted import shown
+
+    return shown(value, 120)
+
+
 def build_arch(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
     builder = resolve_arch(spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = builder(**kwargs)
+            if spec.partition(":")[0] in BUILDER_SOURCES:  # a library's model from data: sized before allocating
+                model = build_sized(lambda: builder(**kwargs), f"$arch {spec} with $arch_kwargs {_shown(dict(kwargs))}")
+            else:  # the user's own code, named on their command line: built as they wrote it
+                model = builder(**kwargs)
+    except InputError:
+        raise
     except TypeError as exc:
         from bncheck.reading.untrusted import shown
 

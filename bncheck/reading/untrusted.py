@@ -37,6 +37,10 @@ MAX_TEXT_BYTES = 16 * 1024 * 1024
 """Largest config, arch-kwargs, model-folder JSON or saved run read as text (a run of a
 model with thousands of BN layers is a few MB)."""
 
+MAX_RUN_BYTES = 256 * 1024 * 1024
+"""Largest saved run read back (``report``, ``--baseline``): a layer takes ~2-3 KB of JSON, so
+a model with 10,000 BN layers writes ~30 MB; this leaves room for 80,000 and bounds the parse."""
+
 MAX_INFLATED_BYTES = 4 * 1024**3
 """Largest compressed member (a deflated ``.npz`` array, a deflated record in a ``.pt``)
 inflated into memory; bigger ones are refused (save uncompressed: ``.npy`` is mapped)."""
@@ -58,6 +62,66 @@ def check_regular_file(path: Path, what: str) -> None:
         return
     kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
     raise InputError(f"{what} {path} is {kind}, not a regular file; pass a file saved on disk")
+
+
+def link_roots(folder: Path) -> list[Path]:
+    """Where the files of a model folder may really live: the folder itself, and for a Hugging
+    Face cache snapshot (``models--org--name/snapshots/REV/``, each file a link into
+    ``../../blobs/``) that repository's ``blobs`` folder -- nowhere else."""
+    real = Path(os.path.realpath(folder))
+    roots = [real]
+    if real.parent.name == "snapshots":
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def folder_member(folder: Path, name: Any, what: str) -> Path:
+    """``folder / name`` for a name that a file of the folder chose (a shard index's file
+    names): a relative path without ``..`` whose target, links resolved, lies inside the
+    folder (or its Hugging Face cache blobs). Anything else is an InputError: an index naming
+    ``/home/user/.ssh/id_rsa`` or ``../other/model.bin`` is neither read nor written."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise InputError(f"{what} names {shown(name)}, not a file name; re-save the model folder")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or name.startswith("~"):
+        raise InputError(f"{what} names {shown(name)}, a path outside the model folder; bncheck reads and "
+                         "writes only files inside it: re-save the model folder")
+    path = folder / relative
+    if not inside_roots(path, link_roots(folder)):
+        raise InputError(f"{what} names {shown(name)}, which links outside the model folder; bncheck follows "
+                         "no link out of it: copy the real file into the folder")
+    return path
+
+
+def inside_roots(path: Path, roots: list[Path]) -> bool:
+    real = Path(os.path.realpath(path))
+    return any(real == root or root in real.parents for root in roots)
+
+
+_IDENTIFIER_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+BUILDER_SOURCES = ("torchvision", "timm")
+"""``--arch`` sources that name a library's model by name: no code of anyone's is imported."""
+
+
+def code_spec(text: str) -> bool:
+    """``package.module:callable`` or ``path/to/file.py:callable``: a value that imports and
+    calls Python (not a path that exists, not ``file.npz:KEY``)."""
+    source, sep, name = text.rpartition(":")
+    if not sep or not source or not name or Path(text).exists() or not _IDENTIFIER_PATH.match(name):
+        return False
+    if source.lower().endswith(".npz"):
+        return False
+    return source.endswith(".py") or bool(_IDENTIFIER_PATH.match(source))
+
+
+def names_code(value: Any, *, builder: bool = False) -> bool:
+    """Whether a setting's value makes bncheck import code: for ``arch`` (``builder``) every
+    spec but ``torchvision:NAME`` / ``timm:NAME``; for data, a ``module:callable`` pipeline."""
+    if not isinstance(value, str):
+        return False
+    if builder:
+        return ":" in value and value.rpartition(":")[0] not in BUILDER_SOURCES
+    return code_spec(value)
 
 
 def read_text_bounded(path: Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
@@ -128,8 +192,18 @@ _SAFE_TORCH_FUNCTIONS = frozenset({
     "sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sqrt", "sym_sum",
     "_sym_sqrt", "sym_fresh_size",
 })
-_OP_NAMESPACES = frozenset({"aten", "prims", "higher_order", "quantized_decomposed", "quantized"})
+_OP_NAMESPACES = frozenset({"aten", "prims", "quantized_decomposed", "quantized"})
 """Operator namespaces of plain tensor compute (PT2E-quantized exports use quantized_decomposed)."""
+_HIGHER_ORDER_OPS = frozenset({
+    "cond", "while_loop", "while_loop_stack_output", "map_impl", "scan", "associative_scan",
+    "wrap_with_set_grad_enabled", "wrap_with_autocast", "invoke_subgraph", "auto_functionalized",
+    "auto_functionalized_v2", "out_dtype", "hints_wrapper", "tag_activation_checkpoint", "_export_tracepoint",
+})
+"""Higher-order operators admitted by name: control flow over the program's own subgraphs and
+wrappers around its own operators (whose operator arguments are inspected as targets). Not
+``print`` (it writes the environment to stdout and forges CI workflow commands),
+``inline_asm_elementwise`` / triton / inductor / delegate calls (they carry source code for a
+compiler), ``with_effects``, ``call_torchbind``, ``flat_apply`` and the other Python callers."""
 _FILE_OPS = re.compile(r"file|save|load|storage|pickle|mmap|print")
 """aten ops that read or write files or raw storage (``aten.from_file``): never from a stranger."""
 
@@ -189,8 +263,10 @@ def _target_problem(target: str) -> Optional[str]:
         return None
     if parts[0] == "torch" and len(parts) == 2 and parts[1] in _SAFE_TORCH_FUNCTIONS:
         return None
+    if parts[:3] == ["torch", "ops", "higher_order"] and len(parts) == 4:
+        return None if parts[3] in _HIGHER_ORDER_OPS else f"the higher-order operator {target[:80]} (not admitted)"
     if parts[:2] == ["torch", "ops"] and len(parts) in (4, 5) and parts[2] in _OP_NAMESPACES:
-        if parts[2] != "higher_order" and _FILE_OPS.search(parts[3]):
+        if _FILE_OPS.search(parts[3]):
             return f"the operator {target} (file or storage access)"
         return None
     return f"the call target {target[:80]!r}"
@@ -199,8 +275,8 @@ def _target_problem(target: str) -> Optional[str]:
 def _walk(node: Any, found: dict[str, list[str]], key: Optional[str] = None) -> None:
     if isinstance(node, dict):
         for name, value in node.items():
-            if name == "target" and isinstance(value, str):
-                found["targets"].append(value)
+            if name in ("target", "as_operator") and isinstance(value, str):  # an operator passed as an argument
+                found["targets"].append(value)                                 # is called as well
             elif name == "expr_str" and isinstance(value, str):
                 found["expressions"].append(value)
             elif name == "range_constraints" and isinstance(value, dict):
@@ -246,6 +322,9 @@ def exported_archive_problems(path: Path) -> list[str]:
             if base.endswith(("_weights_config.json", "_constants_config.json")):
                 try:
                     config = json.loads(archive.read(info)).get("config", {})
+                except RecursionError:
+                    problems.append(f"{base} is nested too deeply to inspect")
+                    continue
                 except (ValueError, AttributeError):
                     continue  # unreadable: torch.export.load refuses it as well, with its own reason
                 for fqn, meta in (config or {}).items():
@@ -262,12 +341,15 @@ def exported_archive_problems(path: Path) -> list[str]:
                 if info.file_size > MAX_INFLATED_BYTES or not _safe_torch_artifact(archive.read(info)):
                     problems.append(f"{base} holds pickled Python objects")
             elif (base.startswith("models/") or base.startswith("serialized_")) and base.endswith(".json"):
+                found: dict[str, list[str]] = {"targets": [], "expressions": [], "guards": []}
                 try:
                     program = json.loads(archive.read(info))
+                    _walk(program, found)
                 except ValueError:
                     continue
-                found: dict[str, list[str]] = {"targets": [], "expressions": [], "guards": []}
-                _walk(program, found)
+                except RecursionError:  # a program nested deeper than Python parses is no program export wrote
+                    problems.append(f"{base} is nested too deeply to inspect")
+                    continue
                 for target in dict.fromkeys(found["targets"]):
                     problem = _target_problem(target)
                     if problem:

@@ -131,6 +131,12 @@ class OutputDivergence:
     """The same share of train mode's most frequent prediction."""
     eval_confidence: Optional[float] = None
     """Mean eval-mode top softmax probability."""
+    eval_nonfinite: Optional[int] = None
+    """Samples whose eval-mode output holds NaN/Inf (None: not counted)."""
+    train_nonfinite: Optional[int] = None
+    """Samples whose train-mode output holds NaN/Inf."""
+    outputs_counted: Optional[int] = None
+    """Samples behind the two counts above."""
 
 
 @dataclass(frozen=True)
@@ -359,11 +365,11 @@ def load(path: Path) -> Report:
     """Read a saved run; InputError with a one-line reason when it cannot be used (too large,
     not a regular file, not JSON, nested too deep, not the schema, or a verdict that its own
     findings contradict)."""
-    from bncheck.reading.untrusted import read_text_bounded
+    from bncheck.reading.untrusted import MAX_RUN_BYTES, read_text_bounded
 
     if not Path(path).exists():
         raise InputError(f"no saved run at {path}; run `bncheck run ...` first or pass the JSON path")
-    text = read_text_bounded(Path(path), "saved run")
+    text = read_text_bounded(Path(path), "saved run", MAX_RUN_BYTES)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

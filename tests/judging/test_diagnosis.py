@@ -95,7 +95,10 @@ def test_nan_in_one_layer_ranks_it_first(batches) -> None:
         model.stage3[0].branch2[1].running_var[3] = float("nan")
     report = analyze(model, batches)
     assert report.layers[0].name == "stage3.0.branch2.1" and report.layers[0].score is None
-    assert codes(report) == {("non-finite-stats", "stage3.0.branch2.1"), ("accuracy-gap", None)}
+    # eval mode outputs NaN wherever that channel reaches: an error of its own, whatever else is measured
+    assert codes(report) == {("non-finite-stats", "stage3.0.branch2.1"), ("accuracy-gap", None),
+                             ("output-divergence", None)}
+    assert report.output.eval_nonfinite == report.output.outputs_counted
 
 
 def test_momentum_zero_finetune_is_pseudo_frozen(batches) -> None:

@@ -255,7 +255,8 @@ def test_fix_of_a_model_folder_copies_no_link_target(tmp_path) -> None:
     (folder / "README.md").write_text("mine")
     torch.save(torch.randn(8, 3, 32, 32), tmp_path / "x.pt")
     out = tmp_path / "fixed"
-    out.mkdir()  # an earlier result, replaced with --force
+    out.mkdir()  # an earlier result of bncheck's (marked), replaced with --force
+    (out / ".bncheck-output").write_text("")
     result = invoke(["fix", str(folder), "--data", str(tmp_path / "x.pt"), "--batch-size", "4", "--out", str(out),
                      "--force"])
     assert result.exit_code in (0, 1), stderr_of(result)
@@ -493,7 +494,8 @@ def test_yaml_billion_laughs_is_refused_fast(tmp_path, weights) -> None:
     assert time.perf_counter() - started < 30
 
 
-def test_a_huge_or_deep_saved_run_is_an_input_error(tmp_path) -> None:
+def test_a_huge_or_deep_saved_run_is_an_input_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("bncheck.reading.untrusted.MAX_RUN_BYTES", 16 * 1024 * 1024)  # the limit is 256 MB
     huge = tmp_path / "huge.json"
     with huge.open("w") as fh:
         fh.write('{"schema": "bncheck/run/v1", "pad": "')
@@ -505,6 +507,7 @@ def test_a_huge_or_deep_saved_run_is_an_input_error(tmp_path) -> None:
         result = invoke(["report", str(path)])
         assert result.exit_code == 3, stderr_of(result)
         assert "bncheck bug" not in stderr_of(result)
+    assert "larger than 16 MB" in stderr_of(invoke(["report", str(huge)]))
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")

@@ -58,6 +58,14 @@ def _resized_pixels(size: tuple[int, int], resize: Optional[int]) -> int:
     return round(width * scale) * round(height * scale)
 
 
+def _final_pixels(size: tuple[int, int], cfg: DataSettings) -> int:
+    """Pixels of the image the model gets: after resizing, and after a centre crop, which pads
+    an image smaller than the crop (``--crop 12000`` makes every image 144 Mpx)."""
+    if cfg.crop is not None:
+        return cfg.crop * cfg.crop
+    return _resized_pixels(size, cfg.resize)
+
+
 def _image_tensor(path: Path, cfg: DataSettings, source: Optional[DataSource] = None) -> Tensor:
     import torchvision.transforms.functional as TF
     from PIL import Image
@@ -69,11 +77,11 @@ def _image_tensor(path: Path, cfg: DataSettings, source: Optional[DataSource] = 
             width, height = img.size
             if width * height > MAX_DECODED_PIXELS:
                 raise ImageTooLarge(f"{width}x{height} pixels, more than {MAX_DECODED_PIXELS // 10**6} Mpx")
-            resized = _resized_pixels(img.size, cfg.resize)
+            resized = max(_resized_pixels(img.size, cfg.resize), _final_pixels(img.size, cfg))
             if resized > MAX_RESIZED_PIXELS:
                 raise ImageTooLarge(
-                    f"{width}x{height} pixels would be {resized / 1e6:.0f} Mpx after resizing the shorter side "
-                    f"to {cfg.resize}"
+                    f"{width}x{height} pixels would be {resized / 1e6:.0f} Mpx after resizing the shorter side to "
+                    f"{cfg.resize} (and cropping to {cfg.crop})"
                 )
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -106,6 +114,11 @@ DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Optional[int]) -> DataSource:
+    if cfg.crop is not None and cfg.crop * cfg.crop > MAX_RESIZED_PIXELS:
+        raise InputError(
+            f"a centre crop of {cfg.crop} px makes every image {cfg.crop * cfg.crop / 1e6:.0f} Mpx (smaller images are "
+            f"padded), above the {MAX_RESIZED_PIXELS // 10**6} Mpx limit; set --crop (or the model folder's input "
+            "size) to the model's input size")
     files = _image_files(root)
     if not files:
         raise InputError(

@@ -3,25 +3,23 @@ DataLoader, any iterable of batches, or one tensor."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Optional
 
 from torch import Tensor
 
 from bncheck.errors import InputError, first_line
 from bncheck.reading.data.source import DataSource
+from bncheck.reading.untrusted import code_spec
 
-MODULE_NAME = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+UNSIZED_SAMPLES = 4096
+"""Samples read from a pipeline with no length when "every sample" is asked for (``fix``):
+precise BN needs 10^3-10^4 samples, and an endless iterable must not run forever."""
 
 
 def is_callable_spec(text: str) -> bool:
     """``package.module:callable`` or ``path/to/file.py:callable`` (not a path that exists)."""
-    source, sep, name = text.rpartition(":")
-    if not sep or not source or not name or Path(text).exists() or not MODULE_NAME.match(name):
-        return False
-    return source.endswith(".py") or bool(MODULE_NAME.match(source))
+    return code_spec(text)
 
 
 def callable_source(spec: str, batch_size: int, num_batches: Optional[int]) -> DataSource:
@@ -52,6 +50,13 @@ def callable_source(spec: str, batch_size: int, num_batches: Optional[int]) -> D
     size = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
     if isinstance(data, Tensor):
         size = data.shape[0] if data.dim() else None
+    if size is None and num_batches is None and not isinstance(data, (list, tuple)):
+        # "every sample" of a pipeline with no length may never end (an infinite sampler, a stream)
+        num_batches = -(-UNSIZED_SAMPLES // batch_size)
+        unsized_note = (f"$data {spec} has no length: read its first {num_batches * batch_size} samples "
+                        "(--num-samples N reads another number)")
+    else:
+        unsized_note = None
     planned = batch_size * num_batches if num_batches is not None else size or batch_size
     if size is not None:
         planned = min(planned, size)
@@ -63,5 +68,8 @@ def callable_source(spec: str, batch_size: int, num_batches: Optional[int]) -> D
         used.append(True)
         yield from iter_batches(data, batch_size=batch_size, num_batches=num_batches)
 
-    return DataSource(batches=batches, planned_samples=planned, skipped=[], kind="pipeline",
-                      planned_request=None if num_batches is None else batch_size * num_batches)
+    source = DataSource(batches=batches, planned_samples=planned, skipped=[], kind="pipeline",
+                        planned_request=None if num_batches is None else batch_size * num_batches)
+    if unsized_note:
+        source.notes.append(unsized_note.replace("$data", "--data"))
+    return source

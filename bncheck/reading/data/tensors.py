@@ -54,9 +54,11 @@ def _load_npz(path: Path, key: Optional[str], rows: Optional[int] = None) -> tup
 
 def _read_npy_rows(archive: Any, info: Any, rows: Optional[int], path: Path) -> Tensor:
     """The first ``rows`` rows of one ``.npy`` member, read from its stream (never inflated whole)."""
+    import zipfile
+
     import numpy as np
 
-    from bncheck.reading.untrusted import MAX_INFLATED_BYTES
+    from bncheck.reading.untrusted import MAX_COMPRESSION_RATIO, MAX_INFLATED_BYTES
 
     with archive.open(info) as stream:
         version = np.lib.format.read_magic(stream)
@@ -74,13 +76,25 @@ def _read_npy_rows(archive: Any, info: Any, rows: Optional[int], path: Path) -> 
                 f"{path}: reading {take} samples of array {info.filename} would inflate {nbytes / 1e9:.1f} GB "
                 f"(limit {MAX_INFLATED_BYTES / 1e9:.0f} GB); use fewer samples or save a .npy file (memory-mapped)"
             )
+        deflated = info.compress_type != zipfile.ZIP_STORED
+        if deflated and nbytes > max(MAX_COMPRESSION_RATIO * info.compress_size, 64 * 1024**2):
+            raise InputError(  # a deflate bomb: bounded for every sample (fix) as for the few a run reads
+                f"{path}: reading {take} samples of array {info.filename} would inflate {info.compress_size / 1e6:.1f} "
+                f"MB on disk to {nbytes / 1e9:.1f} GB (over {MAX_COMPRESSION_RATIO}x: a decompression bomb); "
+                "use fewer samples (--num-samples) or save it uncompressed (numpy.savez or .npy)")
         if fortran and len(shape) > 1 and take < total:
             raise InputError(f"{path}: array {info.filename} is stored column-major; save it with np.ascontiguousarray")
-        data = stream.read(nbytes)
-    if len(data) < nbytes:
+        data = bytearray(nbytes)  # read in place: the samples are held once, not three times
+        view, filled = memoryview(data), 0
+        while filled < nbytes:
+            got = stream.readinto(view[filled:])
+            if not got:
+                break
+            filled += got
+    if filled < nbytes:
         raise InputError(f"{path}: array {info.filename} is truncated; re-save it with numpy.savez")
     array = np.frombuffer(data, dtype=dtype).reshape((take, *shape[1:]) if shape else (), order="F" if fortran else "C")
-    return torch.from_numpy(np.ascontiguousarray(array).copy())
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _load_tensor_file(path: Path, key: Optional[str] = None, rows: Optional[int] = None

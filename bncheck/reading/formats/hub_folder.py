@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from bncheck.errors import InputError, first_line
 from bncheck.reading.architectures import build_arch, load_state_into, sha256_of
 from bncheck.reading.formats.base import Checkpoint, Format, Probe, momentum_source
+from bncheck.reading.sizing import build_sized
 from bncheck.reading.untrusted import shown
 from bncheck.reporting.report import ModelInfo
 
@@ -75,6 +76,8 @@ class ModelFolder:
 def read_model_folder(path: Path) -> ModelFolder:
     """Read ``config.json`` and every weight file of a Hub-style folder; an InputError naming
     what was looked for when the folder is not one."""
+    from bncheck.reading.untrusted import folder_member
+
     config_path = path / CONFIG
     if not config_path.is_file():
         raise InputError(
@@ -83,6 +86,7 @@ def read_model_folder(path: Path) -> ModelFolder:
         )
     from bncheck.reading.untrusted import read_text_bounded
 
+    folder_member(path, CONFIG, "the model folder")  # a config.json linked from elsewhere is not this folder's
     try:
         config = json.loads(read_text_bounded(config_path, "model folder config"))
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -101,7 +105,7 @@ def read_model_folder(path: Path) -> ModelFolder:
     files = _weight_files(path)
     state: dict[str, Tensor] = {}
     for weight in files:
-        tensors = _read_weights(path / weight.name, weight)
+        tensors = _read_weights(folder_member(path, weight.name, "the model folder"), weight)
         weight.keys = list(tensors)
         state.update(tensors)
     return ModelFolder(path, kind, config, files, state)
@@ -109,22 +113,26 @@ def read_model_folder(path: Path) -> ModelFolder:
 
 def _weight_files(path: Path) -> list[WeightFile]:
     """The weight files, safetensors first; shards listed by an index file."""
+    from bncheck.reading.untrusted import folder_member, read_text_bounded
+
     for index_name in INDEX_FILES:
         index_path = path / index_name
         if index_path.is_file():
+            folder_member(path, index_name, "the model folder")
             try:
-                from bncheck.reading.untrusted import read_text_bounded
-
                 weight_map = json.loads(read_text_bounded(index_path, "shard index"))["weight_map"]
                 names = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
                 raise InputError(f"{index_path} is not a readable shard index ({first_line(exc)})") from None
+            for name in names:  # every name resolved inside the folder before anything is read or written
+                folder_member(path, name, f"the shard index {index_path}")
             missing = [n for n in names if not (path / n).is_file()]
             if missing:
                 raise InputError(f"{index_path} lists {missing[0]}, which is not in {path}; download every shard")
             return [WeightFile(n, [], n.endswith(".safetensors")) for n in names]
     for name in WEIGHT_FILES:
         if (path / name).is_file():
+            folder_member(path, name, "the model folder")
             return [WeightFile(name, [], name.endswith(".safetensors"))]
     raise InputError(
         f"{path} has a {CONFIG} but no weights (looked for {', '.join(WEIGHT_FILES)} and their sharded "
@@ -186,7 +194,10 @@ def _build_timm(folder: ModelFolder) -> tuple[nn.Module, str]:
     try:
         with warnings.catch_warnings(), sealed():
             warnings.simplefilter("ignore")
-            return timm.create_model(name, pretrained=False, **kwargs), spec
+            return build_sized(lambda: timm.create_model(name, pretrained=False, **kwargs),
+                               f"{folder.path / CONFIG}", _weights_bytes(folder)), spec
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(
             f"{folder.path}: building timm model {name} with {shown(kwargs, 120)} raised {type(exc).__name__}: "
@@ -210,16 +221,24 @@ def _build_transformers(folder: ModelFolder) -> tuple[nn.Module, str]:
             config = transformers.AutoConfig.from_pretrained(str(folder.path), local_files_only=True,
                                                              trust_remote_code=False)
             if name is not None and hasattr(transformers, name):
-                model = getattr(transformers, name)._from_config(config)
+                model_class = getattr(transformers, name)
+                build = lambda: model_class._from_config(config)  # noqa: E731
             else:
                 name = name or "AutoModel"
-                model = transformers.AutoModel.from_config(config, trust_remote_code=False)
+                build = lambda: transformers.AutoModel.from_config(config, trust_remote_code=False)  # noqa: E731
+            model = build_sized(build, f"{folder.path / CONFIG}", _weights_bytes(folder))
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(
             f"{folder.path}: transformers {transformers.__version__} cannot build {name or 'the model'} from its "
             f"{CONFIG} ({type(exc).__name__}: {first_line(exc)}); upgrade transformers or check the config"
         ) from None
     return model, f"transformers:{name}"
+
+
+def _weights_bytes(folder: ModelFolder) -> int:
+    return sum(t.numel() * t.element_size() for t in folder.state.values())
 
 
 def _check_classes(folder: ModelFolder, classes: Any) -> None:
@@ -295,14 +314,17 @@ def _tied_keys(model: nn.Module) -> set[str]:
 def write_model_folder(folder: ModelFolder, model: nn.Module, bn_keys: list[str], prefix: str, tmp: Path) -> None:
     """Write the folder to ``tmp`` (a new directory): every file copied, the weight files with
     the model's current BN buffers in the file's dtype."""
-    copy_folder(folder.path, tmp, keep_links_to={CONFIG, PREPROCESSOR, *INDEX_FILES, *(w.name for w in folder.files)})
+    from bncheck.reading.untrusted import link_roots
+
+    copy_folder(folder.path, tmp, keep_links_to={CONFIG, PREPROCESSOR, *INDEX_FILES, *(w.name for w in folder.files)},
+                roots=link_roots(folder.path))
     current = model.state_dict()
     for weight in folder.files:
         keys = set(weight.keys)
         if not any(prefix + key in keys for key in bn_keys):
             continue
-        target = tmp / weight.name
-        target.unlink()  # a copied file may be a hard link or read-only: write a new one
+        target = tmp / weight.name  # weight.name was resolved inside the input folder when it was read
+        target.unlink(missing_ok=True)  # a copied file may be a hard link or read-only: write a new one
         tensors = {key: folder.state[key] for key in weight.keys}
         for key in bn_keys:
             stored = prefix + key
@@ -317,19 +339,23 @@ def write_model_folder(folder: ModelFolder, model: nn.Module, bn_keys: list[str]
             torch.save(tensors, str(target))
 
 
-def copy_folder(source: Path, target: Path, keep_links_to: set[str]) -> None:
+def copy_folder(source: Path, target: Path, keep_links_to: set[str], roots: Optional[list[Path]] = None) -> None:
     """Copy the regular files of ``source`` (and of its real subfolders) to a new ``target``.
     Links are not followed -- a link to an outside folder would copy it into ``--out``, one to
     /dev/zero would fill the disk -- except a top-level model file bncheck read itself
     (``keep_links_to``: a Hugging Face cache snapshot links each file to its blob), copied
-    when it names a regular file. FIFOs, sockets and devices are skipped."""
+    when it names a regular file inside ``roots`` (the folder, or its Hugging Face cache blobs: a
+    kept name linked to ``~/.aws/credentials`` is not copied). FIFOs, sockets and devices are
+    skipped."""
     import stat
+
+    from bncheck.reading.untrusted import inside_roots
 
     target.mkdir()
     for entry in sorted(source.iterdir()):
         destination = target / entry.name
         if entry.is_symlink():
-            if entry.name in keep_links_to:
+            if entry.name in keep_links_to and roots is not None and inside_roots(entry, roots):
                 try:
                     if stat.S_ISREG(entry.stat().st_mode):
                         shutil.copyfile(entry, destination)
@@ -359,11 +385,14 @@ def _timm_preprocessing(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _transformers_preprocessing(path: Path) -> dict[str, Any]:
+    from bncheck.reading.untrusted import folder_member, read_text_bounded
+
     if not path.is_file():
         return {}
+    folder_member(path.parent, path.name, "the model folder")  # a link out of the folder is refused, never read
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        cfg = json.loads(read_text_bounded(path, "preprocessor config"))
+    except (OSError, InputError, json.JSONDecodeError, RecursionError):
         return {}
     if not isinstance(cfg, dict):
         return {}

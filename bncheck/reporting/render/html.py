@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from html import escape
-from typing import Optional, Union
+from html import escape as _html_escape
+from typing import Any, Optional, Union
 
 from bncheck.reporting.render.summary import (
     MoreFindings,
@@ -47,6 +47,16 @@ details.more summary{cursor:pointer;margin:10px 0;color:#0969da}
 .change{font-variant-numeric:tabular-nums}.better{color:#1a7f37}.worse{color:#cf222e}
 .swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px;border-radius:2px}
 """
+
+
+def escape(text: Any, quote: bool = True) -> str:
+    """HTML-escaped, with control and format characters (bidi overrides that reorder what a
+    name shows, zero-width characters) written as visible escapes first; newlines and tabs stay
+    (tooltips use them, and HTML shows them as spaces)."""
+    from bncheck.reporting.render.escape import control
+
+    text = str(text)
+    return _html_escape("\n".join(control(line) for line in text.split("\n")), quote=quote)
 
 
 def _log(value: float, low: float) -> float:

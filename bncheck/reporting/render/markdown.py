@@ -20,15 +20,26 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+_INLINE = str.maketrans({ch: "\\" + ch for ch in "\\[]"})
+
+
+def _text(text: str) -> str:
+    """Prose outside a code span (messages, hints, folded layer lists): names a file chose
+    never become links or images (no unescaped ``[``/``]``) or bare autolinks (``http://``,
+    ``www.``); HTML is already entities."""
+    escaped = _cell(text.translate(_INLINE))
+    return escaped.replace("://", ":\\/\\/").replace("www.", "www\\.")
+
+
 def _finding_lines(findings: tuple[Finding, ...]) -> list[str]:
     """A bullet per finding, each (severity, code) group folded after its first two."""
     lines = []
     for f in grouped(findings):
         if isinstance(f, MoreFindings):
-            lines.append(f"- **{f.severity}** {_cell(f.text(limit=8))}")
+            lines.append(f"- **{f.severity}** {_text(f.text(limit=8))}")
             continue
         where = f" `{f.layer}`" if f.layer else ""
-        lines.append(f"- **{f.severity}** `{f.code}`{where}: {_cell(f.message)} *{_cell(f.hint)}*")
+        lines.append(f"- **{f.severity}** `{f.code}`{where}: {_text(f.message)} *{_text(f.hint)}*")
     return lines
 
 
@@ -43,7 +54,7 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
         *([f"- **Input**: {input_line(report)}"] if input_line(report) else []),
         f"- **Output**: {output_line(report)}",
         f"- **First divergent layer (eval pass)**: `{report.first_divergent_layer or 'none'}`",
-        *([f"- **Conclusion**: {_cell(report.conclusion)}"] if report.conclusion else []),
+        *([f"- **Conclusion**: {_text(report.conclusion)}"] if report.conclusion else []),
         "",
     ]
     if report.layers:
@@ -56,7 +67,7 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
             finding = report.top_finding(layer)
             score = "NaN" if report.non_finite(layer) else num(layer.score)
             lines.append(
-                f"| {layer.rank} | `{_cell(layer.name)}` | {_cell(layer.type)} | {layer.channels} | {score} | "
+                f"| {layer.rank} | `{_cell(layer.name)}` | {_text(layer.type)} | {layer.channels} | {score} | "
                 f"{num(layer.drift_to_noise, 1)} | {num(layer.mean_shift)} | {num(layer.scale_ratio)} | "
                 f"{num(layer.eval_score)} | {share(layer.attribution)} | "
                 f"{finding.code if finding else ''} |"
@@ -69,7 +80,7 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
     comparison = baseline_lines(report)
     if comparison:
         lines += ["### Baseline", "", "```", *comparison, "```", ""]
-    lines.append(f"**Next:** {_cell(next_step(report))}")
+    lines.append(f"**Next:** {_text(next_step(report))}")
     return "\n".join(lines) + "\n"
 
 
@@ -80,7 +91,7 @@ def render_diff(diff: DiffReport, *, top: int = 10, **_options: object) -> str:
              "| layer | mean moved | var moved | affine | feeding weights |", "|---|---:|---:|---:|---:|"]
     for d in diff.layers[:top]:
         same = "same" if d.stats_identical else None
-        lines.append(f"| `{d.name}` | {same or num(d.mean_shift)} | {same or num(d.var_log_change)} | "
+        lines.append(f"| `{_cell(d.name)}` | {same or num(d.mean_shift)} | {same or num(d.var_log_change)} | "
                      f"{'-' if d.affine_change is None else f'{100 * d.affine_change:.1f}%'} | "
                      f"{'-' if d.feeding_change is None else f'{100 * d.feeding_change:.1f}%'} |")
     lines.append("")

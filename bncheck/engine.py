@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from bncheck.config import FAIL_ON_LEVELS, Thresholds, resolve_thresholds
 from bncheck.errors import InputError, InternalError, UsageError
 from bncheck.judging.attribution import Kept, attribute_layer, attribute_layers, recalibrated_tally
+from bncheck.judging.findings import SAMPLE
 from bncheck.judging.output_divergence import (
     NoiseEstimate,
     composition,
@@ -30,6 +31,7 @@ from bncheck.judging.output_divergence import (
     nonfinite_output_finding,
     triggered,
 )
+from bncheck.judging.preprocessing import InputReading, read_signature
 from bncheck.judging.rules import accuracy_gap, accuracy_gap_finding
 from bncheck.judging.scoring import build_report
 from bncheck.measuring import distributed
@@ -45,6 +47,8 @@ from bncheck.measuring.batches import (
     to_device,
     to_host,
 )
+from bncheck.measuring.input_signature import SAMPLES as SIGNATURE_SAMPLES
+from bncheck.measuring.input_signature import input_signature
 from bncheck.measuring.outputs import OutputTally, output_gap
 from bncheck.measuring.statistics import LayerStats, statistics_pass
 from bncheck.reporting.report import STALE_CODES, DataInfo, Finding, OutputDivergence, Report, Sources
@@ -311,15 +315,23 @@ def _analyze(
     output = tally.result()
     reduce = (lambda t: distributed.pool(world, t)) if world.active else None
 
+    reading: Optional[InputReading] = None
+
     def report_with(attribution: Optional[dict[str, Optional[float]]] = None,
                     extra: tuple[Finding, ...] = (), conclusion: Optional[str] = None) -> Report:
         return build_report(
             stats.stats, ignored, thresholds, fail_on, model_info, data_info, output, str(device), started,
             has_data=True, attribution=attribution, extra_findings=rank_findings + extra,
-            momentum_known=momentum_known, conclusion=conclusion, world_size=world.size,
+            momentum_known=momentum_known, conclusion=conclusion, world_size=world.size, input_reading=reading,
         )
 
     report = report_with()
+    if not world.active:  # under torchrun each rank holds another part of the sample: no fit, one reading
+        if progress is not None:
+            progress("input signature", 0, None)
+        reading = _input_reading(runtime, report, keep, device, float_dtype)
+        if reading is not None:
+            report = report_with()
     gap = output_gap(kept_tally.result())  # the passes below re-run the kept samples: their own gap
     flagged = [
         layer.name for layer in report.layers
@@ -385,36 +397,102 @@ MANY_STALE = 3
 """From this many stale layers on, the report concludes once: recalibrate them all."""
 
 
+INPUT_CODES = (*STALE_CODES, "input-distribution")
+
+
+def _input_reading(runtime: Runtime, report: Report, kept: Kept, device: torch.device,
+                   float_dtype: Optional[torch.dtype]) -> Optional[InputReading]:
+    """When the first BN layer is flagged: what explains its shift, measured by transforming
+    the input (``measuring/input_signature.py``); None when it is not flagged or cannot be fitted."""
+    called = [layer for layer in report.layers if layer.depth is not None]
+    if not called or not kept:
+        return None
+    first = min(called, key=lambda layer: layer.depth)
+    if not any(f.code in INPUT_CODES and f.severity != "info" for f in first.findings):
+        return None
+    inputs = [k[0] for k in kept]
+    if not all(isinstance(x, Tensor) for x in inputs):
+        return None
+    index = next((i for i, layer in enumerate(runtime.layers) if layer.name == first.name), None)
+    if index is None:
+        return None
+    signature = input_signature(runtime, index, torch.cat(inputs)[:SIGNATURE_SAMPLES], device, float_dtype)
+    return read_signature(signature) if signature is not None else None
+
+
 def _conclusion(
     runtime: Runtime, report: Report, by_name: dict[str, LayerStats], kept: Kept,
     gap: Optional[float], device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any = None,
     measure: bool = True,
 ) -> Optional[str]:
-    """One sentence instead of many alike findings: when several layers are stale, fixing
-    them all at once is the advice, and one more eval pass measures what it recovers
-    (``measure=False``, i.e. ``--attribute 0``: no pass, and the sentence says so)."""
+    """One sentence instead of many alike findings: when several layers are stale, the cure is
+    what ``bncheck fix`` does -- every BN layer recalibrated together, each on the input it sees
+    once the layers before it use batch statistics -- and one eval pass measures what it
+    recovers. When only some layers are flagged, the flagged subset is measured too (one more
+    pass): the two can differ in sign, because unflagged layers downstream were tuned to the
+    flagged ones' statistics. ``measure=False`` (``--attribute 0``): no pass, and the sentence
+    says so. "The gap is not in these statistics" is said only when neither closes it."""
     stale = [layer.name for layer in report.layers if layer.score is not None
              and any(f.code in STALE_CODES and f.severity != "info" for f in layer.findings)]
-    if len(stale) < MANY_STALE:
-        return None
-    measured = sum(1 for layer in report.layers if layer.score is not None)
-    share = None
+    every = [layer.name for layer in report.layers if layer.score is not None and layer.name in by_name]
+    measured = len(every)
+    many = len(stale) >= MANY_STALE or (len(stale) >= 2 and 2 * len(stale) >= measured)  # small nets: half
+    if not many or any(f.code in SAMPLE and f.severity != "info" for f in report.findings):
+        return None  # a sample that is off comes first: no recalibration is advised on it
+    all_share = flagged_share = None
     if gap and measure:
-        share = attribute_layers(runtime, [by_name[name] for name in stale], kept, gap, device, float_dtype,
-                                 reduce=reduce)
-    if share is not None and share < HELPS:
+        all_share = attribute_layers(runtime, [by_name[name] for name in every], kept, gap, device, float_dtype,
+                                     reduce=reduce)
+        if len(stale) < measured:
+            flagged_share = attribute_layers(runtime, [by_name[name] for name in stale], kept, gap, device,
+                                             float_dtype, reduce=reduce)
+        else:
+            flagged_share = all_share
+
+    def pct(share: float) -> str:
+        return f"{100 * share:.0f}%" if share >= 0 else f"none (the gap grows by {100 * -share:.0f}%)"
+
+    subset = (f"; recalibrating only the {len(stale)} flagged recovers {pct(flagged_share)}"
+              if flagged_share is not None and len(stale) < measured else "")
+    if all_share is not None and all_share >= HELPS and (flagged_share is None or all_share >= flagged_share - 0.05):
+        return (f"{_freeze_reading(report, stale, measured)}{len(stale)} of {measured} measured BN layers are "
+                f"stale: recalibrate all {measured} BN layers together (what bncheck fix does, verified before it "
+                f"writes): that recovers {pct(all_share)} of the output gap (measured){subset}.")
+    if flagged_share is not None and flagged_share >= HELPS:
+        return (f"{len(stale)} of {measured} measured BN layers are stale: recalibrating those {len(stale)} "
+                f"together recovers {pct(flagged_share)} of the output gap (measured), all {measured} together "
+                f"{pct(all_share) if all_share is not None else 'was not measured'}: recalibrate the flagged "
+                "layers (bncheck fix --layers GLOB, verified before it writes).")
+    if all_share is not None:
         # the measurement does not support recalibrating: say what was measured, advise nothing it refutes
         return (f"{len(stale)} of {measured} measured BN layers disagree with this data, but recalibrating all "
-                f"{len(stale)} on it does not close the output gap ({100 * share:.0f}% of it recovered, measured): "
-                "the gap is not in these statistics alone -- check that this data is what the model was trained on "
-                "and whether BN was kept in eval mode on purpose before changing any statistics.")
+                f"{measured} on it does not close the output gap ({pct(all_share)} of it recovered, measured"
+                f"{subset.replace('; recalibrating', ', recalibrating')}): the gap is not in these statistics "
+                "alone -- check that this data is what the model was trained on and whether BN was kept in eval "
+                "mode on purpose before changing any statistics.")
     text = (f"{len(stale)} of {measured} measured BN layers are stale: recalibrate all BN layers together "
             "(bncheck fix, verified before it writes) rather than one at a time")
-    if share is not None:
-        text += f"; recalibrating all {len(stale)} recovers {100 * share:.0f}% of the output gap (measured)"
-    elif not measure:
+    if not measure:
         text += "; what that recovers was not measured (--attribute 0)"
     return text + "."
+
+
+def _freeze_reading(report: Report, stale: list[str], measured: int) -> str:
+    """The forum's freeze, named when the evidence fits: from the modules (momentum 0, or affine
+    frozen while saved in train mode: pseudo-frozen), or -- from weights alone, where momentum is
+    not saved -- as one of two readings when most layers at every depth are stale."""
+    frozen = [layer.name for layer in report.layers
+              if any(f.code == "pseudo-frozen" and f.severity != "info" for f in layer.findings)]
+    if frozen:
+        return (f"BN 'frozen' the forum's way: the {len(frozen)} flagged layers have momentum 0 (or a frozen affine) "
+                "yet ran in train mode, so their statistics never followed the data the model trained on. ")
+    if report.model.momentum_from not in ("library-default", "builder") or 2 * len(stale) < measured:  # not saved
+        return ""
+    return ("Two readings fit statistics stale at most depths: BN statistics not updated while the model trained on "
+            "data like this (momentum 0 / requires_grad=False left in train(), or SWA/EMA weights without a BN "
+            "update), or data from another domain than training; `bncheck diff BASE.pt THIS.pt` against the "
+            "checkpoint it was fine-tuned from proves the first (statistics identical while the weights moved), "
+            "and the full module (torch.save(model)) shows momentum 0. Either way: ")
 
 
 HELPS = 0.1

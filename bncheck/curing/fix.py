@@ -75,22 +75,36 @@ def run_fix(
 
     bad_input = [f for f in before.findings if f.code == "input-distribution"]
     if bad_input:
+        message = bad_input[0].message
+        evidence = message[message.index("these inputs look"):].rstrip(".") if "these inputs look" in message else ""
+        evidence = evidence or (message.split("; ", 1)[1].rstrip(".") if "; " in message else "")
         blocking.append(
-            f"the data looks wrongly preprocessed for this model (input-distribution on {bad_input[0].layer}): "
-            "recalibrating on it would bake that into the checkpoint; fix the preprocessing first"
+            f"the data looks wrongly preprocessed for this model (input-distribution on {bad_input[0].layer}"
+            f"{': ' + evidence if evidence else ''}): recalibrating on it would bake that into the checkpoint; fix "
+            "the preprocessing first"
         )
 
     from bncheck.judging.findings import SAMPLE
+    from bncheck.judging.rules import eval_mode_is_better
 
     ran = [layer for layer in before.layers if layer.depth is not None]
     first = min(ran, key=lambda layer: layer.depth).name if ran else None
-    if any(f.code == "stale-running-stats" and f.layer == first for f in before.findings):
+    first_stale = next((f for f in before.findings if f.code == "stale-running-stats" and f.layer == first), None)
+    if first_stale is not None and "domain change" not in first_stale.message:
+        # no transform of the input explained the first layer's shift (a known preprocessing bug
+        # would be input-distribution and block above; a fitted domain change is no warning)
         warnings.append(
-            f"the first BN layer ({first}) is stale on this data: the likeliest reading is a preprocessing "
-            "mismatch, which recalibration bakes into the checkpoint; check the input scale, mean/std and "
-            "channel order against training before using the fixed checkpoint"
+            f"no known preprocessing mistake explains the first BN layer's shift ({first}), nor a simple change "
+            "of brightness or colour: if this data went through another pipeline than training (resizing, "
+            "cropping, scaling), fix that instead -- recalibration would bake it in"
         )
-    off_sample = [f for f in before.findings if f.code in SAMPLE]
+    if eval_mode_is_better(before.output):
+        blocking.append(
+            f"with these labels eval mode is more accurate than train mode ({_fmt_pct(before.output.eval_accuracy)} "
+            f"vs {_fmt_pct(before.output.train_accuracy)}): BN was kept in eval mode on purpose while training, "
+            "and the layers after it rely on its statistics; keep the checkpoint as it is"
+        )
+    off_sample = [f for f in before.findings if f.code in SAMPLE and f.severity != "info"]
     if off_sample:
         blocking.append(
             f"the sample looks off ({off_sample[0].code}: {off_sample[0].message.rstrip('.')}); statistics "

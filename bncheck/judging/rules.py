@@ -14,6 +14,7 @@ from typing import Optional
 from bncheck.config import Thresholds
 from bncheck.judging.findings import STALE
 from bncheck.judging.metrics import binomial_tail
+from bncheck.judging.preprocessing import InputReading
 from bncheck.reporting.numbers import num
 from bncheck.reporting.report import Finding, OutputDivergence
 
@@ -92,17 +93,21 @@ def _stale_severity(f: LayerFacts, t: Thresholds) -> Optional[str]:
 
 
 INPUT_LAYER_HINT = (
-    "At the first BN layer after the input the likeliest reading is a preprocessing mismatch: compare the "
-    "input scale ([0,1] vs [-1,1] vs 0..255), mean/std and channel order with training (--mean/--std, "
-    "data.channels) before anything else -- recalibrating would bake the mismatch into the checkpoint. Only "
-    "when the preprocessing matches: statistics stale for this data (domain shift, or the layer trained on "
-    "other data) -> recalibrate on representative data with bncheck fix."
+    "The input's statistics cannot tell a preprocessing mismatch from a domain change here: a mismatch of a kind "
+    "bncheck does not test (compare the pipeline with training's: resizing, cropping, augmentation, "
+    "scaling, mean/std, channel order) -> fix the pipeline, since recalibrating would bake it in; or data "
+    "from another domain than training -> recalibrate on representative data with bncheck fix (verified "
+    "before it writes). Labels tell them apart: eval-mode accuracy recovering after bncheck fix --dry-run."
 )
-"""Advice for a stale-looking first BN layer: preprocessing first, recalibration second."""
+"""Advice for a stale first BN layer whose shift no transform of the input explains: both readings."""
 
 
-def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_data: bool = True) -> list[Finding]:
-    """Findings for one layer; without data only what the module and its buffers reveal."""
+def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_data: bool = True,
+                   input_reading: Optional[InputReading] = None) -> list[Finding]:
+    """Findings for one layer; without data only what the module and its buffers reveal.
+    ``input_reading``: for the first BN layer, what the input-signature pass found explains its
+    shift (a preprocessing transform, a units mismatch, a domain change, nothing); None when
+    that pass did not run."""
     out: list[Finding] = []
 
     def add(code: str, severity: str, message: str, hint: str) -> None:
@@ -185,9 +190,11 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
         add(
             "counter-reset",
             "info",
-            "num_batches_tracked is 0 but the running stats are not at their defaults: they were set by a "
-            "conversion or tool, not by training updates; they are checked against the data like any other.",
-            "Nothing to do unless the layer is also flagged; keep the counter when converting checkpoints.",
+            "num_batches_tracked is 0 with real running stats: usual for an EMA or SWA copy of the weights (an EMA "
+            "averages floating-point tensors only, so the integer counter stays 0, as in ultralytics' fp16 EMA "
+            "checkpoints) or a converted checkpoint; nothing is wrong with that by itself, and the statistics are "
+            "checked against the data like any other.",
+            "Nothing to do unless the layer is also flagged.",
         )
     if f.kind == "frozen":
         checked = (
@@ -247,17 +254,30 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "Recalibrate to exact population statistics (bncheck fix: no initial value left), or train with "
             "more updates or a larger BN momentum.",
         )
-    elif is_input_layer and ((f.max_abs_mean_shift or 0.0) >= t.input_mean_shift or extreme_scale):
+    elif is_input_layer and input_reading is not None and input_reading.kind in ("preprocessing", "units"):
+        add(
+            "input-distribution",
+            "error",
+            f"the first BN layer that runs sees inputs far from its running stats: {numbers}; "
+            f"{input_reading.evidence}",
+            "Fix the preprocessing before anything else (recalibrating would bake the mismatch into the "
+            "checkpoint): for images the scale (0..1 vs 0..255), normalization mean/std and channel order "
+            "(--mean/--std, data.channels); for volumes, tabular or audio features the same units, intensity "
+            "normalization and standardization as in training.",
+        )
+    elif is_input_layer and input_reading is None and (
+            (f.max_abs_mean_shift or 0.0) >= t.input_mean_shift or extreme_scale):
         scale = (f"; a channel's spread is off by {math.exp(f.max_abs_log_scale):.0f}x"
                  if extreme_scale and f.max_abs_log_scale is not None else "")
         add(
             "input-distribution",
             "error",
-            f"the first BN layer that runs sees inputs far from its running stats: {numbers}{scale}.",
+            f"the first BN layer that runs sees inputs far from its running stats: {numbers}{scale} (judged by "
+            "the size of the shift alone: no transform of the input could be fitted to this model or data).",
             "Check the preprocessing against training before anything else (recalibrating would hide it): for "
             "images the scale (0..1 vs 0..255), normalization mean/std and channel order (--mean/--std, "
             "data.channels); for tabular or audio features the same units, scaling and standardization as in "
-            "training.",
+            "training. If it matches, the data is from another domain: recalibrate with bncheck fix --force.",
         )
     elif (f.momentum_known and f.momentum == 0.0) or (f.affine_frozen and f.saved_training):
         why = "momentum=0" if f.momentum_known and f.momentum == 0.0 else "affine frozen but saved in train mode"
@@ -269,11 +289,21 @@ def layer_findings(f: LayerFacts, t: Thresholds, *, is_input_layer: bool, has_da
             "Keep frozen BN layers in eval mode while fine-tuning (bncheck.freeze_batchnorm(model) "
             "survives model.train()), and recalibrate this checkpoint on the fine-tuning data (bncheck fix).",
         )
-    elif is_input_layer:
+    elif is_input_layer and input_reading is not None and input_reading.kind == "domain":
         add(
             "stale-running-stats",
             severity,
-            f"the first BN layer that runs sees inputs unlike its running stats: {numbers}.",
+            f"the first BN layer that runs sees inputs unlike its running stats: {numbers}; {input_reading.evidence}",
+            "Recalibrate on representative data from this domain (bncheck fix, verified before it writes). If "
+            "the images should look like the training ones (same camera, same lighting), compare a few by eye "
+            "first.",
+        )
+    elif is_input_layer:
+        evidence = f"; {input_reading.evidence}" if input_reading is not None else "."
+        add(
+            "stale-running-stats",
+            severity,
+            f"the first BN layer that runs sees inputs unlike its running stats: {numbers}{evidence}",
             INPUT_LAYER_HINT,
         )
     else:
@@ -477,15 +507,22 @@ def chance_accuracy_finding(output: OutputDivergence) -> Optional[Finding]:
     )
 
 
-def check_data_first(finding: Finding, cause: Finding) -> Finding:
+def check_data_first(finding: Finding, cause: Finding, *, cannot_judge: bool = False) -> Finding:
     """A stale-looking layer measured on a sample that is itself off: the numbers stand, the
     advice changes from "recalibrate" to "check the sample" (its statistics are not the ones
     the model should hold). Only the stale group advises recalibrating; input-distribution
-    already says: check the data."""
+    already says: check the data. ``cannot_judge``: the sample is one-sided and the drift sits
+    only past the first layer (the input's statistics match, the class-specific features do
+    not) -- what a healthy model shows on a sample of one class: a warning, never a FAIL."""
     if finding.code not in STALE:
         return finding
+    severity = "warning" if cannot_judge and finding.severity == "error" else finding.severity
+    message = finding.message
+    if severity != finding.severity:
+        message = (message.rstrip(".") + "; but the sample is one-sided and the first layer matches it, so this "
+                   "sample cannot judge the statistics.")
     return Finding(
-        finding.code, finding.severity, finding.layer, finding.message,
+        finding.code, severity, finding.layer, message,
         f"Measured on a sample that looks off ({cause.code}): check the sample first -- {cause.hint}",
     )
 
@@ -518,11 +555,24 @@ def one_class_sample_finding(output: OutputDivergence) -> Optional[Finding]:
     )
 
 
+def collapse_more_likely(finding: Finding) -> Finding:
+    """The one-class reading weakened by the layers: the drift reaches the first BN layer, whose
+    input a one-class sample barely moves but a stale model (the forum's freeze, a domain change)
+    does. An info finding then: the stale layers' advice stands."""
+    return Finding(
+        finding.code, "info", None,
+        finding.message.rstrip(".") + "; the drift reaches the first BN layer, so a collapse of eval mode "
+        "(stale statistics) is the likelier reading.",
+        "Labels settle it (class subfolders or (inputs, labels) batches give accuracy per mode); bncheck fix "
+        "verifies its result either way.",
+    )
+
+
 def stale_with_labels(finding: Finding, train_accuracy: float, eval_accuracy: float, *,
                       input_layer: bool = False) -> Finding:
     """Labels that show train mode clearly better leave one reading of stale statistics: say it
     plainly instead of naming both (at the first BN layer, after the preprocessing check)."""
-    if input_layer:
+    if input_layer and "domain change" not in finding.message:
         return Finding(
             finding.code, finding.severity, finding.layer, finding.message,
             f"Labels rule out BN kept in eval mode on purpose (train-mode accuracy {100 * train_accuracy:.1f}% vs "

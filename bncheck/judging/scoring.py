@@ -29,11 +29,13 @@ from bncheck.judging.metrics import (
     weighted_geometric_mean,
     weighted_rms,
 )
+from bncheck.judging.preprocessing import InputReading
 from bncheck.judging.rules import (
     FROZEN_READING_CODES,
     LayerFacts,
     chance_accuracy_finding,
     check_data_first,
+    collapse_more_likely,
     eval_mode_is_better,
     frozen_by_module,
     frozen_in_eval,
@@ -46,6 +48,7 @@ from bncheck.judging.rules import (
 from bncheck.measuring.statistics import LayerStats
 from bncheck.reporting.report import (
     SEVERITY_ORDER,
+    STALE_CODES,
     ChannelDrift,
     DataInfo,
     Finding,
@@ -227,6 +230,7 @@ def build_report(
     momentum_known: bool = True,
     conclusion: Optional[str] = None,
     world_size: int = 1,
+    input_reading: Optional[InputReading] = None,
 ) -> Report:
     """Score, diagnose and rank the layers; decide the verdict. ``extra_findings`` are
     model-level findings measured elsewhere (the output-divergence net); ``conclusion`` and
@@ -251,7 +255,8 @@ def build_report(
     called = [f for f, _ in scored if f.depth is not None]
     input_layer = min(called, key=lambda f: f.depth).name if called else None
     findings_by_layer = {
-        f.name: layer_findings(f, thresholds, is_input_layer=f.name == input_layer, has_data=has_data)
+        f.name: layer_findings(f, thresholds, is_input_layer=f.name == input_layer, has_data=has_data,
+                               input_reading=input_reading if f.name == input_layer else None)
         for f, _ in scored
     }
     if has_data and eval_mode_is_better(output):
@@ -274,8 +279,16 @@ def build_report(
     # first, and advise no recalibration on it
     data_first = [f for f in (chance_accuracy_finding(output), one_class_sample_finding(output)) if f] \
         if has_data else []
+    weakened: list[Finding] = []
+    first_stale = input_layer is not None and any(
+        f.code in STALE_CODES and f.severity != "info" for f in findings_by_layer.get(input_layer, []))
+    if first_stale and any(f.code == "unrepresentative-sample" for f in data_first):
+        weakened = [collapse_more_likely(f) for f in data_first if f.code == "unrepresentative-sample"]
+        data_first = [f for f in data_first if f.code != "unrepresentative-sample"]
     if data_first:
-        findings_by_layer = {name: [check_data_first(f, data_first[0]) for f in found]
+        one_sided = data_first[0].code == "unrepresentative-sample" and input_layer is not None and not any(
+            f.code in STALE_CODES for f in findings_by_layer.get(input_layer, []))
+        findings_by_layer = {name: [check_data_first(f, data_first[0], cannot_judge=one_sided) for f in found]
                              for name, found in findings_by_layer.items()}
     eval_scores = {
         run.layer.name: score_layer(run.layer, run.eval, thresholds.dead_channel_var)
@@ -320,7 +333,7 @@ def build_report(
 
     all_findings: list[Finding] = [f for r in layer_results for f in r.findings]
     all_findings += model_findings([f for f, _ in scored], thresholds)
-    all_findings += data_first
+    all_findings += data_first + weakened
     all_findings += extra_findings
     # Most severe first; within a severity, the layers whose fix measurably closes most of the
     # output gap first, and those whose fix alone widens it last (never the first advice).

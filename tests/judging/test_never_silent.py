@@ -303,7 +303,7 @@ def test_standardized_features_fed_to_a_raw_trained_model_are_an_input_problem()
     standardized = (raw - raw.mean(0)) / raw.std(0)  # deployment pipeline standardizes
     report = bncheck.analyze(model, standardized, batch_size=64)
     finding = next(f for f in report.findings if f.layer == "0")
-    assert finding.code == "input-distribution" and "spread is off by" in finding.message
+    assert finding.code == "input-distribution" and "units or normalization mismatch" in finding.message
     assert "tabular or audio features" in finding.hint
 
 
@@ -315,8 +315,9 @@ def test_many_stale_layers_conclude_once_with_the_measured_recovery() -> None:
             bn.running_mean += 1.5 * bn.running_var.sqrt()
     report = bncheck.analyze(model, sample())
     assert report.conclusion is not None and report.conclusion.startswith(f"{len(bns[::4])} of 56 measured BN layers")
-    assert "recalibrate all BN layers together" in report.conclusion
+    assert "recalibrate all 56 BN layers together (what bncheck fix does" in report.conclusion
     assert "% of the output gap (measured)" in report.conclusion
+    assert f"recalibrating only the {len(bns[::4])} flagged recovers" in report.conclusion
     assert next_step(report) == report.conclusion
     assert "conclusion " in render(report, "table")
     html = render(report, "html")

@@ -119,7 +119,7 @@ def next_step(report: Report) -> str:
         return f"new or worse since the baseline: {worst.code}{where}: {worst.hint}"
     if report.data.samples == 0 and not any(f.severity == "error" for f in report.findings):
         return "No data given: only the checkpoint was checked; run with --data to measure drift."
-    first = next((f for f in report.findings if f.code in SAMPLE), None)
+    first = next((f for f in report.findings if f.code in SAMPLE and f.severity != "info"), None)
     if first is not None:  # the sample is off: that comes before any layer's advice
         return f"{first.code}: {first.hint}"
     if report.conclusion is not None:

@@ -1,0 +1,222 @@
+"""The input-signature pass: how the first BN layer's statistics change when the input is
+transformed (``judging/preprocessing.py`` says what the numbers mean).
+
+The model runs only up to its first BN layer (a sink stops the forward there), in eval mode,
+on at most ``SAMPLES`` samples of the kept sample, with every buffer and mode restored after.
+Cost: for a 3-channel image model, five stem forwards (the input, each channel alone, zeros)
+and three constant-channel forwards check that the stem is affine and give every moment the
+fit needs; the known transforms and a free per-channel scale/offset are then scored from those
+moments with no further forward. A stem that is not affine costs one stem forward per known
+transform instead, and no free fit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from bncheck.judging.metrics import channel_weights, mean_shift, normalization_error, scale_ratio
+from bncheck.judging.preprocessing import InputSignature, Transform, candidate_norms, known_transforms
+from bncheck.measuring.batches import forward, to_device
+from bncheck.runtime import Runtime, preserved_state
+
+SAMPLES = 8
+"""Samples the fit uses (a stem's output has thousands of positions per sample per channel)."""
+MAX_CHANNELS = 64
+"""Inputs with more channels (features) than this get the known transforms only, no free fit."""
+AFFINE_TOLERANCE = 1e-3
+
+
+class _Reached(Exception):
+    """Raised by the sink once the first BN layer's input is seen: the rest of the model is not run."""
+
+
+def _stem(runtime: Runtime, index: int, x: Tensor) -> Optional[Tensor]:
+    """The input of BN layer ``index`` when the model runs on ``x`` (eval mode)."""
+    seen: dict[str, Tensor] = {}
+
+    class Sink:
+        def __call__(self, at: int, value: Tensor) -> None:
+            if at == index:
+                seen["x"] = value.detach().double()
+                raise _Reached
+
+        def from_buffers(self, *_args: Any) -> None:
+            return None
+
+    with runtime.observe(Sink()):
+        try:
+            forward(runtime.model, x, "eval")
+        except _Reached:
+            pass
+    return seen.get("x")
+
+
+def _flat(z: Tensor) -> Tensor:
+    """``[N, K, ...]`` as ``[K, N * positions]``."""
+    return z.transpose(0, 1).reshape(z.shape[1], -1)
+
+
+def _score(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, eps: float, weights: Tensor) -> float:
+    e = normalization_error(scale_ratio(var.clamp_min(0), running_var, eps), mean_shift(mean, running_mean, running_var,
+                                                                                         eps))
+    value = float(torch.sqrt((weights * e**2).sum() / weights.sum()))
+    return value if math.isfinite(value) else math.inf
+
+
+def input_signature(runtime: Runtime, layer_index: int, inputs: Tensor, device: torch.device,
+                    float_dtype: Optional[torch.dtype],
+                    configured_norm: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None,
+                    ) -> Optional[InputSignature]:
+    """Score the first BN layer on ``inputs`` (``[N, C, ...]``) as fed, under every known
+    preprocessing transform, and under the best free per-channel scale and offset when the
+    path to it is affine. None when the layer cannot be reached or measured this way."""
+    layer = runtime.layers[layer_index]
+    if layer.running_mean is None or layer.running_var is None or layer.by_buffers:
+        return None
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 2:
+        return None
+    x = to_device(inputs[:SAMPLES], device, float_dtype)
+    if x.shape[0] < 2:
+        return None
+    channels = x.shape[1]
+    running_mean = layer.running_mean.detach().double().cpu()
+    running_var = layer.running_var.detach().double().cpu()
+    eps = layer.eps
+    weights = channel_weights(getattr(layer.module, "weight", None), running_mean.numel(), running_mean).cpu()
+
+    def moments(z: Tensor) -> tuple[Tensor, Tensor]:
+        flat = _flat(z).cpu()
+        return flat.mean(1), flat.var(1, unbiased=False)
+
+    with torch.no_grad(), preserved_state(runtime.model):
+        runtime.set_mode(bn_training=False)
+        fed = _stem(runtime, layer_index, x)
+        if fed is None or fed.dim() < 2 or fed.shape[1] != running_mean.numel():
+            return None
+        baseline = _score(*moments(fed), running_mean, running_var, eps, weights)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        affine_parts = _affine_parts(runtime, layer_index, x, fed) if channels <= MAX_CHANNELS else None
+
+        def transformed(t: Transform) -> float:
+            scale = torch.tensor(t.scale, dtype=x.dtype, device=x.device).reshape(shape)
+            offset = torch.tensor(t.offset, dtype=x.dtype, device=x.device).reshape(shape)
+            if affine_parts is not None and not t.reverse:
+                return _affine_score(affine_parts, torch.tensor(t.scale, dtype=torch.float64),
+                                     torch.tensor(t.offset, dtype=torch.float64), running_mean, running_var, eps,
+                                     weights)
+            source = x.flip(1) if t.reverse else x
+            z = _stem(runtime, layer_index, source * scale + offset)
+            return math.inf if z is None else _score(*moments(z), running_mean, running_var, eps, weights)
+
+        transforms = known_transforms(channels, candidate_norms(channels, configured_norm))
+        scored = [(transformed(t), t) for t in transforms]
+    best_score, best = min(scored, key=lambda item: item[0]) if scored else (None, None)
+    free = _free_fit(affine_parts, running_mean, running_var, eps, weights) if affine_parts is not None else None
+    return InputSignature(
+        layer=layer.name, baseline=baseline, samples=int(x.shape[0]), affine=affine_parts is not None,
+        known=best, known_score=best_score,
+        free_scale=free[0] if free else None, free_offset=free[1] if free else None,
+        free_score=free[2] if free else None,
+    )
+
+
+def _affine_parts(runtime: Runtime, index: int, x: Tensor, fed: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """Where the stem is affine in the input, ``stem(s*x + t) = base + sum_c s_c P_c + t_c Q_c``:
+    the means ``[2C+1, K]`` and second moments ``[K, 2C+1, 2C+1]`` of the parts (``P_c`` = the
+    stem on channel c alone minus the stem on zeros, ``Q_c`` the same for a constant 1 in
+    channel c, and the stem on zeros), from which any per-channel transform is scored exactly.
+    None when the stem is not affine (checked: the parts must add up to the stem on ``x``)."""
+    channels = x.shape[1]
+    zero = _stem(runtime, index, torch.zeros_like(x))
+    if zero is None:
+        return None
+    parts: list[Tensor] = []
+    for c in range(channels):
+        alone = torch.zeros_like(x)
+        alone[:, c] = x[:, c]
+        z = _stem(runtime, index, alone)
+        if z is None:
+            return None
+        parts.append(z - zero)
+    total = zero + sum(parts)
+    spread = float((fed - zero).norm())
+    if spread == 0 or float((total - fed).norm()) > AFFINE_TOLERANCE * spread:
+        return None
+    for c in range(channels):
+        ones = torch.zeros_like(x[:1])
+        ones[:, c] = 1.0
+        z = _stem(runtime, index, ones)
+        if z is None:
+            return None
+        parts.append((z - zero[:1]).expand_as(zero))
+    parts.append(zero)
+    stacked = torch.stack([_flat(p) for p in parts]).cpu()  # [2C+1, K, M]
+    means = stacked.mean(2)
+    second = torch.einsum("ikm,jkm->kij", stacked, stacked) / stacked.shape[2]
+    return means, second
+
+
+def _affine_moments(parts: tuple[Tensor, Tensor], scale: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+    means, second = parts
+    a = torch.cat([scale, offset, torch.ones(1, dtype=scale.dtype)])
+    mean = a @ means
+    var = torch.einsum("i,kij,j->k", a, second, a) - mean**2
+    return mean, var
+
+
+def _affine_score(parts: tuple[Tensor, Tensor], scale: Tensor, offset: Tensor, running_mean: Tensor,
+                  running_var: Tensor, eps: float, weights: Tensor) -> float:
+    return _score(*_affine_moments(parts, scale, offset), running_mean, running_var, eps, weights)
+
+
+def _free_fit(parts: tuple[Tensor, Tensor], running_mean: Tensor, running_var: Tensor, eps: float,
+              weights: Tensor) -> Optional[tuple[tuple[float, ...], tuple[float, ...], float]]:
+    """The per-channel scale and offset that bring the first layer closest to its running
+    statistics (L-BFGS on the exact moments from a few starting scales, sign included)."""
+    channels = (parts[0].shape[0] - 1) // 2
+    best: Optional[tuple[float, Tensor, Tensor]] = None
+    for start in (1.0, 1 / 255, 255.0):
+        fitted = _fit_from(parts, start, channels, running_mean, running_var, eps, weights)
+        if fitted is not None and (best is None or fitted[0] < best[0]):
+            best = fitted
+    # an inverted input (negative scale) only when it fits far better: a stem whose filters are
+    # near-symmetric fits a sign flip about as well, and "inverted" would be the wrong story
+    flipped = _fit_from(parts, -1.0, channels, running_mean, running_var, eps, weights)
+    if flipped is not None and (best is None or flipped[0] < 0.5 * best[0]):
+        best = flipped
+    if best is None:
+        return None
+    score, scale, offset = best
+    return tuple(float(v) for v in scale), tuple(float(v) for v in offset), score
+
+
+def _fit_from(parts: tuple[Tensor, Tensor], start: float, channels: int, running_mean: Tensor, running_var: Tensor,
+              eps: float, weights: Tensor) -> Optional[tuple[float, Tensor, Tensor]]:
+    """One L-BFGS run from scale ``start`` (its sign kept; the magnitude fitted in log space)."""
+    log_scale = torch.full((channels,), math.log(abs(start)), dtype=torch.float64, requires_grad=True)
+    sign = math.copysign(1.0, start)
+    offset = torch.zeros(channels, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_scale, offset], max_iter=100, line_search_fn="strong_wolfe")
+
+    def loss() -> Tensor:
+        optimizer.zero_grad()
+        mean, var = _affine_moments(parts, sign * log_scale.exp(), offset)
+        e = normalization_error(scale_ratio(var.clamp_min(1e-30), running_var, eps),
+                                mean_shift(mean, running_mean, running_var, eps))
+        # a small pull towards no change: a channel the stem ignores keeps scale 1, not any scale
+        value = (weights * e**2).sum() / weights.sum() + 1e-4 * (log_scale**2).mean() + 1e-4 * (offset**2).mean()
+        value.backward()
+        return value
+
+    try:
+        with torch.enable_grad():
+            optimizer.step(loss)
+    except RuntimeError:
+        return None
+    scale = sign * log_scale.detach().exp()
+    score = _affine_score(parts, scale, offset.detach(), running_mean, running_var, eps, weights)
+    return (score, scale, offset.detach()) if math.isfinite(score) else None

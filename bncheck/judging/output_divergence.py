@@ -27,7 +27,7 @@ from bncheck.judging.attribution import Kept
 from bncheck.judging.metrics import softmax_divergence
 from bncheck.measuring.batches import ImageList, batch_len, forward, rebuild, to_device, to_host
 from bncheck.measuring.distributed import combine
-from bncheck.measuring.outputs import OutputTally, logits_of, time_major
+from bncheck.measuring.outputs import OutputTally, dense_divergence, is_dense, logits_of, time_major
 from bncheck.reporting.report import Finding, OutputDivergence
 from bncheck.runtime import Runtime, preserved_state
 
@@ -158,7 +158,7 @@ def noise_divergence(
     if len(floors) >= 2 and all(f is not None for f in floors):
         mean = sum(floors) / len(floors)
         error = math.sqrt(sum((f - mean) ** 2 for f in floors) / (len(floors) - 1) / len(floors))
-    return NoiseEstimate(result, tally.samples, len(floors), error, complete=len(floors) == batches)
+    return NoiseEstimate(result, tally.images or tally.samples, len(floors), error, complete=len(floors) == batches)
 
 
 def _noise_tally(
@@ -249,6 +249,9 @@ def _sample_error(before: Any, again: Any, kind: Optional[str], scale: float) ->
             or before.dim() < 1 or before.shape[0] < 4:
         return None
     n = before.shape[0]
+    if kind == "classifier" and is_dense(before):
+        values = dense_divergence(before, again)[0].double() * scale  # per image: its pixels' mean KL
+        return float(values.std() / math.sqrt(n))
     if kind == "classifier":
         values = softmax_divergence(before, again)[0].double() * scale
         return float(values.std() / math.sqrt(n))
@@ -351,8 +354,9 @@ def _divergence_findings(
     if gap is None:
         return []
     if output.kind == "classifier":
-        what = (f"train- and eval-mode outputs agree on {100 * output.top1_agreement:.1f}% of top-1 predictions "
-                f"(KL {output.kl:.3f} nats)")
+        unit = "pixels' " if output.per == "pixel" else ""
+        what = (f"train- and eval-mode outputs agree on {100 * output.top1_agreement:.1f}% of {unit}top-1 "
+                f"predictions ({'per-pixel ' if output.per == 'pixel' else ''}KL {output.kl:.3f} nats)")
         noise_text = (f"batch noise alone gives KL {floor:.3f}{estimate.describe()} "
                       f"({100 * noise.top1_agreement:.1f}% agreement)"
                       if floor is not None and noise is not None and noise.top1_agreement is not None

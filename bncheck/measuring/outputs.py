@@ -36,13 +36,46 @@ def time_major(value: Any, batch: Optional[int]) -> bool:
             and value.shape[1] == batch and value.shape[0] != batch and value.shape[2] >= 2)
 
 
+def is_dense(value: Any) -> bool:
+    """Per-pixel (per-voxel) class scores: ``[N, C, H, W]`` or ``[N, C, D, H, W]`` with C >= 2
+    (segmentation heads). 3-D outputs stay ambiguous (``[N, C, L]`` or ``[N, L, C]``) and are
+    not read as dense."""
+    return isinstance(value, Tensor) and value.is_floating_point() and value.dim() >= 4 and value.shape[1] >= 2
+
+
 def logits_of(value: Any) -> Any:
     """Classifier logits inside a model output object (``ModelOutput.logits``, a dict's
-    ``logits``), else the output itself."""
-    if isinstance(value, dict) and is_logits(value.get("logits")):
-        return value["logits"]
+    ``logits``; a segmentation model's ``out`` as torchvision returns it, or dense ``logits``
+    as Hugging Face's do), else the output itself."""
+    if isinstance(value, dict):
+        for key in ("logits", "out"):
+            if is_logits(value.get(key)) or is_dense(value.get(key)):
+                return value[key]
     inner = getattr(value, "logits", None)
-    return inner if is_logits(inner) else value
+    return inner if is_logits(inner) or is_dense(inner) else value
+
+
+def pixel_rows(value: Tensor) -> Tensor:
+    """``[N, C, ...]`` as one row of C class scores per pixel: ``[N * positions, C]``."""
+    return value.movedim(1, -1).reshape(-1, value.shape[1])
+
+
+PIXEL_CHUNK = 1 << 18
+"""Pixels whose softmaxes are compared at once (float64): bounds the memory of a 512x512 batch."""
+
+
+def dense_divergence(train_out: Tensor, eval_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample means of the per-pixel KL, JS and top-1 agreement of two dense outputs,
+    computed a chunk of pixels at a time (``[N]`` each)."""
+    n = train_out.shape[0]
+    rows_train, rows_eval = pixel_rows(train_out), pixel_rows(eval_out)
+    sums = [torch.zeros(rows_train.shape[0], dtype=torch.float64) for _ in range(3)]
+    for start in range(0, rows_train.shape[0], PIXEL_CHUNK):
+        stop = start + PIXEL_CHUNK
+        for total, value in zip(sums, softmax_divergence(rows_train[start:stop], rows_eval[start:stop])):
+            total[start:stop] = value.cpu()
+    kl, js, agree = (total.reshape(n, -1).mean(1) for total in sums)
+    return kl, js, agree
 
 
 def _pooled_kind(kinds: list[Optional[str]]) -> Optional[str]:
@@ -77,6 +110,10 @@ class OutputTally:
     eval_predicted: Counter = pooled("sum", default_factory=Counter)
     """Eval-mode predictions per class (a sample of one class shows as one class, confidently)."""
     train_predicted: Counter = pooled("sum", default_factory=Counter)
+    per: Optional[str] = pooled("first", default=None)
+    """``pixel`` when the outputs are per-pixel class scores (segmentation): rows are pixels."""
+    images: int = pooled("sum", default=0)
+    """Samples fed (``samples`` counts rows: pixels of a dense output, time steps of a sequence)."""
     counted: int = pooled("sum", default=0)
     """Samples whose outputs were checked for NaN/Inf (every kind of output)."""
     eval_nonfinite: int = pooled("sum", default=0)
@@ -86,6 +123,9 @@ class OutputTally:
     def add(self, out_train: Any, out_eval: Any, labels: Optional[Tensor], batch: Optional[int] = None) -> None:
         self._count_nonfinite(out_train, out_eval, batch)
         out_train, out_eval = logits_of(out_train), logits_of(out_eval)
+        if is_dense(out_train) and is_dense(out_eval) and out_train.shape == out_eval.shape:
+            self._add_dense(out_train, out_eval)
+            return
         out_train, out_eval = class_rows(out_train, batch), class_rows(out_eval, batch)
         if batch is not None and labels is not None and is_logits(out_train) and out_train.shape[0] != batch:
             labels = None  # per-sample labels do not label each time step
@@ -93,11 +133,13 @@ class OutputTally:
             kind = "classifier"
         else:
             kind = "tensor"
-        if self.kind not in (None, kind):
+        if self.kind not in (None, kind) or self.per == "pixel":
             self.kind = "none"
         if self.kind == "none":
             return
         self.kind = kind
+        fed = batch if batch is not None else next((t.shape[0] for t in tensors(out_train) if t.dim()), 1)
+        self.images += fed
         if kind == "classifier":
             kl, js, agree = softmax_divergence(out_train, out_eval)
             self.kl += float(kl.sum())
@@ -127,6 +169,23 @@ class OutputTally:
             return
         for a, b in zip(train_parts, eval_parts):
             self._add_tensor_pair(a, b)
+
+    def _add_dense(self, out_train: Tensor, out_eval: Tensor) -> None:
+        """A segmentation output: each pixel is a classifier. Agreement and KL are averaged over
+        pixels (labels need masks, which are not read yet: no accuracy)."""
+        if self.kind not in (None, "classifier") or self.per not in (None, "pixel"):
+            self.kind = "none"
+            return
+        self.kind, self.per = "classifier", "pixel"
+        kl, js, agree = dense_divergence(out_train, out_eval)
+        pixels = out_train[0, 0].numel()
+        self.kl += float(kl.sum()) * pixels
+        self.js += float(js.sum()) * pixels
+        self.agree += float(agree.sum()) * pixels
+        self.samples += out_train.shape[0] * pixels
+        self.images += out_train.shape[0]
+        self.classes = max(self.classes, int(out_train.shape[1]))
+        self._add_tensor_pair(out_train, out_eval)
 
     def _count_nonfinite(self, out_train: Any, out_eval: Any, batch: Optional[int]) -> None:
         """Samples with NaN/Inf anywhere in their output, per mode, whatever the output is (a
@@ -167,6 +226,10 @@ class OutputTally:
         if self.kind == "tensor":
             return OutputDivergence(kind="tensor", relative_l2=rel, **counts)
         n = max(self.samples, 1)
+        if self.per == "pixel":
+            return OutputDivergence(kind="classifier", per="pixel", kl=self.kl / n, js=self.js / n,
+                                    top1_agreement=self.agree / n, relative_l2=rel, classes=self.classes or None,
+                                    images=self.images or None, **counts)
         top_class, top_count = (self.eval_predicted.most_common(1) or [(None, 0)])[0]
         train_top = (self.train_predicted.most_common(1) or [(None, 0)])[0][1]
         return OutputDivergence(

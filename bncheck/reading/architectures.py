@@ -409,6 +409,9 @@ def guess_arch(state: Mapping[str, Tensor]) -> Optional[str]:
     shapes: torchvision's resnet, shufflenet, densenet, mobilenet, efficientnet, regnet,
     googlenet, inception and mnasnet families, and timm's ``conv_stem``/``blocks`` naming.
     None when nothing fits."""
+    segmentation = _guess_segmentation(state)
+    if segmentation is not None:
+        return segmentation
     anchors = ("layer1.0.conv1.weight", "stage2.0.branch2.0.weight", "features.denseblock1", "conv_stem.weight",
                "trunk_output.block1", "Mixed_5b", "inception3a", "features.0.0.weight", "layers.0.weight",
                "conv1.weight")
@@ -455,3 +458,41 @@ def guess_arch(state: Mapping[str, Tensor]) -> Optional[str]:
     head = next((shape[h] for h in _HEADS if h in shape and len(shape[h]) == 2), None)
     kwargs = f" $arch_kwargs '{{num_classes: {head[0]}}}'" if head and head[0] != 1000 else ""
     return f"$arch {source}:{name}{kwargs}"
+
+
+def _guess_segmentation(state: Mapping[str, Tensor]) -> Optional[str]:
+    """torchvision's segmentation models by their heads: DeepLabV3 (an ASPP at
+    ``classifier.0.convs``), FCN (``classifier.0`` a 3x3 conv) and LR-ASPP (``classifier.cbr``),
+    on a ResNet-50/101 or MobileNetV3 backbone; ``aux_classifier.*`` keys need ``aux_loss: true``
+    and the last classifier's width is ``num_classes``."""
+    keys = set(state)
+    prefix = next((k[: k.index("backbone.")] for k in sorted(keys, key=len) if "backbone." in k), None)
+    if prefix is None:
+        return None
+    keys = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+    shape = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+    if "backbone.layer1.0.conv1.weight" in keys:
+        blocks = _blocks(keys, "backbone.layer3")
+        backbone = {6: "resnet50", 23: "resnet101"}.get(blocks)
+    elif "backbone.0.0.weight" in keys:
+        backbone = "mobilenet_v3_large"
+    else:
+        return None
+    if "classifier.0.convs.0.0.weight" in keys:
+        head, classes = "deeplabv3", shape.get("classifier.4.weight")
+    elif "classifier.cbr.0.weight" in keys:
+        head, classes = "lraspp", shape.get("classifier.high_classifier.weight")
+    elif "classifier.0.weight" in keys and "classifier.4.weight" in keys:
+        head, classes = "fcn", shape.get("classifier.4.weight")
+    else:
+        return None
+    if backbone is None:
+        return None
+    name = f"{head}_{backbone}"
+    kwargs = []
+    if classes is not None:
+        kwargs.append(f"num_classes: {classes[0]}")
+    if any(k.startswith("aux_classifier.") for k in keys):
+        kwargs.append("aux_loss: true")
+    extra = f" $arch_kwargs '{{{', '.join(kwargs)}}}'" if kwargs else ""
+    return f"$arch torchvision:{name}{extra}"

@@ -131,6 +131,10 @@ class OutputDivergence:
     """The same share of train mode's most frequent prediction."""
     eval_confidence: Optional[float] = None
     """Mean eval-mode top softmax probability."""
+    per: Optional[str] = None
+    """``pixel`` for segmentation outputs: agreement and KL are per pixel, averaged over pixels."""
+    images: Optional[int] = None
+    """Samples behind per-pixel numbers."""
     eval_nonfinite: Optional[int] = None
     """Samples whose eval-mode output holds NaN/Inf (None: not counted)."""
     train_nonfinite: Optional[int] = None

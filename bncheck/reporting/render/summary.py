@@ -94,6 +94,9 @@ def input_line(report: Report) -> Optional[str]:
 
 def output_line(report: Report) -> str:
     out = report.output
+    if out.kind == "classifier" and out.per == "pixel":
+        return (f"pixel agreement train vs eval {pct(out.top1_agreement)}, per-pixel KL {num(out.kl, 3)} nats "
+                f"({out.classes} classes per pixel; no masks read, so no mIoU)")
     if out.kind == "classifier":
         text = f"top-1 agreement train vs eval {pct(out.top1_agreement)}, KL {num(out.kl, 3)} nats"
         if out.train_accuracy is not None:

@@ -196,6 +196,12 @@ WEIGHTS_HELP = ("Which model of a checkpoint that holds several (timm's state_di
                 "the live weights): its key, dotted for deeper nesting. Default: the live weights.")
 
 
+TRUST_CONFIG = click.option(
+    "--trust-config", is_flag=True,
+    help="Let the --config file name code (arch: module:callable, data: file.py:callable); without it only a "
+         "flag may.")
+
+
 def _transform_options(command: Callable) -> Callable:
     """--resize/--crop/--mean/--std, shared by run and fix."""
     for option in reversed((
@@ -229,9 +235,7 @@ def _transform_options(command: Callable) -> Callable:
 @click.option("--trust-checkpoint", is_flag=True,
               help="Load files that are programs: full pickles (torch.save(model)), TorchScript archives, "
                    ".pt2 archives that hold code. Loading them runs code from the file.")
-@click.option("--trust-config", is_flag=True,
-              help="Let the --config file name code (arch: module:callable, data: file.py:callable); "
-                   "without it only a flag may.")
+@TRUST_CONFIG
 @click.option("--force", is_flag=True,
               help="Replace existing files that the --config file names as outputs (flags' paths are always "
                    "replaced when they are regular files).")
@@ -575,9 +579,7 @@ def _annotate(report: Report, mode: str, *, to_stderr: bool) -> None:
 @click.option("--trust-checkpoint", is_flag=True,
               help="Load files that are programs: full pickles (torch.save(model)), TorchScript archives, "
                    ".pt2 archives that hold code. Loading them runs code from the file.")
-@click.option("--trust-config", is_flag=True,
-              help="Let the --config file name code (arch: module:callable, data: file.py:callable); "
-                   "without it only a flag may.")
+@TRUST_CONFIG
 @click.option("--dry-run", is_flag=True, help="Compute and show before -> after; write nothing.")
 @click.option("--force", is_flag=True,
               help="Replace an existing --out, and write even when bncheck would refuse (loudly).")

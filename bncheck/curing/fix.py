@@ -177,6 +177,13 @@ def run_fix(
 
 
 def _harm(before: Report, after: Report) -> list[str]:
+    miou_before, miou_after = before.output.eval_miou, after.output.eval_miou
+    if miou_before is not None and miou_after is not None and miou_after < miou_before - 0.01:
+        return [
+            f"recalibration lowers eval-mode mIoU on these masks from {_fmt_pct(miou_before)} to "
+            f"{_fmt_pct(miou_after)}: the running statistics look deliberately kept (BN frozen in eval mode while "
+            "fine-tuning); keep the checkpoint as it is"
+        ]
     acc_before, acc_after = before.output.eval_accuracy, after.output.eval_accuracy
     if acc_before is None or acc_after is None:
         return []

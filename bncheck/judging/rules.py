@@ -463,12 +463,22 @@ def accuracy_gap_finding(output: OutputDivergence, recovered: Optional[tuple[flo
     on the kept labelled samples before and after recalibrating every measured BN layer on them,
     and how many samples (None: not measured)."""
     train_only, eval_only, p = _discordant(output)
-    message = (
-        f"train mode is more accurate than eval mode on {output.labeled} labelled samples "
-        f"({100 * output.train_accuracy:.1f}% vs {100 * output.eval_accuracy:.1f}%; {train_only} samples right only "
-        f"in train mode, {eval_only} only in eval mode; McNemar p = {p:.2g}): the gap is beyond sampling error, "
-        "whatever the layer scores say."
-    )
+    if output.per == "pixel":
+        miou = (f"mIoU {100 * output.train_miou:.1f}% vs {100 * output.eval_miou:.1f}%, "
+                if output.train_miou is not None and output.eval_miou is not None else "")
+        message = (
+            f"train mode segments better than eval mode on {output.labeled} images with masks ({miou}pixel accuracy "
+            f"{100 * output.train_accuracy:.1f}% vs {100 * output.eval_accuracy:.1f}%; {train_only} images better in "
+            f"train mode, {eval_only} in eval mode; sign test p = {p:.2g}): the gap is beyond sampling error, "
+            "whatever the layer scores say."
+        )
+    else:
+        message = (
+            f"train mode is more accurate than eval mode on {output.labeled} labelled samples "
+            f"({100 * output.train_accuracy:.1f}% vs {100 * output.eval_accuracy:.1f}%; {train_only} samples right "
+            f"only in train mode, {eval_only} only in eval mode; McNemar p = {p:.2g}): the gap is beyond sampling "
+            "error, whatever the layer scores say."
+        )
     if recovered is None:
         hint = ("Not measured what recalibration recovers (--attribute 0 or no layer measurable): run bncheck fix "
                 "--dry-run on representative data to see before -> after.")

@@ -22,7 +22,7 @@ from bncheck.errors import InputError, UsageError, first_line
 
 # One vocabulary for batch dicts, tensor-file dicts and npz archives.
 INPUT_KEYS = ("inputs", "input", "images", "image", "x", "data", "pixel_values")
-LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+LABEL_KEYS = ("labels", "label", "targets", "target", "y", "masks", "mask")
 
 
 class ImageList(list):

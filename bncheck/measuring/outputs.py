@@ -110,10 +110,15 @@ class OutputTally:
     eval_predicted: Counter = pooled("sum", default_factory=Counter)
     """Eval-mode predictions per class (a sample of one class shows as one class, confidently)."""
     train_predicted: Counter = pooled("sum", default_factory=Counter)
+    train_confusion: Counter = pooled("sum", default_factory=Counter)
+    """With masks: ``truth * classes + predicted`` -> pixels, train mode (a streamed confusion matrix)."""
+    eval_confusion: Counter = pooled("sum", default_factory=Counter)
     per: Optional[str] = pooled("first", default=None)
     """``pixel`` when the outputs are per-pixel class scores (segmentation): rows are pixels."""
     images: int = pooled("sum", default=0)
     """Samples fed (``samples`` counts rows: pixels of a dense output, time steps of a sequence)."""
+    pixels_labeled: int = pooled("sum", default=0)
+    """Mask pixels that are not ignored (the denominator of pixel accuracy)."""
     counted: int = pooled("sum", default=0)
     """Samples whose outputs were checked for NaN/Inf (every kind of output)."""
     eval_nonfinite: int = pooled("sum", default=0)
@@ -124,7 +129,7 @@ class OutputTally:
         self._count_nonfinite(out_train, out_eval, batch)
         out_train, out_eval = logits_of(out_train), logits_of(out_eval)
         if is_dense(out_train) and is_dense(out_eval) and out_train.shape == out_eval.shape:
-            self._add_dense(out_train, out_eval)
+            self._add_dense(out_train, out_eval, labels)
             return
         out_train, out_eval = class_rows(out_train, batch), class_rows(out_eval, batch)
         if batch is not None and labels is not None and is_logits(out_train) and out_train.shape[0] != batch:
@@ -170,9 +175,11 @@ class OutputTally:
         for a, b in zip(train_parts, eval_parts):
             self._add_tensor_pair(a, b)
 
-    def _add_dense(self, out_train: Tensor, out_eval: Tensor) -> None:
+    def _add_dense(self, out_train: Tensor, out_eval: Tensor, masks: Optional[Tensor] = None) -> None:
         """A segmentation output: each pixel is a classifier. Agreement and KL are averaged over
-        pixels (labels need masks, which are not read yet: no accuracy)."""
+        pixels; with masks (``[N, H, W]`` class indices, ``IGNORE_INDEX`` ignored) each mode's
+        confusion matrix and, per image, which mode labelled more pixels right (the paired
+        test is over images: pixels of one image are not independent samples)."""
         if self.kind not in (None, "classifier") or self.per not in (None, "pixel"):
             self.kind = "none"
             return
@@ -186,6 +193,42 @@ class OutputTally:
         self.images += out_train.shape[0]
         self.classes = max(self.classes, int(out_train.shape[1]))
         self._add_tensor_pair(out_train, out_eval)
+        if masks is not None and masks.dim() == out_train.dim() - 1 and masks.shape[0] == out_train.shape[0] \
+                and not masks.is_floating_point():
+            self._add_masks(out_train, out_eval, masks)
+
+    def _add_masks(self, out_train: Tensor, out_eval: Tensor, masks: Tensor) -> None:
+        from bncheck.errors import InputError
+
+        masks = masks.to(out_train.device).long()
+        classes = out_train.shape[1]
+        if tuple(masks.shape[1:]) != tuple(out_train.shape[2:]):  # logits at reduced resolution (Hugging Face)
+            mode = "bilinear" if masks.dim() == 3 else "trilinear"
+            out_train = torch.nn.functional.interpolate(out_train.float(), size=tuple(masks.shape[1:]), mode=mode,
+                                                        align_corners=False)
+            out_eval = torch.nn.functional.interpolate(out_eval.float(), size=tuple(masks.shape[1:]), mode=mode,
+                                                       align_corners=False)
+        valid = masks != IGNORE_INDEX
+        truth = masks[valid]
+        if truth.numel() and (int(truth.min()) < 0 or int(truth.max()) >= classes):
+            bad = int(truth.max()) if int(truth.max()) >= classes else int(truth.min())
+            raise InputError(f"a mask holds class index {bad}, but the model outputs {classes} classes per pixel; "
+                             f"masks must hold 0..{classes - 1} (or {IGNORE_INDEX} for pixels to ignore)")
+        per_image = valid.reshape(valid.shape[0], -1).sum(1)
+        right = {}
+        for mode, out, confusion in (("train", out_train, self.train_confusion),
+                                     ("eval", out_eval, self.eval_confusion)):
+            predicted = out.argmax(1)
+            cells = torch.bincount(truth * classes + predicted[valid], minlength=classes * classes)
+            confusion.update({int(i): int(cells[i]) for i in cells.nonzero().flatten().tolist()})
+            right[mode] = ((predicted == masks) & valid).reshape(valid.shape[0], -1).sum(1)
+        scored = per_image > 0
+        self.labeled += int(scored.sum())
+        self.train_correct += int(right["train"].sum())
+        self.eval_correct += int(right["eval"].sum())
+        self.pixels_labeled += int(per_image.sum())
+        self.train_only += int((scored & (right["train"] > right["eval"])).sum())
+        self.eval_only += int((scored & (right["eval"] > right["train"])).sum())
 
     def _count_nonfinite(self, out_train: Any, out_eval: Any, batch: Optional[int]) -> None:
         """Samples with NaN/Inf anywhere in their output, per mode, whatever the output is (a
@@ -227,9 +270,19 @@ class OutputTally:
             return OutputDivergence(kind="tensor", relative_l2=rel, **counts)
         n = max(self.samples, 1)
         if self.per == "pixel":
+            labelled: dict[str, Any] = {}
+            if self.pixels_labeled:
+                train_iou, eval_iou = (class_iou(c, self.classes) for c in (self.train_confusion, self.eval_confusion))
+                labelled = dict(
+                    train_accuracy=self.train_correct / self.pixels_labeled,
+                    eval_accuracy=self.eval_correct / self.pixels_labeled,
+                    labeled=self.labeled, train_only_correct=self.train_only, eval_only_correct=self.eval_only,
+                    accuracy_gap_p=mcnemar_p(self.train_only, self.eval_only),
+                    train_miou=mean_iou(train_iou), eval_miou=mean_iou(eval_iou),
+                    train_class_iou=train_iou, eval_class_iou=eval_iou)
             return OutputDivergence(kind="classifier", per="pixel", kl=self.kl / n, js=self.js / n,
                                     top1_agreement=self.agree / n, relative_l2=rel, classes=self.classes or None,
-                                    images=self.images or None, **counts)
+                                    images=self.images or None, **labelled, **counts)
         top_class, top_count = (self.eval_predicted.most_common(1) or [(None, 0)])[0]
         train_top = (self.train_predicted.most_common(1) or [(None, 0)])[0][1]
         return OutputDivergence(
@@ -251,6 +304,27 @@ class OutputTally:
             eval_confidence=self.eval_confidence / n if self.samples else None,
             **counts,
         )
+
+
+IGNORE_INDEX = 255
+"""Mask value of pixels that count for no class."""
+
+
+def class_iou(confusion: Counter, classes: int) -> tuple[Optional[float], ...]:
+    """Per-class intersection over union from a streamed confusion matrix (``truth * classes +
+    predicted`` -> pixels); None for a class that is neither in the masks nor predicted."""
+    matrix = torch.zeros(classes * classes, dtype=torch.float64)
+    for cell, count in confusion.items():
+        matrix[cell] = count
+    matrix = matrix.reshape(classes, classes)
+    hits = matrix.diagonal()
+    union = matrix.sum(0) + matrix.sum(1) - hits
+    return tuple(float(h / u) if u > 0 else None for h, u in zip(hits, union))
+
+
+def mean_iou(per_class: tuple[Optional[float], ...]) -> Optional[float]:
+    present = [v for v in per_class if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def output_gap(output: OutputDivergence) -> Optional[float]:

@@ -132,7 +132,15 @@ class OutputDivergence:
     eval_confidence: Optional[float] = None
     """Mean eval-mode top softmax probability."""
     per: Optional[str] = None
-    """``pixel`` for segmentation outputs: agreement and KL are per pixel, averaged over pixels."""
+    """``pixel`` for segmentation outputs: agreement and KL are per pixel, averaged over pixels;
+    with masks the accuracies are pixel accuracies, ``labeled`` counts images and the paired
+    counts say in how many images each mode labelled more pixels right."""
+    train_miou: Optional[float] = None
+    """Mean IoU over the classes present, train mode (segmentation with masks)."""
+    eval_miou: Optional[float] = None
+    train_class_iou: Optional[tuple[Optional[float], ...]] = None
+    """IoU per class, train mode (None: a class neither in the masks nor predicted)."""
+    eval_class_iou: Optional[tuple[Optional[float], ...]] = None
     images: Optional[int] = None
     """Samples behind per-pixel numbers."""
     eval_nonfinite: Optional[int] = None

@@ -139,6 +139,24 @@ def trained(kind: str) -> nn.Module:
     return copy.deepcopy(_TRAINED[kind])
 
 
+def fine_tune(model: nn.Module, domain: str, *, batch: int, seed: int, bn_in_eval: bool = False) -> nn.Module:
+    """150 Adam steps on ``domain``'s images over the parameters that require grad; with
+    ``bn_in_eval`` every BN layer stays in eval mode (frozen on purpose, as trainers' freeze= do)."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    if bn_in_eval:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    for step in range(150):
+        x, y = images(batch, seed + step)
+        loss = nn.functional.cross_entropy(model(normalize(DOMAINS[domain](x))), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Eval-mode accuracy (per pixel for segmentation), plain torch."""
     with torch.no_grad():
@@ -287,15 +305,7 @@ def test_the_forums_freeze_concludes_recalibrate_all_with_the_measured_recovery(
             m.momentum = 0.0
             m.weight.requires_grad_(False)
             m.bias.requires_grad_(False)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    model.train()
-    for step in range(150):
-        x, y = images(2, 5000 + step)
-        loss = nn.functional.cross_entropy(model(normalize(DOMAINS["darker"](x))), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    fine_tune(model, "darker", batch=2, seed=5000)
     pixels, labels = images(256, 13)
     shifted = normalize(DOMAINS["darker"](pixels))
     report = bncheck.analyze(model, shifted[:128], batch_size=16)
@@ -362,19 +372,7 @@ def test_fix_refuses_when_labels_show_bn_was_kept_in_eval_on_purpose(tmp_path) -
 
     from bncheck.cli import cli
 
-    model = trained("cnn")
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()
-    for step in range(150):
-        x, y = images(32, 7000 + step)
-        loss = nn.functional.cross_entropy(model(normalize(DOMAINS["low contrast"](x))), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    model = fine_tune(trained("cnn"), "low contrast", batch=32, seed=7000, bn_in_eval=True)
     pixels, labels = images(128, 17)
     data = normalize(DOMAINS["low contrast"](pixels))
     torch.save(model.state_dict(), tmp_path / "m.pt")

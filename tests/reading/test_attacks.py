@@ -17,32 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import PYTHON, ROOT, TinyNet, calibrate, file_hash, make_batches, tree_hashes
+from test_security import invoke, stderr_of
 from torch import nn
 
-from bncheck.cli import cli
 from bncheck.config import THRESHOLD_RANGES
 from bncheck.errors import UsageError
 from bncheck.files import OUTPUT_MARK, atomic_write
 
 TINY_ARCH = f"{ROOT / 'tests' / 'conftest.py'}:TinyNet"
-
-
-def invoke(args: list[str], **kwargs):
-    return CliRunner().invoke(cli, args, **kwargs)
-
-
-def stderr_of(result) -> str:
-    return result.stderr if result.stderr_bytes is not None else result.output
-
-
-def clean_error(result, code: int, *needles: str) -> None:
-    text = stderr_of(result)
-    assert result.exit_code == code, text
-    assert "Traceback" not in text and "bncheck bug" not in text, text
-    for needle in needles:
-        assert needle in text, text
 
 
 @pytest.fixture
@@ -58,6 +41,14 @@ def weights(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.pt"
     torch.save(calibrate(TinyNet(), make_batches(8)).state_dict(), path)
     return path
+
+
+def clean_error(result, code: int, *needles: str) -> None:
+    text = stderr_of(result)
+    assert result.exit_code == code, text
+    assert "Traceback" not in text and "bncheck bug" not in text, text
+    for needle in needles:
+        assert needle in text, text
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from bncheck.config import DataSettings
 from bncheck.errors import InputError
 from bncheck.reading.data.images import image_folder
 from bncheck.reading.data.pipeline import callable_source, is_callable_spec
+from bncheck.reading.data.segmentation import segmentation_folder, segmentation_layout
 from bncheck.reading.data.source import IMAGE_EXTENSIONS, TENSOR_EXTENSIONS, DataSource
 from bncheck.reading.data.tensors import tensor_file
 
@@ -30,6 +31,9 @@ def open_data(path: Path, cfg: DataSettings, batch_size: int, num_batches: Optio
     if not path.exists():
         raise InputError(f"data path {path} does not exist; check --data")
     if path.is_dir():
+        layout = segmentation_layout(path)
+        if layout is not None:
+            return segmentation_folder(path, *layout, cfg, batch_size, num_batches)
         return image_folder(path, cfg, batch_size, num_batches)
     if path.suffix.lower() in TENSOR_EXTENSIONS:
         return tensor_file(path, batch_size, num_batches)

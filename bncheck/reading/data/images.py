@@ -113,12 +113,24 @@ DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 """Threads decoding the images of one batch."""
 
 
-def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Optional[int]) -> DataSource:
+def check_crop(cfg: DataSettings) -> None:
+    """A crop pads smaller images up to its size: refused above the pixel limit before any image
+    is read (``--crop 12000`` would make every image 144 Mpx)."""
     if cfg.crop is not None and cfg.crop * cfg.crop > MAX_RESIZED_PIXELS:
         raise InputError(
             f"a centre crop of {cfg.crop} px makes every image {cfg.crop * cfg.crop / 1e6:.0f} Mpx (smaller images are "
             f"padded), above the {MAX_RESIZED_PIXELS // 10**6} Mpx limit; set --crop (or the model folder's input "
             "size) to the model's input size")
+
+
+def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Optional[int]) -> DataSource:
+    check_crop(cfg)
+    from bncheck.reading.data.segmentation import MASK_FOLDERS
+
+    masks = [p.name for p in root.iterdir() if p.is_dir() and p.name in MASK_FOLDERS]
+    if masks:  # never read as a class of images
+        raise InputError(f"{root} holds a masks folder ({masks[0]}/) but no images folder next to it (images/ or "
+                         "JPEGImages/); put the images in images/ with the same file names as their masks")
     files = _image_files(root)
     if not files:
         raise InputError(

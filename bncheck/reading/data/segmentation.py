@@ -108,11 +108,9 @@ def _transformed_mask(mask: Tensor, cfg: DataSettings) -> Tensor:
 def segmentation_folder(root: Path, images: Path, masks: Path, cfg: DataSettings, batch_size: int,
                         num_batches: Optional[int]) -> DataSource:
     """Batches of ``(images, masks)`` in a deterministic shuffle (``data.seed``)."""
-    from bncheck.reading.data.images import MAX_RESIZED_PIXELS, _image_tensor
+    from bncheck.reading.data.images import _image_tensor, check_crop
 
-    if cfg.crop is not None and cfg.crop * cfg.crop > MAX_RESIZED_PIXELS:
-        raise InputError(f"a centre crop of {cfg.crop} px makes every image {cfg.crop * cfg.crop / 1e6:.0f} Mpx, "
-                         f"above the {MAX_RESIZED_PIXELS // 10**6} Mpx limit; set --crop to the model's input size")
+    check_crop(cfg)
     pairs = pair_files(images, masks)
     random.Random(cfg.seed).shuffle(pairs)
     wanted = len(pairs) if num_batches is None else batch_size * num_batches

@@ -176,8 +176,8 @@ def tensor_file(path: Path, batch_size: int, num_batches: Optional[int], key: Op
             f"{path} holds a tensor of shape {list(inputs.shape)}; it needs a batch dimension "
             "first (N, C, ...), at least 2-D"
         )
-    if labels is not None and (labels.dim() != 1 or labels.shape[0] != inputs.shape[0]):
-        labels = None
+    if labels is not None and (labels.dim() == 0 or labels.shape[0] != inputs.shape[0]):
+        labels = None  # one label (a class, or a mask) per sample, or none
     total = inputs.shape[0]
     if total < 2:
         raise InputError(f"{path} holds {total} sample; train-mode BN needs at least 2")

@@ -95,8 +95,11 @@ def input_line(report: Report) -> Optional[str]:
 def output_line(report: Report) -> str:
     out = report.output
     if out.kind == "classifier" and out.per == "pixel":
-        return (f"pixel agreement train vs eval {pct(out.top1_agreement)}, per-pixel KL {num(out.kl, 3)} nats "
-                f"({out.classes} classes per pixel; no masks read, so no mIoU)")
+        text = f"pixel agreement train vs eval {pct(out.top1_agreement)}, per-pixel KL {num(out.kl, 3)} nats"
+        if out.eval_miou is not None:
+            return (f"{text}; mIoU train-mode {pct(out.train_miou)} vs eval-mode {pct(out.eval_miou)} (pixel accuracy "
+                    f"{pct(out.train_accuracy)} vs {pct(out.eval_accuracy)}, {out.labeled} images with masks)")
+        return f"{text} ({out.classes} classes per pixel; no masks given, so no mIoU)"
     if out.kind == "classifier":
         text = f"top-1 agreement train vs eval {pct(out.top1_agreement)}, KL {num(out.kl, 3)} nats"
         if out.train_accuracy is not None:

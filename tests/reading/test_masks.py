@@ -121,6 +121,7 @@ def test_fix_on_masks_verifies_by_miou(tmp_path) -> None:
 @pytest.mark.parametrize("problem, needle", [
     ("missing", "have no mask"), ("extra", "have no image"), ("size", "must have its image's size"),
     ("class", "class index 7"), ("rgb", "not class indices"), ("masks only", "no images folder"),
+    ("the masks folder itself", "is the masks folder of"),
 ])
 def test_bad_masks_get_one_clear_error(tmp_path, problem, needle) -> None:
     pixels, masks = scenes(8, 5)
@@ -140,7 +141,8 @@ def test_bad_masks_get_one_clear_error(tmp_path, problem, needle) -> None:
         (root / "images").rename(root / "pictures")
     model = trained("segmentation")
     torch.save(model.state_dict(), tmp_path / "seg.pt")
-    result = CliRunner().invoke(cli, ["run", str(tmp_path / "seg.pt"), "--arch", ARCH, "--data", str(root),
+    target = root / "masks" if problem == "the masks folder itself" else root
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "seg.pt"), "--arch", ARCH, "--data", str(target),
                                       "--resize", "none", "--crop", "none", "--batch-size", "4"])
     assert result.exit_code == 3, result.output
     assert needle in result.output and "Traceback" not in result.output

@@ -125,8 +125,11 @@ def check_crop(cfg: DataSettings) -> None:
 
 def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Optional[int]) -> DataSource:
     check_crop(cfg)
-    from bncheck.reading.data.segmentation import MASK_FOLDERS
+    from bncheck.reading.data.segmentation import MASK_FOLDERS, segmentation_layout
 
+    if root.name in MASK_FOLDERS and segmentation_layout(root.parent) is not None:
+        raise InputError(f"{root} is the masks folder of {root.parent}; point --data at {root.parent} so the masks "
+                         "are read as labels of their images")
     masks = [p.name for p in root.iterdir() if p.is_dir() and p.name in MASK_FOLDERS]
     if masks:  # never read as a class of images
         raise InputError(f"{root} holds a masks folder ({masks[0]}/) but no images folder next to it (images/ or "

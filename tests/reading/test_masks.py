@@ -162,6 +162,8 @@ def test_a_tensor_file_with_inputs_and_masks_gives_miou(tmp_path) -> None:
     torch.save({"inputs": normalize(pixels), "masks": masks}, tmp_path / "seg_data.pt")
     torch.save(model.state_dict(), tmp_path / "seg.pt")
     result = CliRunner().invoke(cli, ["run", str(tmp_path / "seg.pt"), "--arch", ARCH, "--data",
-                                      str(tmp_path / "seg_data.pt"), "--batch-size", "8", "--json", "-"])
+                                      str(tmp_path / "seg_data.pt"), "--batch-size", "8", "--json", "-",
+                                      "--html", str(tmp_path / "r.html")])
     assert result.exit_code in (0, 1), result.output
     assert json.loads(result.stdout)["output"]["eval_miou"] is not None
+    assert "IoU per class (eval / train)</dt><dd>0: " in (tmp_path / "r.html").read_text()

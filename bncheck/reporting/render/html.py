@@ -206,8 +206,22 @@ def _meta(report: Report) -> str:
         ("bncheck / torch", f"{report.bncheck_version} / {report.torch_version}"),
         ("duration", f"{report.duration_s:.1f} s" if report.duration_s is not None else None),
         ("thresholds", ", ".join(f"{k} {v:g}" for k, v in report.thresholds.items())),
+        ("IoU per class (eval / train)", _class_iou(report)),
     ]
     return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows if v) + "</dl>"
+
+
+def _class_iou(report: Report) -> Optional[str]:
+    """``0: 98% / 99%, 1: 12% / 97%, ...`` for a segmentation run with masks."""
+    out = report.output
+    if not out.eval_class_iou or not out.train_class_iou:
+        return None
+
+    def pct(value: Optional[float]) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    return ", ".join(f"{c}: {pct(e)} / {pct(t)}" for c, (e, t) in enumerate(zip(out.eval_class_iou,
+                                                                                 out.train_class_iou)))
 
 
 def _finding_html(f: Union[Finding, MoreFindings]) -> str:

@@ -19,7 +19,14 @@ import torch
 from torch import Tensor
 
 from bncheck.judging.metrics import channel_weights, mean_shift, normalization_error, scale_ratio
-from bncheck.judging.preprocessing import InputSignature, Transform, candidate_norms, known_transforms
+from bncheck.judging.preprocessing import (
+    EXPLAINED,
+    MATCHED,
+    InputSignature,
+    Transform,
+    candidate_norms,
+    known_transforms,
+)
 from bncheck.measuring.batches import forward, to_device
 from bncheck.runtime import Runtime, preserved_state
 
@@ -119,7 +126,11 @@ def input_signature(runtime: Runtime, layer_index: int, inputs: Tensor, device: 
         transforms = known_transforms(channels, candidate_norms(channels, configured_norm))
         scored = [(transformed(t), t) for t in transforms]
     best_score, best = min(scored, key=lambda item: item[0]) if scored else (None, None)
-    free = _free_fit(affine_parts, running_mean, running_var, eps, weights) if affine_parts is not None else None
+    # a known transform that already brings the layer to what correct data shows decides alone:
+    # the free fit (the costly part: L-BFGS from several starts) runs only when it can matter
+    settled = best_score is not None and best_score <= MATCHED and best_score <= 0.5 * baseline
+    free = _free_fit(affine_parts, running_mean, running_var, eps, weights, enough=EXPLAINED * baseline) \
+        if affine_parts is not None and not settled else None
     return InputSignature(
         layer=layer.name, baseline=baseline, samples=int(x.shape[0]), affine=affine_parts is not None,
         known=best, known_score=best_score,
@@ -184,18 +195,22 @@ def _affine_score(parts: tuple[Tensor, Tensor], scale: Tensor, offset: Tensor, r
 
 
 def _free_fit(parts: tuple[Tensor, Tensor], running_mean: Tensor, running_var: Tensor, eps: float,
-              weights: Tensor) -> Optional[tuple[tuple[float, ...], tuple[float, ...], float]]:
+              weights: Tensor, enough: float = 0.0) -> Optional[tuple[tuple[float, ...], tuple[float, ...], float]]:
     """The per-channel scale and offset that bring the first layer closest to its running
-    statistics (L-BFGS on the exact moments from a few starting scales, sign included)."""
+    statistics (L-BFGS on the exact moments from a few starting scales, sign included; the
+    starts far from 1 are tried only while the fit leaves more than ``enough``)."""
     channels = (parts[0].shape[0] - 1) // 2
     best: Optional[tuple[float, Tensor, Tensor]] = None
     for start in (1.0, 1 / 255, 255.0):
+        if best is not None and best[0] <= enough:
+            break
         fitted = _fit_from(parts, start, channels, running_mean, running_var, eps, weights)
         if fitted is not None and (best is None or fitted[0] < best[0]):
             best = fitted
     # an inverted input (negative scale) only when it fits far better: a stem whose filters are
     # near-symmetric fits a sign flip about as well, and "inverted" would be the wrong story
-    flipped = _fit_from(parts, -1.0, channels, running_mean, running_var, eps, weights)
+    flipped = _fit_from(parts, -1.0, channels, running_mean, running_var, eps, weights) \
+        if best is None or best[0] > enough else None
     if flipped is not None and (best is None or flipped[0] < 0.5 * best[0]):
         best = flipped
     if best is None:

@@ -416,7 +416,10 @@ def _input_reading(runtime: Runtime, report: Report, kept: Kept, device: torch.d
     index = next((i for i, layer in enumerate(runtime.layers) if layer.name == first.name), None)
     if index is None:
         return None
-    signature = input_signature(runtime, index, torch.cat(inputs)[:SIGNATURE_SAMPLES], device, float_dtype)
+    try:
+        signature = input_signature(runtime, index, torch.cat(inputs)[:SIGNATURE_SAMPLES], device, float_dtype)
+    except Exception:  # a model that cannot run on a part of the sample, a zero input or a batch of 1:
+        return None    # no fit, and the first layer is judged by the size of its shift, as the message says
     return read_signature(signature) if signature is not None else None
 
 

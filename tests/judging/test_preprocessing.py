@@ -394,3 +394,21 @@ def test_fix_refuses_when_labels_show_bn_was_kept_in_eval_on_purpose(tmp_path) -
             out = Classifier()
             out.load_state_dict(torch.load(tmp_path / "o.pt"))
             assert accuracy(out, data, labels) >= eval_mode - 0.03
+
+
+def test_a_model_the_fit_cannot_run_still_gets_its_report() -> None:
+    """The input-signature pass feeds zeros and single samples: a model that refuses them (a
+    fixed batch size here) still gets its report, judged by the size of the shift instead."""
+
+    class FixedBatch(Classifier):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] != 16:
+                raise ValueError("this model takes batches of 16")
+            return super().forward(x)
+
+    model = FixedBatch()
+    model.load_state_dict(trained("cnn").state_dict())
+    pixels, _ = images(64, 7)
+    report = bncheck.analyze(model.eval(), pixels * 255, batch_size=16, attribute=0)
+    code, message = first_layer_finding(report)
+    assert code == "input-distribution" and "size of the shift alone" in message

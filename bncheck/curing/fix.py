@@ -93,10 +93,13 @@ def run_fix(
     if first_stale is not None and "domain change" not in first_stale.message:
         # no transform of the input explained the first layer's shift (a known preprocessing bug
         # would be input-distribution and block above; a fitted domain change is no warning)
+        tested = "no known preprocessing transform" in first_stale.message
+        what = ("no known preprocessing mistake explains the first BN layer's shift ({}), nor a simple change of "
+                "brightness or colour" if tested else
+                "the first BN layer's shift ({}) could not be tested against known preprocessing mistakes")
         warnings.append(
-            f"no known preprocessing mistake explains the first BN layer's shift ({first}), nor a simple change "
-            "of brightness or colour: if this data went through another pipeline than training (resizing, "
-            "cropping, scaling), fix that instead -- recalibration would bake it in"
+            what.format(first) + ": if this data went through another pipeline than training (resizing, cropping, "
+            "scaling, mean/std, channel order), fix that instead -- recalibration would bake it in"
         )
     if eval_mode_is_better(before.output):
         blocking.append(

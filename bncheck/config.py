@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bncheck.errors import UsageError
+from bncheck.files import check_config_output
 from bncheck.reading.untrusted import names_code, shown
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -332,40 +333,6 @@ def load_settings(
 
 def _given(overrides: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     return {k: v for k, v in (overrides or {}).items() if v is not None}
-
-
-_SIGNATURES = (b'"schema": "bncheck/', b"<title>bncheck", b"bncheck: ", b'name="bncheck"')
-"""What the first bytes of each file bncheck writes carry (JSON, HTML, Markdown, JUnit)."""
-
-
-def _written_by_bncheck(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-    except OSError:
-        return False
-    return any(sign in head for sign in _SIGNATURES)
-
-
-def check_config_output(value: str, key: str, config_path: Path, *, force: bool) -> None:
-    """An output path named by a config file: relative, inside the working directory (links
-    resolved), and replacing an existing file only with ``--force`` or when bncheck wrote it."""
-    import os
-
-    path = Path(value)
-    cwd = Path.cwd().resolve()
-    where = f"config file {config_path} sets '{key}: {shown(value)}'"
-    if value == "-":
-        return
-    if path.is_absolute() or value.startswith("~") or ".." in path.parts:
-        raise UsageError(f"{where}, outside the working directory; a config writes only below it: give the path "
-                         "as a flag instead")
-    real = Path(os.path.realpath(path))
-    if real != cwd and cwd not in real.parents:
-        raise UsageError(f"{where}, which links outside the working directory; give the path as a flag instead")
-    if (path.exists() or path.is_symlink()) and not force and not (path.is_file() and _written_by_bncheck(path)):
-        raise UsageError(f"{where}, an existing file that bncheck did not write; pass --force to replace it, or "
-                         "choose another path")
 
 
 def read_user_data_keys(config_path: Optional[Path]) -> set[str]:

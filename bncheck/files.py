@@ -327,3 +327,36 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_SIGNATURES = (b'"schema": "bncheck/', b"<title>bncheck", b"bncheck: ", b'name="bncheck"')
+"""What the first bytes of each file bncheck writes carry (JSON, HTML, Markdown, JUnit)."""
+
+
+def report_written_by_bncheck(path: Path) -> bool:
+    """A file whose first 4 KB carry the signature of a report or saved run bncheck writes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return any(sign in head for sign in _SIGNATURES)
+
+
+def check_config_output(value: str, key: str, config_path: Path, *, force: bool) -> None:
+    """An output path named by a config file: relative, inside the working directory (links
+    resolved), and replacing an existing file only with ``--force`` or when bncheck wrote it."""
+    from bncheck.reading.untrusted import shown
+
+    path = Path(value)
+    where = f"config file {config_path} sets '{key}: {shown(value)}'"
+    if value == "-":
+        return
+    if path.is_absolute() or value.startswith("~") or ".." in path.parts:
+        raise UsageError(f"{where}, outside the working directory; a config writes only below it: give the path "
+                         "as a flag instead")
+    if not _inside(path, Path.cwd()):
+        raise UsageError(f"{where}, which links outside the working directory; give the path as a flag instead")
+    if (path.exists() or path.is_symlink()) and not force and not (path.is_file() and report_written_by_bncheck(path)):
+        raise UsageError(f"{where}, an existing file that bncheck did not write; pass --force to replace it, or "
+                         "choose another path")

@@ -94,6 +94,23 @@ def tiny(batches: list[torch.Tensor]) -> TinyNet:
 
 
 @pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    """32 samples of TinyNet's input in a tensor file (for --data)."""
+    path = tmp_path / "x.pt"
+    torch.save(torch.cat(make_batches(2)), path)
+    return path
+
+
+@pytest.fixture
+def tiny_weights(tmp_path: Path) -> Path:
+    """A calibrated TinyNet's state_dict on disk (for run/fix with --arch conftest.py:TinyNet)."""
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    torch.save(calibrate(TinyNet(), make_batches(8)).state_dict(), path)
+    return path
+
+
+@pytest.fixture
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

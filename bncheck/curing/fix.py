@@ -89,11 +89,11 @@ def run_fix(
 
     ran = [layer for layer in before.layers if layer.depth is not None]
     first = min(ran, key=lambda layer: layer.depth).name if ran else None
-    first_stale = next((f for f in before.findings if f.code == "stale-running-stats" and f.layer == first), None)
-    if first_stale is not None and "domain change" not in first_stale.message:
+    first_stale = any(f.code == "stale-running-stats" and f.layer == first for f in before.findings)
+    if first_stale and before.input_reading != "domain":
         # no transform of the input explained the first layer's shift (a known preprocessing bug
         # would be input-distribution and block above; a fitted domain change is no warning)
-        tested = "no known preprocessing transform" in first_stale.message
+        tested = before.input_reading == "unexplained"
         what = ("no known preprocessing mistake explains the first BN layer's shift ({}), nor a simple change of "
                 "brightness or colour" if tested else
                 "the first BN layer's shift ({}) could not be tested against known preprocessing mistakes")

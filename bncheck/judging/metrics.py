@@ -9,6 +9,7 @@ dimensionless, so they compare across layers.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -295,3 +296,21 @@ def mcnemar_p(only_first: int, only_second: int) -> float:
         return 1.0
     smaller = min(only_first, only_second)
     return min(1.0, 2.0 * _summed([_log_binomial_pmf(i, n, 0.5) for i in range(smaller + 1)]))
+
+
+def class_iou(confusion: Mapping[int, int], classes: int) -> tuple[Optional[float], ...]:
+    """Per-class intersection over union from a streamed confusion matrix (``truth * classes +
+    predicted`` -> pixels); None for a class that is neither in the masks nor predicted."""
+    matrix = torch.zeros(classes * classes, dtype=torch.float64)
+    for cell, count in confusion.items():
+        matrix[cell] = count
+    matrix = matrix.reshape(classes, classes)
+    hits = matrix.diagonal()
+    union = matrix.sum(0) + matrix.sum(1) - hits
+    return tuple(float(h / u) if u > 0 else None for h, u in zip(hits, union))
+
+
+def mean_iou(per_class: tuple[Optional[float], ...]) -> Optional[float]:
+    """Mean IoU over the classes present (in the masks or the predictions)."""
+    present = [v for v in per_class if v is not None]
+    return sum(present) / len(present) if present else None

@@ -74,7 +74,7 @@ Norm = tuple[tuple[float, ...], tuple[float, ...], str]
 def known_transforms(channels: int, norms: list[Norm]) -> list[Transform]:
     """The common preprocessing mistakes for inputs with ``channels`` channels, each as the
     transform that undoes it. ``norms`` are the (mean, std, name) normalizations that could be
-    involved (the configured one, ImageNet's, and 0.5/0.5, which is [-1, 1])."""
+    involved (ImageNet's, and 0.5/0.5, which is [-1, 1])."""
     ones, zeros = (1.0,) * channels, (0.0,) * channels
     out = [
         Transform("x/255", "255x too large: 0..255 where the model expects 0..1",
@@ -125,23 +125,16 @@ def known_transforms(channels: int, norms: list[Norm]) -> list[Transform]:
     return out
 
 
-def candidate_norms(channels: int, configured: Optional[tuple[tuple[float, ...], tuple[float, ...]]]
-                    ) -> list[tuple[tuple[float, ...], tuple[float, ...], str]]:
-    """The normalizations a mistake could involve: the configured one, ImageNet's and
-    0.5/0.5 ([-1, 1] inputs), in that channel count."""
-    norms: list[tuple[tuple[float, ...], tuple[float, ...], str]] = []
-    if configured is not None and len(configured[0]) == channels:
-        norms.append((tuple(configured[0]), tuple(configured[1]), "configured"))
+def candidate_norms(channels: int) -> list[Norm]:
+    """The normalizations a mistake could involve, in that channel count: ImageNet's and
+    0.5/0.5 (which is [-1, 1] inputs)."""
+    norms: list[Norm] = []
     if channels == 3:
         norms.append((IMAGENET_MEAN, IMAGENET_STD, "ImageNet"))
     elif channels == 1:
         norms.append(((sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,), "ImageNet"))
     norms.append(((0.5,) * channels, (0.5,) * channels, "[-1, 1]"))
-    unique: dict[tuple, tuple[tuple[float, ...], tuple[float, ...], str]] = {}
-    for mean, std, label in norms:
-        key = (tuple(round(v, 4) for v in mean), tuple(round(v, 4) for v in std))
-        unique.setdefault(key, (mean, std, label))
-    return list(unique.values())
+    return norms
 
 
 @dataclass(frozen=True)
@@ -180,6 +173,12 @@ def _scale_text(scale: tuple[float, ...], offset: tuple[float, ...]) -> str:
     return f"scale {fmt(scale)}, offset {fmt(offset)}"
 
 
+def known_settles(known_score: float, baseline: float) -> bool:
+    """A known transform that brings the first layer back to what correct data shows (under
+    ``MATCHED``, and at most half the shift) decides the reading whatever a free fit would say."""
+    return known_score <= MATCHED and known_score <= 0.5 * baseline
+
+
 def read_signature(signature: InputSignature) -> InputReading:
     """Which of the readings the measured transforms support (see the module docstring)."""
     base = signature.baseline
@@ -187,7 +186,7 @@ def read_signature(signature: InputSignature) -> InputReading:
     if signature.known is not None and signature.known_score is not None:
         known = signature.known_score
         good_enough = free is None or known <= MATCHED or known <= AS_GOOD * free + SLACK
-        removes = known <= EXPLAINED * base or (known <= MATCHED and known <= 0.5 * base)
+        removes = known <= EXPLAINED * base or known_settles(known, base)
         if removes and good_enough:
             return InputReading(
                 "preprocessing",

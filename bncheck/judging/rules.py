@@ -581,8 +581,10 @@ def collapse_more_likely(finding: Finding) -> Finding:
 def stale_with_labels(finding: Finding, train_accuracy: float, eval_accuracy: float, *,
                       input_layer: bool = False) -> Finding:
     """Labels that show train mode clearly better leave one reading of stale statistics: say it
-    plainly instead of naming both (at the first BN layer, after the preprocessing check)."""
-    if input_layer and "domain change" not in finding.message:
+    plainly instead of naming both (at the first BN layer, after the preprocessing check, unless
+    the input-signature pass already read its shift as a domain change: then the caller passes
+    ``input_layer=False``)."""
+    if input_layer:
         return Finding(
             finding.code, finding.severity, finding.layer, finding.message,
             f"Labels rule out BN kept in eval mode on purpose (train-mode accuracy {100 * train_accuracy:.1f}% vs "

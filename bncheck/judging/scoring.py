@@ -266,8 +266,10 @@ def build_report(
             for name, found in findings_by_layer.items()
         }
     elif has_data and train_mode_is_better(output):
+        domain = input_reading is not None and input_reading.kind == "domain"  # one reading left: stale
         findings_by_layer = {
-            name: [stale_with_labels(f, output.train_accuracy, output.eval_accuracy, input_layer=name == input_layer)
+            name: [stale_with_labels(f, output.train_accuracy, output.eval_accuracy,
+                                     input_layer=name == input_layer and not domain)
                    if f.code == "stale-running-stats" else f for f in found]
             for name, found in findings_by_layer.items()
         }
@@ -361,4 +363,5 @@ def build_report(
         duration_s=round(time.perf_counter() - started, 3),
         conclusion=conclusion,
         world_size=world_size,
+        input_reading=input_reading.kind if input_reading is not None else None,
     )

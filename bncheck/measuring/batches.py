@@ -23,6 +23,8 @@ from bncheck.errors import InputError, UsageError, first_line
 # One vocabulary for batch dicts, tensor-file dicts and npz archives.
 INPUT_KEYS = ("inputs", "input", "images", "image", "x", "data", "pixel_values")
 LABEL_KEYS = ("labels", "label", "targets", "target", "y", "masks", "mask")
+IGNORE_INDEX = 255
+"""Mask value of pixels that count for no class (VOC's object borders, a crop's padding)."""
 
 
 class ImageList(list):

@@ -18,13 +18,13 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from bncheck.judging.metrics import channel_weights, mean_shift, normalization_error, scale_ratio
+from bncheck.judging.metrics import channel_weights, mean_shift, normalization_error, scale_ratio, weighted_rms
 from bncheck.judging.preprocessing import (
     EXPLAINED,
-    MATCHED,
     InputSignature,
     Transform,
     candidate_norms,
+    known_settles,
     known_transforms,
 )
 from bncheck.measuring.batches import forward, to_device
@@ -72,16 +72,15 @@ def _flat(z: Tensor) -> Tensor:
 
 
 def _score(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, eps: float, weights: Tensor) -> float:
-    e = normalization_error(scale_ratio(var.clamp_min(0), running_var, eps), mean_shift(mean, running_mean, running_var,
-                                                                                         eps))
-    value = float(torch.sqrt((weights * e**2).sum() / weights.sum()))
+    """The layer score (as ``scoring.score_layer`` computes it) had the layer seen these moments."""
+    e = normalization_error(scale_ratio(var.clamp_min(0), running_var, eps),
+                            mean_shift(mean, running_mean, running_var, eps))
+    value = weighted_rms(e, weights)
     return value if math.isfinite(value) else math.inf
 
 
 def input_signature(runtime: Runtime, layer_index: int, inputs: Tensor, device: torch.device,
-                    float_dtype: Optional[torch.dtype],
-                    configured_norm: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None,
-                    ) -> Optional[InputSignature]:
+                    float_dtype: Optional[torch.dtype]) -> Optional[InputSignature]:
     """Score the first BN layer on ``inputs`` (``[N, C, ...]``) as fed, under every known
     preprocessing transform, and under the best free per-channel scale and offset when the
     path to it is affine. None when the layer cannot be reached or measured this way."""
@@ -123,12 +122,12 @@ def input_signature(runtime: Runtime, layer_index: int, inputs: Tensor, device: 
             z = _stem(runtime, layer_index, source * scale + offset)
             return math.inf if z is None else _score(*moments(z), running_mean, running_var, eps, weights)
 
-        transforms = known_transforms(channels, candidate_norms(channels, configured_norm))
+        transforms = known_transforms(channels, candidate_norms(channels))
         scored = [(transformed(t), t) for t in transforms]
     best_score, best = min(scored, key=lambda item: item[0]) if scored else (None, None)
     # a known transform that already brings the layer to what correct data shows decides alone:
     # the free fit (the costly part: L-BFGS from several starts) runs only when it can matter
-    settled = best_score is not None and best_score <= MATCHED and best_score <= 0.5 * baseline
+    settled = best_score is not None and known_settles(best_score, baseline)
     free = _free_fit(affine_parts, running_mean, running_var, eps, weights, enough=EXPLAINED * baseline) \
         if affine_parts is not None and not settled else None
     return InputSignature(

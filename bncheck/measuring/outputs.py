@@ -10,8 +10,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from bncheck.judging.metrics import mcnemar_p, softmax_divergence, squared_norms
-from bncheck.measuring.batches import tensors
+from bncheck.judging.metrics import class_iou, mcnemar_p, mean_iou, softmax_divergence, squared_norms
+from bncheck.measuring.batches import IGNORE_INDEX, tensors
 from bncheck.measuring.distributed import pooled
 from bncheck.reporting.report import OutputDivergence
 
@@ -220,7 +220,8 @@ class OutputTally:
                                      ("eval", out_eval, self.eval_confusion)):
             predicted = out.argmax(1)
             cells = torch.bincount(truth * classes + predicted[valid], minlength=classes * classes)
-            confusion.update({int(i): int(cells[i]) for i in cells.nonzero().flatten().tolist()})
+            hit = cells.nonzero().flatten()
+            confusion.update(dict(zip(hit.tolist(), cells[hit].tolist())))
             right[mode] = ((predicted == masks) & valid).reshape(valid.shape[0], -1).sum(1)
         scored = per_image > 0
         self.labeled += int(scored.sum())
@@ -304,27 +305,6 @@ class OutputTally:
             eval_confidence=self.eval_confidence / n if self.samples else None,
             **counts,
         )
-
-
-IGNORE_INDEX = 255
-"""Mask value of pixels that count for no class."""
-
-
-def class_iou(confusion: Counter, classes: int) -> tuple[Optional[float], ...]:
-    """Per-class intersection over union from a streamed confusion matrix (``truth * classes +
-    predicted`` -> pixels); None for a class that is neither in the masks nor predicted."""
-    matrix = torch.zeros(classes * classes, dtype=torch.float64)
-    for cell, count in confusion.items():
-        matrix[cell] = count
-    matrix = matrix.reshape(classes, classes)
-    hits = matrix.diagonal()
-    union = matrix.sum(0) + matrix.sum(1) - hits
-    return tuple(float(h / u) if u > 0 else None for h, u in zip(hits, union))
-
-
-def mean_iou(per_class: tuple[Optional[float], ...]) -> Optional[float]:
-    present = [v for v in per_class if v is not None]
-    return sum(present) / len(present) if present else None
 
 
 def output_gap(output: OutputDivergence) -> Optional[float]:

@@ -6,9 +6,10 @@ storage, and refused when it would not fit. A config from a stranger that asks f
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Callable, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from bncheck.errors import InputError
 
@@ -34,9 +35,13 @@ def model_limit_bytes() -> int:
     return int(value * 1024**3)
 
 
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def model_bytes(model: nn.Module) -> int:
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Parameters and buffers, each shared tensor once."""
+    return tensor_bytes({id(t): t for t in (*model.parameters(), *model.buffers())}.values())
 
 
 def build_sized(build: Callable[[], nn.Module], what: str, weights_bytes: Optional[int] = None) -> nn.Module:

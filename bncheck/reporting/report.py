@@ -270,6 +270,10 @@ class Report:
     recalibrate all, with the measured share of the output gap that recovers)."""
     world_size: int = 1
     """Processes that shared the sample (torchrun / DDP ranks); 1 when not distributed."""
+    input_reading: Optional[str] = None
+    """What the input-signature pass found explains the first BN layer's shift: ``preprocessing``
+    (a known mistake), ``units`` (a rescale beyond 8x), ``domain`` (a mild per-channel change) or
+    ``unexplained``; None when that pass did not run (the layer was not flagged, or no fit)."""
     schema: str = SCHEMA_ID
 
     @staticmethod

@@ -29,18 +29,13 @@ TINY_ARCH = f"{ROOT / 'tests' / 'conftest.py'}:TinyNet"
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Path:
-    path = tmp_path / "x.pt"
-    torch.save(torch.cat(make_batches(2)), path)
-    return path
+def data(tiny_data: Path) -> Path:
+    return tiny_data
 
 
 @pytest.fixture
-def weights(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "tiny.pt"
-    torch.save(calibrate(TinyNet(), make_batches(8)).state_dict(), path)
-    return path
+def weights(tiny_weights: Path) -> Path:
+    return tiny_weights
 
 
 def clean_error(result, code: int, *needles: str) -> None:

@@ -21,7 +21,7 @@ def open_data(path: Path, cfg: DataSettings, batch_size: int, num_batches: Optio
     """Batches from a folder of images, a tensor file or the user's own pipeline
     (``module:callable``); ``num_batches=None`` uses every sample."""
     text = str(path)
-    if is_callable_spec(text) and not text.lower().rpartition(":")[0].endswith(".npz"):
+    if is_callable_spec(text):  # never file.npz:KEY (untrusted.code_spec)
         return callable_source(text, batch_size, num_batches)
     path = Path(path)
     if not path.exists() and ":" in text:

@@ -17,12 +17,11 @@ from torch import Tensor
 
 from bncheck.config import DataSettings
 from bncheck.errors import InputError, first_line
+from bncheck.measuring.batches import IGNORE_INDEX
 from bncheck.reading.data.source import IMAGE_EXTENSIONS, Batch, DataSource, prefetched
 
 IMAGE_FOLDERS = ("images", "imgs", "image", "img", "JPEGImages", "leftImg8bit")
 MASK_FOLDERS = ("masks", "mask", "labels", "annotations", "SegmentationClass", "gtFine", "gt", "ground_truth")
-IGNORE_INDEX = 255
-"""Mask value for pixels that belong to no class (VOC's object borders, padding)."""
 
 
 def segmentation_layout(root: Path) -> Optional[tuple[Path, Path]]:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from bncheck.errors import InputError, first_line
 from bncheck.reading.architectures import build_arch, load_state_into, sha256_of
 from bncheck.reading.formats.base import Checkpoint, Format, Probe, momentum_source
-from bncheck.reading.sizing import build_sized
+from bncheck.reading.sizing import build_sized, tensor_bytes
 from bncheck.reading.untrusted import shown
 from bncheck.reporting.report import ModelInfo
 
@@ -105,7 +105,7 @@ def read_model_folder(path: Path) -> ModelFolder:
     files = _weight_files(path)
     state: dict[str, Tensor] = {}
     for weight in files:
-        tensors = _read_weights(folder_member(path, weight.name, "the model folder"), weight)
+        tensors = _read_weights(path / weight.name, weight)  # _weight_files resolved every name inside the folder
         weight.keys = list(tensors)
         state.update(tensors)
     return ModelFolder(path, kind, config, files, state)
@@ -238,7 +238,7 @@ def _build_transformers(folder: ModelFolder) -> tuple[nn.Module, str]:
 
 
 def _weights_bytes(folder: ModelFolder) -> int:
-    return sum(t.numel() * t.element_size() for t in folder.state.values())
+    return tensor_bytes(folder.state.values())
 
 
 def _check_classes(folder: ModelFolder, classes: Any) -> None:

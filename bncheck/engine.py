@@ -50,6 +50,7 @@ from bncheck.measuring.batches import (
 from bncheck.measuring.input_signature import SAMPLES as SIGNATURE_SAMPLES
 from bncheck.measuring.input_signature import input_signature
 from bncheck.measuring.outputs import OutputTally, output_gap
+from bncheck.measuring.pictures import PICTURES, encode
 from bncheck.measuring.statistics import LayerStats, statistics_pass
 from bncheck.reporting.report import STALE_CODES, DataInfo, Finding, OutputDivergence, Report, Sources
 from bncheck.runtime import BNLayer, Runtime, checksum, runtime_for
@@ -234,7 +235,7 @@ def _analyze(
         record.complete = False
     _, float_dtype = model_placement(model)
     before = checksum(model)
-    tally = OutputTally()
+    tally = OutputTally(keep_pictures=PICTURES)
     samples = batches_seen = largest_batch = 0
     any_labels = False
     input_shape: Optional[tuple[int, ...]] = None
@@ -270,7 +271,7 @@ def _analyze(
                     record.outputs.append(kept_train)
                     if recorded > REPLAY_BUDGET:
                         record.complete, record.outputs = False, []
-                tally.add(out_train, out_eval, labels, batch=n)
+                tally.add(out_train, out_eval, labels, batch=n, inputs=inputs)
                 # on the host: later passes re-read them, and accelerator memory is for the model
                 if sum(batch_len(k[0]) for k in keep) < keep_samples:
                     keep.append((to_host(inputs), labels, to_host(out_train)))
@@ -313,6 +314,7 @@ def _analyze(
                                   input_shape=input_shape)
     model_info = sources.model_info(len(layers))
     output = tally.result()
+    pictures = tuple(encode(kept) for kept in tally.worst)
     reduce = (lambda t: distributed.pool(world, t)) if world.active else None
 
     reading: Optional[InputReading] = None
@@ -323,6 +325,7 @@ def _analyze(
             stats.stats, ignored, thresholds, fail_on, model_info, data_info, output, str(device), started,
             has_data=True, attribution=attribution, extra_findings=rank_findings + extra,
             momentum_known=momentum_known, conclusion=conclusion, world_size=world.size, input_reading=reading,
+            pictures=pictures,
         )
 
     report = report_with()

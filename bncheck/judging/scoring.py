@@ -55,6 +55,7 @@ from bncheck.reporting.report import (
     LayerResult,
     ModelInfo,
     OutputDivergence,
+    Picture,
     Report,
     verdict_of,
 )
@@ -231,6 +232,7 @@ def build_report(
     conclusion: Optional[str] = None,
     world_size: int = 1,
     input_reading: Optional[InputReading] = None,
+    pictures: tuple[Picture, ...] = (),
 ) -> Report:
     """Score, diagnose and rank the layers; decide the verdict. ``extra_findings`` are
     model-level findings measured elsewhere (the output-divergence net); ``conclusion`` and
@@ -364,4 +366,5 @@ def build_report(
         conclusion=conclusion,
         world_size=world_size,
         input_reading=input_reading.kind if input_reading is not None else None,
+        pictures=pictures,
     )

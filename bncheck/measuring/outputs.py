@@ -13,6 +13,7 @@ from torch import Tensor
 from bncheck.judging.metrics import class_iou, mcnemar_p, mean_iou, softmax_divergence, squared_norms
 from bncheck.measuring.batches import IGNORE_INDEX, tensors
 from bncheck.measuring.distributed import pooled
+from bncheck.measuring.pictures import keep_worst, shot
 from bncheck.reporting.report import OutputDivergence
 
 
@@ -41,6 +42,33 @@ def is_dense(value: Any) -> bool:
     (segmentation heads). 3-D outputs stay ambiguous (``[N, C, L]`` or ``[N, L, C]``) and are
     not read as dense."""
     return isinstance(value, Tensor) and value.is_floating_point() and value.dim() >= 4 and value.shape[1] >= 2
+
+
+def is_binary_dense(value: Any) -> bool:
+    """One score per pixel, ``[N, 1, H, W]`` (or ``[N, 1, D, H, W]``): a binary mask's logit
+    when masks label it (it may as well be a depth or density map, so never without)."""
+    return (isinstance(value, Tensor) and value.is_floating_point() and value.dim() >= 4 and value.shape[1] == 1
+            and value[0, 0].numel() > 1)
+
+
+def two_class(value: Tensor) -> Tensor:
+    """A sigmoid logit ``x`` as the two-class logits ``[0, x]``: their softmax is ``[1 - s, s]``
+    with ``s = sigmoid(x)``, so every per-pixel classifier measure applies as it is."""
+    return torch.cat([torch.zeros_like(value), value], 1)
+
+
+def binary_masks(masks: Tensor) -> Tensor:
+    """Binary masks stored as 0/255 (a common PNG convention) read with 255 as the foreground
+    when no pixel of the batch holds 1; 0/1 masks (and 255 beside 1: ignored) as they are."""
+    if bool((masks == IGNORE_INDEX).any()) and not bool((masks == 1).any()):
+        return torch.where(masks == IGNORE_INDEX, torch.ones_like(masks), masks)
+    return masks
+
+
+def is_mask_batch(labels: Any, output: Tensor) -> bool:
+    """``labels`` are class-index masks for the dense ``output`` (one per sample, its spatial rank)."""
+    return (isinstance(labels, Tensor) and not labels.is_floating_point() and labels.dim() == output.dim() - 1
+            and labels.shape[0] == output.shape[0])
 
 
 def logits_of(value: Any) -> Any:
@@ -119,17 +147,30 @@ class OutputTally:
     """Samples fed (``samples`` counts rows: pixels of a dense output, time steps of a sequence)."""
     pixels_labeled: int = pooled("sum", default=0)
     """Mask pixels that are not ignored (the denominator of pixel accuracy)."""
+    binary: bool = pooled("any", default=False)
+    """Dense outputs of one channel read as sigmoid logits of a binary mask (masks given)."""
+    keep_pictures: int = pooled("max", default=0)
+    """How many samples to picture (segmentation): 0 for the tallies of later passes."""
+    worst: list = pooled(lambda ranks: keep_worst([p for part in ranks for p in part]), default_factory=list)
+    """Pictures of the samples of lowest pixel agreement so far (at most ``keep_pictures``)."""
     counted: int = pooled("sum", default=0)
     """Samples whose outputs were checked for NaN/Inf (every kind of output)."""
     eval_nonfinite: int = pooled("sum", default=0)
     """Samples whose eval-mode output holds NaN/Inf: deployment outputs nothing usable for them."""
     train_nonfinite: int = pooled("sum", default=0)
 
-    def add(self, out_train: Any, out_eval: Any, labels: Optional[Tensor], batch: Optional[int] = None) -> None:
+    def add(self, out_train: Any, out_eval: Any, labels: Optional[Tensor], batch: Optional[int] = None,
+            inputs: Any = None) -> None:
+        """One batch: both modes' outputs, its labels (class indices, masks) if any, the batch
+        size fed in and, for pictures of a segmentation run, the inputs."""
         self._count_nonfinite(out_train, out_eval, batch)
         out_train, out_eval = logits_of(out_train), logits_of(out_eval)
+        if (is_binary_dense(out_train) and is_binary_dense(out_eval) and out_train.shape == out_eval.shape
+                and is_mask_batch(labels, out_train)):
+            out_train, out_eval, labels = two_class(out_train), two_class(out_eval), binary_masks(labels)
+            self.binary = True
         if is_dense(out_train) and is_dense(out_eval) and out_train.shape == out_eval.shape:
-            self._add_dense(out_train, out_eval, labels)
+            self._add_dense(out_train, out_eval, labels, inputs)
             return
         out_train, out_eval = class_rows(out_train, batch), class_rows(out_eval, batch)
         if batch is not None and labels is not None and is_logits(out_train) and out_train.shape[0] != batch:
@@ -175,7 +216,8 @@ class OutputTally:
         for a, b in zip(train_parts, eval_parts):
             self._add_tensor_pair(a, b)
 
-    def _add_dense(self, out_train: Tensor, out_eval: Tensor, masks: Optional[Tensor] = None) -> None:
+    def _add_dense(self, out_train: Tensor, out_eval: Tensor, masks: Optional[Tensor] = None,
+                   inputs: Any = None) -> None:
         """A segmentation output: each pixel is a classifier. Agreement and KL are averaged over
         pixels; with masks (``[N, H, W]`` class indices, ``IGNORE_INDEX`` ignored) each mode's
         confusion matrix and, per image, which mode labelled more pixels right (the paired
@@ -185,6 +227,9 @@ class OutputTally:
             return
         self.kind, self.per = "classifier", "pixel"
         kl, js, agree = dense_divergence(out_train, out_eval)
+        masks = masks if is_mask_batch(masks, out_train) else None
+        if self.keep_pictures:
+            self._picture(out_train, out_eval, masks, inputs, agree)
         pixels = out_train[0, 0].numel()
         self.kl += float(kl.sum()) * pixels
         self.js += float(js.sum()) * pixels
@@ -193,9 +238,22 @@ class OutputTally:
         self.images += out_train.shape[0]
         self.classes = max(self.classes, int(out_train.shape[1]))
         self._add_tensor_pair(out_train, out_eval)
-        if masks is not None and masks.dim() == out_train.dim() - 1 and masks.shape[0] == out_train.shape[0] \
-                and not masks.is_floating_point():
+        if masks is not None:
             self._add_masks(out_train, out_eval, masks)
+
+    def _picture(self, out_train: Tensor, out_eval: Tensor, masks: Optional[Tensor], inputs: Any,
+                 agree: Tensor) -> None:
+        """Pictures of this batch's samples that are among the worst so far (before
+        ``images`` counts the batch: it numbers the samples)."""
+        image = inputs if isinstance(inputs, Tensor) and inputs.dim() == out_train.dim() \
+            and inputs.shape[0] == out_train.shape[0] else None
+        for i in agree.argsort()[: self.keep_pictures].tolist():
+            value = float(agree[i])
+            if len(self.worst) >= self.keep_pictures and value >= self.worst[-1].agreement:
+                break
+            kept = shot(self.images + i, value, image[i] if image is not None else None,
+                        out_eval[i].argmax(0), out_train[i].argmax(0), masks[i] if masks is not None else None)
+            self.worst = keep_worst([*self.worst, kept], self.keep_pictures)
 
     def _add_masks(self, out_train: Tensor, out_eval: Tensor, masks: Tensor) -> None:
         from bncheck.errors import InputError
@@ -283,7 +341,7 @@ class OutputTally:
                     train_class_iou=train_iou, eval_class_iou=eval_iou)
             return OutputDivergence(kind="classifier", per="pixel", kl=self.kl / n, js=self.js / n,
                                     top1_agreement=self.agree / n, relative_l2=rel, classes=self.classes or None,
-                                    images=self.images or None, **labelled, **counts)
+                                    images=self.images or None, binary=self.binary or None, **labelled, **counts)
         top_class, top_count = (self.eval_predicted.most_common(1) or [(None, 0)])[0]
         train_top = (self.train_predicted.most_common(1) or [(None, 0)])[0][1]
         return OutputDivergence(

@@ -149,6 +149,8 @@ class OutputDivergence:
     """Samples whose train-mode output holds NaN/Inf."""
     outputs_counted: Optional[int] = None
     """Samples behind the two counts above."""
+    binary: Optional[bool] = None
+    """One score per pixel read as a sigmoid logit of a binary mask (only when masks label it)."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,27 @@ class BaselineComparison:
 
 
 @dataclass(frozen=True)
+class Picture:
+    """One sample of a segmentation run, pictured: base64 PNGs in one fixed palette (the
+    Pascal VOC colours; class 0 black)."""
+
+    sample: int
+    """Position of the sample in the data order (on its rank, under torchrun)."""
+    pixel_agreement: float
+    """Share of its pixels given the same class by both modes."""
+    image: Optional[str]
+    """The input (None when it is not an image); its middle slice for a volume."""
+    eval: str
+    """Classes predicted in eval mode (deployment)."""
+    train: str
+    """Classes predicted in train mode (batch statistics)."""
+    truth: Optional[str] = None
+    """The mask, when masks were given."""
+    classes: tuple[int, ...] = ()
+    """Classes that appear in the picture (its legend)."""
+
+
+@dataclass(frozen=True)
 class Report:
     model: ModelInfo
     data: DataInfo
@@ -274,6 +297,8 @@ class Report:
     """What the input-signature pass found explains the first BN layer's shift: ``preprocessing``
     (a known mistake), ``units`` (a rescale beyond 8x), ``domain`` (a mild per-channel change) or
     ``unexplained``; None when that pass did not run (the layer was not flagged, or no fit)."""
+    pictures: tuple[Picture, ...] = ()
+    """Segmentation: the samples where the modes disagree most, pictured (lowest agreement first)."""
     schema: str = SCHEMA_ID
 
     @staticmethod
@@ -301,6 +326,7 @@ _NESTED: dict[tuple[type, str], type] = {
     (LayerResult, "worst_channels"): ChannelDrift,
     (LayerResult, "findings"): Finding,
     (Report, "baseline"): BaselineComparison,
+    (Report, "pictures"): Picture,
     (BaselineComparison, "new"): Finding,
     (BaselineComparison, "worsened"): Finding,
     (BaselineComparison, "resolved"): Finding,

@@ -46,6 +46,10 @@ svg text{font-family:system-ui,sans-serif;font-size:11px;fill:#59636e}
 details.more summary{cursor:pointer;margin:10px 0;color:#0969da}
 .change{font-variant-numeric:tabular-nums}.better{color:#1a7f37}.worse{color:#cf222e}
 .swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px;border-radius:2px}
+.pictures{border-collapse:separate;border-spacing:6px 4px;width:auto}
+.pictures td,.pictures th{border:0;text-align:center;padding:0;font-size:12px;font-weight:400;background:none}
+.pictures img{image-rendering:pixelated;display:block;border:1px solid #d0d7de;width:160px;height:auto}
+.pictures td.caption{text-align:left;color:#59636e;vertical-align:middle;padding-right:8px}
 """
 
 
@@ -224,6 +228,32 @@ def _class_iou(report: Report) -> Optional[str]:
                                                                                  out.train_class_iou)))
 
 
+def _pictures(report: Report) -> str:
+    """The samples where the modes disagree most: input, eval mode, train mode, truth, in one
+    fixed palette, with a legend of the classes shown."""
+    from bncheck.reporting.png import data_uri, palette_hex
+
+    if not report.pictures:
+        return ""
+    truth = any(p.truth for p in report.pictures)
+    heads = ["", "input", "eval mode (deployment)", "train mode (batch statistics)"] + (["truth"] if truth else [])
+    rows = []
+    for p in report.pictures:
+        cells = [f'<td class="caption">sample {p.sample}<br>pixel agreement<br>{100 * p.pixel_agreement:.1f}%</td>']
+        panels = [("input", p.image), ("eval mode", p.eval), ("train mode", p.train)] + (
+            [("truth", p.truth)] if truth else [])
+        for label, png in panels:
+            cells.append(f'<td><img alt="{escape(label)}, sample {p.sample}" src="{data_uri(png)}"></td>' if png
+                         else "<td>-</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    shown = sorted({c for p in report.pictures for c in p.classes})
+    legend = "".join(f'<span><i class="swatch" style="background:{palette_hex(c)}"></i>class {c}</span>'
+                     for c in shown[:40])
+    return (f'<h2>Where the modes disagree most</h2><table class="pictures"><tr>'
+            + "".join(f"<th>{escape(h)}</th>" for h in heads) + "</tr>" + "".join(rows)
+            + f'</table><div class="legend">{legend}</div>')
+
+
 def _finding_html(f: Union[Finding, MoreFindings]) -> str:
     color = SEVERITY_COLORS[f.severity]
     if isinstance(f, MoreFindings):  # the rest of a group, folded
@@ -256,6 +286,7 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
 <small>{escape(subject)} · {escape(output_line(report))}</small></div>
 <main>
 <p class="next"><b>Next:</b> {escape(next_step(report))}</p>
+{_pictures(report)}
 <h2>Score through depth</h2>
 <div class="legend"><span><i class="swatch" style="background:#cf222e"></i>train-mode pass (root cause)</span>
 <span><i class="swatch" style="background:#0969da"></i>eval-mode pass (deployment impact)</span>

@@ -96,6 +96,8 @@ def output_line(report: Report) -> str:
     out = report.output
     if out.kind == "classifier" and out.per == "pixel":
         text = f"pixel agreement train vs eval {pct(out.top1_agreement)}, per-pixel KL {num(out.kl, 3)} nats"
+        if out.binary:
+            text += " (binary masks: one sigmoid score per pixel)"
         if out.eval_miou is not None:
             return (f"{text}; mIoU train-mode {pct(out.train_miou)} vs eval-mode {pct(out.eval_miou)} (pixel accuracy "
                     f"{pct(out.train_accuracy)} vs {pct(out.eval_accuracy)}, {out.labeled} images with masks)")

@@ -140,3 +140,22 @@ def test_fix_and_diff_results_go_through_the_renderer_registry() -> None:
     assert get_renderer("markdown", DiffReport).__name__ == "render_diff"
     with pytest.raises(ValueError, match="no renderer for a FixReport"):
         get_renderer("junit", FixReport)
+
+
+def test_long_layer_names_break_after_a_dot_never_inside_a_word() -> None:
+    from dataclasses import replace
+
+    from bncheck.reporting.render.table import wrap_name
+
+    name = "backbone_feature_extractor.encoder_stage_four.residual_block.1.bn"
+    assert wrap_name(name, 30) == "backbone_feature_extractor.\nencoder_stage_four.\nresidual_block.1.bn"
+    assert wrap_name("backbone.layer4.2.bn3", 40) == "backbone.layer4.2.bn3"
+    assert wrap_name("a" * 25, 10) == "a" * 10 + "\n" + "a" * 10 + "\n" + "a" * 5  # no break point: cut
+    for width in (10, 13, 21):
+        lines = wrap_name(name, width).split("\n")
+        assert "".join(lines) == name and all(len(line) <= width for line in lines)
+    report = make_report()
+    report = replace(report, layers=(replace(report.layers[1], name=name), *report.layers[2:]))
+    text = render(report, "table", width=120)
+    table_lines = [line.split("│")[1].strip() for line in text.splitlines() if line.count("│") >= 10]
+    assert "".join(table_lines[:3]) == name and all(line.endswith((".", "bn")) for line in table_lines[:3])

@@ -4,6 +4,7 @@ table, the findings, and one line saying what to do next. The only rich importer
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Callable, Optional
@@ -53,8 +54,41 @@ def _finding_lines(findings: tuple[Finding, ...]) -> list[Text]:
     return lines
 
 
-def build(report: Report, top: int) -> list:
-    """Rich renderables, in order."""
+def wrap_name(name: str, width: int) -> str:
+    """A layer name in lines of at most ``width``, broken after a dot where it can be
+    (``backbone.layer4.`` / ``2.bn3``), else after an underscore, inside a word only when the
+    word alone is wider than the column."""
+    if len(name) <= width:
+        return name
+    lines, line = [], ""
+    for segment in re.findall(r"[^.]*\.|[^.]+$", name):
+        words = re.findall(r"[^_]*_|[^_]+$", segment) if len(segment) > width else [segment]
+        for word in words:
+            if line and len(line) + len(word) > width:
+                lines.append(line)
+                line = ""
+            while len(line) + len(word) > width:  # a word wider than the column: cut it
+                room = width - len(line)
+                lines.append(line + word[:room])
+                line, word = "", word[room:]
+            line += word
+    return "\n".join([*lines, line] if line else lines)
+
+
+TABLE_FIXED = ("#", "type", "ch", "score", "×noise", "shift", "scale", "eval", "fix", "finding")
+NAME_MIN = 10
+"""The layer column never gets narrower than this (the other columns give way first)."""
+
+
+def _name_width(rows: list[list[str]], width: int) -> int:
+    """Room left for the layer column at a console ``width``: the other columns as wide as
+    their widest cell, three characters between columns."""
+    others = sum(max(len(head), *(len(row[i]) for row in rows)) for i, head in enumerate(TABLE_FIXED))
+    return max(NAME_MIN, width - others - 3 * len(TABLE_FIXED))
+
+
+def build(report: Report, top: int, width: int = 120) -> list:
+    """Rich renderables, in order (``width``: the console's, to fit layer names to)."""
     verdict = Text.assemble(
         ("bncheck ", "bold"), (report.verdict.upper(), VERDICT_STYLE.get(report.verdict, "bold"))
     )
@@ -77,8 +111,13 @@ def build(report: Report, top: int) -> list:
     parts: list = [*header, Text("")]
     if report.layers:
         table = Table(title=None, show_edge=False, pad_edge=False, header_style="bold")
+        shown = report.layers[:top]
+        cells = [[str(la.rank), la.type, str(la.channels), _score_text(la, report).plain, num(la.drift_to_noise, 1),
+                  num(la.mean_shift), num(la.scale_ratio), num(la.eval_score), share(la.attribution),
+                  (report.top_finding(la).code if report.top_finding(la) else "")] for la in shown]
+        room = _name_width(cells, width)
         table.add_column("#", justify="right")
-        table.add_column("layer", overflow="fold")
+        table.add_column("layer", overflow="fold", min_width=min(room, max(len(la.name or "(root)") for la in shown)))
         table.add_column("type")
         table.add_column("ch", justify="right")
         table.add_column("score", justify="right")
@@ -88,11 +127,11 @@ def build(report: Report, top: int) -> list:
         table.add_column("eval", justify="right")
         table.add_column("fix", justify="right")
         table.add_column("finding", no_wrap=True)
-        for layer in report.layers[:top]:
+        for layer in shown:
             finding = report.top_finding(layer)
             table.add_row(
                 str(layer.rank),
-                layer.name or "(root)",
+                wrap_name(layer.name or "(root)", room),
                 layer.type,
                 str(layer.channels),
                 _score_text(layer, report),
@@ -131,7 +170,7 @@ def _to_text(parts: list, width: Optional[int], color: bool) -> str:
 
 def render(report: Report, *, top: int = 10, width: Optional[int] = None, color: bool = False,
            **_options: object) -> str:
-    return _to_text(build(report, top), width, color)
+    return _to_text(build(report, top, width or 120), width, color)
 
 
 @contextmanager

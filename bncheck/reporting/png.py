@@ -24,7 +24,8 @@ def encode_rgb(pixels: bytes, width: int, height: int, filtered: str = "none") -
     stride, tag = width * 3, bytes([FILTERS[filtered]])
     raw = b"".join(tag + pixels[row * stride:(row + 1) * stride] for row in range(height))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
+    body = _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def data_uri(png_base64: str) -> str:

@@ -249,7 +249,7 @@ def _pictures(report: Report) -> str:
     shown = sorted({c for p in report.pictures for c in p.classes})
     legend = "".join(f'<span><i class="swatch" style="background:{palette_hex(c)}"></i>class {c}</span>'
                      for c in shown[:40])
-    return (f'<h2>Where the modes disagree most</h2><table class="pictures"><tr>'
+    return ('<h2>Where the modes disagree most</h2><table class="pictures"><tr>'
             + "".join(f"<th>{escape(h)}</th>" for h in heads) + "</tr>" + "".join(rows)
             + f'</table><div class="legend">{legend}</div>')
 

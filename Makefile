@@ -35,6 +35,7 @@ bench: $(STAMP)
 
 samples: $(STAMP)
 	$(BIN)/python sample_models/make_samples.py
+	$(BIN)/python sample_models/make_segmentation.py
 
 clean:
 	rm -rf $(VENV) .bncheck .pytest_cache

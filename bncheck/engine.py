@@ -32,7 +32,7 @@ from bncheck.judging.output_divergence import (
     triggered,
 )
 from bncheck.judging.preprocessing import InputReading, read_signature
-from bncheck.judging.rules import accuracy_gap, accuracy_gap_finding
+from bncheck.judging.rules import Recovery, accuracy_gap, accuracy_gap_finding
 from bncheck.judging.scoring import build_report
 from bncheck.measuring import distributed
 from bncheck.measuring.batches import (
@@ -563,9 +563,10 @@ def _combined_evidence(
 def _recovered_accuracy(
     runtime: Runtime, report: Report, by_name: dict[str, LayerStats], kept: Kept,
     kept_tally: OutputTally, device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any, attribute: int,
-) -> Optional[tuple[float, float, int]]:
-    """Eval-mode accuracy on the kept labelled samples before and after recalibrating every
-    measured BN layer on them (one eval pass; ``attribute=0`` runs none), and how many."""
+) -> Optional[Recovery]:
+    """The task metric on the kept labelled samples (mIoU with masks, else accuracy): eval
+    mode before and after recalibrating every measured BN layer on them, and train mode (one
+    eval pass; ``attribute=0`` runs none)."""
     before = kept_tally.result()
     if attribute == 0 or before.eval_accuracy is None:
         return None
@@ -574,7 +575,9 @@ def _recovered_accuracy(
     after = fixed.result() if fixed is not None else None
     if after is None or after.eval_accuracy is None or not after.labeled:
         return None
-    return before.eval_accuracy, after.eval_accuracy, after.labeled
+    if before.eval_miou is not None and after.eval_miou is not None and before.train_miou is not None:
+        return Recovery("mIoU", before.eval_miou, after.eval_miou, before.train_miou, after.labeled)
+    return Recovery("accuracy", before.eval_accuracy, after.eval_accuracy, before.train_accuracy, after.labeled)
 
 
 def _bn_buffers(layer: BNLayer) -> dict[str, Tensor]:

@@ -1,6 +1,11 @@
 """`make demo`: bncheck on the shipped sample models, as a user would type it.
 
-Runs the pseudo-frozen fine-tune (expected: FAIL, exit 1) and the healthy one (expected:
+First the case bncheck was made for: a DeepLabV3 segmentation net fine-tuned with batches of 2
+and BN "frozen" the forum's way (sample_models/segmentation/). bncheck reads the masks, reports
+mIoU per mode (expected: FAIL, exit 1, with pictures in .bncheck/segmentation.html), passes its
+normally fine-tuned twin (exit 0), and `fix` recalibrates it, verified by mIoU (exit 0).
+
+Then the classifier samples: runs the pseudo-frozen fine-tune (expected: FAIL, exit 1) and the healthy one (expected:
 PASS, exit 0), re-renders the last run with `bncheck report`, then cures the pseudo-frozen
 model with `bncheck fix` (into .bncheck/, exit 0), checks the result (PASS), and compares the
 pseudo-frozen checkpoint with its base model without data (`bncheck diff`, exit 1). Exits
@@ -22,7 +27,17 @@ COMMON = [
     "--data", "sample_models/data",
     "--config", "sample_models/config.yaml",
 ]
+SEGMENTATION = [
+    "--arch", "sample_models/segmentation/deeplab.py:build",
+    "--data", "sample_models/segmentation/data",
+    "--config", "sample_models/segmentation/config.yaml",
+]
 STEPS = [
+    (["run", "sample_models/segmentation/pseudo_frozen.pt", *SEGMENTATION, "--top", "5",
+      "--html", ".bncheck/segmentation.html", "--force"], 1),
+    (["run", "sample_models/segmentation/healthy.pt", *SEGMENTATION, "--top", "3"], 0),
+    (["fix", "sample_models/segmentation/pseudo_frozen.pt", *SEGMENTATION,
+      "--out", ".bncheck/segmentation.fixed.pt", "--force"], 0),
     (["run", "sample_models/pseudo_frozen.pt", *COMMON], 1),
     (["run", "sample_models/healthy.pt", *COMMON, "--top", "5"], 0),
     (["report", "--markdown", "--top", "3"], 0),

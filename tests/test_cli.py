@@ -78,6 +78,33 @@ def test_healthy_sample_passes_and_pseudo_frozen_fails(tmp_path, cli_env) -> Non
     assert tree_hashes(SAMPLES) == before  # checkpoints and data untouched
 
 
+SEGMENTATION = SAMPLES / "segmentation"
+SEGMENTATION_ARGS = ["--arch", f"{SEGMENTATION / 'deeplab.py'}:build", "--data", str(SEGMENTATION / "data"),
+                     "--config", str(SEGMENTATION / "config.yaml")]
+
+
+def test_the_forums_deeplab_case_fails_in_miou_with_pictures_and_its_twin_passes(tmp_path, cli_env) -> None:
+    """The shipped segmentation sample (the README's first example): the forum's freeze gives
+    an mIoU collapse in eval mode, pictured; the twin fine-tuned the normal way passes."""
+    before = tree_hashes(SAMPLES)
+    bad = run_cli(["run", str(SEGMENTATION / "pseudo_frozen.pt"), *SEGMENTATION_ARGS, "--json", "out.json",
+                   "--html", "out.html"], tmp_path, cli_env)
+    assert bad.returncode == 1, bad.stderr
+    assert "mIoU train-mode" in bad.stdout and "masks are labels" in bad.stderr
+    doc = json.loads((tmp_path / "out.json").read_text())
+    jsonschema.validate(doc, SCHEMA)
+    out = doc["output"]
+    assert out["per"] == "pixel" and out["labeled"] == 64 and out["train_miou"] - out["eval_miou"] > 0.4
+    assert any(f["code"] == "accuracy-gap" for f in doc["findings"])
+    assert doc["layers"][0]["name"] == "backbone.features.0.1"  # the stem's BN, still on domain A
+    assert len(doc["pictures"]) == 4 and all(p["truth"] for p in doc["pictures"])
+    assert (tmp_path / "out.html").read_text().count("data:image/png") == 16
+    good = run_cli(["run", str(SEGMENTATION / "healthy.pt"), *SEGMENTATION_ARGS], tmp_path, cli_env)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "PASS" in good.stdout and "mIoU train-mode" in good.stdout
+    assert tree_hashes(SAMPLES) == before
+
+
 def test_json_to_stdout_is_only_json_and_valid(tmp_path, cli_env, resnet_case) -> None:
     ckpt, data = resnet_case
     before = tree_hashes(ckpt.parent)

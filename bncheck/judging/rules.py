@@ -406,7 +406,15 @@ def eval_mode_is_better(output: OutputDivergence) -> bool:
     return eval_only > train_only and p < READING_P and above_chance(output, output.eval_accuracy)
 
 
-def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float) -> Finding:
+def task_metric(output: OutputDivergence) -> tuple[str, Optional[float], Optional[float]]:
+    """The labelled measure a user reads: ``mIoU`` of a segmentation run with masks (train,
+    eval), else ``accuracy``."""
+    if output.per == "pixel" and output.train_miou is not None and output.eval_miou is not None:
+        return "mIoU", output.train_miou, output.eval_miou
+    return "accuracy", output.train_accuracy, output.eval_accuracy
+
+
+def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float, metric: str = "accuracy") -> Finding:
     """The same numbers, read the way labelled accuracy says: running statistics that disagree
     with this data while eval mode is the better mode were kept on purpose (BN frozen in eval
     mode while fine-tuning, ``norm_eval``, FrozenBatchNorm conversions): the layers after them
@@ -416,7 +424,7 @@ def frozen_in_eval(finding: Finding, train_accuracy: float, eval_accuracy: float
         "info",
         finding.layer,
         f"{finding.message.rstrip('.')}; but eval mode is more accurate than train mode on this labelled "
-        f"data ({100 * eval_accuracy:.1f}% vs {100 * train_accuracy:.1f}%, beyond sampling error): BN kept in "
+        f"data ({metric} {100 * eval_accuracy:.1f}% vs {100 * train_accuracy:.1f}%, beyond sampling error): BN kept in "
         "eval mode on purpose, not drift.",
         "Keep these statistics: the layers after this one were trained with them. Do not recalibrate "
         "(bncheck fix refuses when eval-mode accuracy would drop).",
@@ -458,10 +466,30 @@ def accuracy_gap(output: OutputDivergence) -> bool:
     return pairs is not None and pairs[0] > pairs[1] and pairs[2] < ACCURACY_GAP_P
 
 
-def accuracy_gap_finding(output: OutputDivergence, recovered: Optional[tuple[float, float, int]]) -> Finding:
-    """``accuracy-gap``: a labelled gap is never "nothing to do". ``recovered``: eval-mode accuracy
-    on the kept labelled samples before and after recalibrating every measured BN layer on them,
-    and how many samples (None: not measured)."""
+@dataclass(frozen=True)
+class Recovery:
+    """The task metric on the kept labelled samples: eval mode before and after recalibrating
+    every measured BN layer on them, and train mode (the gap to close)."""
+
+    metric: str
+    """``accuracy`` (classifiers) or ``mIoU`` (segmentation with masks)."""
+    before: float
+    after: float
+    train: float
+    samples: int
+
+    @property
+    def closed(self) -> float:
+        """Share of the train/eval gap that recalibration closes (1: all of it; 0 when no gap)."""
+        gap = self.train - self.before
+        return (self.after - self.before) / gap if gap > 0 else 0.0
+
+
+def accuracy_gap_finding(output: OutputDivergence, recovered: Optional[Recovery]) -> Finding:
+    """``accuracy-gap``: a labelled gap is never "nothing to do". ``recovered``: what
+    recalibrating every measured BN layer on the kept samples does to the task metric (None:
+    not measured). Most of the gap closed: the running statistics are the cause; part of it:
+    they are one cause; none (within one sample's worth): look elsewhere."""
     train_only, eval_only, p = _discordant(output)
     if output.per == "pixel":
         miou = (f"mIoU {100 * output.train_miou:.1f}% vs {100 * output.eval_miou:.1f}%, "
@@ -482,19 +510,26 @@ def accuracy_gap_finding(output: OutputDivergence, recovered: Optional[tuple[flo
     if recovered is None:
         hint = ("Not measured what recalibration recovers (--attribute 0 or no layer measurable): run bncheck fix "
                 "--dry-run on representative data to see before -> after.")
+        return Finding("accuracy-gap", "error", None, message, hint)
+    r = recovered
+    change = (f"{r.metric} from {100 * r.before:.1f}% to {100 * r.after:.1f}% (train mode {100 * r.train:.1f}%) "
+              f"on {r.samples} of these samples (measured)")
+    gained = r.after - r.before >= max(0.02, 1.0 / r.samples) or (r.closed >= 0.5 and r.after > r.before)
+    if gained and r.closed >= 0.5:
+        hint = (f"Recalibrating every BN layer on this data raises eval-mode {change}: the running statistics do "
+                "not match this data. Recalibrate on representative data with bncheck fix (it verifies the "
+                "result), and check the training setup that produced them (per-rank BN without SyncBN, a sampler "
+                "that gave ranks different classes, BN frozen while the rest trained, batches too small for the "
+                "running statistics to settle).")
+    elif gained:
+        hint = (f"Recalibrating every BN layer on this data raises eval-mode {change}: {100 * r.closed:.0f}% of the "
+                "gap. The running statistics are one cause, not the only one: recalibrate with bncheck fix (it "
+                "verifies the result), then look at what else behaves differently in train mode (layers other "
+                "than BN, BN layers bncheck could not measure).")
     else:
-        before, after, kept = recovered
-        if after - before >= max(0.02, 1.0 / kept):
-            hint = (f"Recalibrating every BN layer on this data raises eval-mode accuracy from {100 * before:.1f}% "
-                    f"to {100 * after:.1f}% on {kept} of these samples (measured): the running statistics do not "
-                    "match this data. Recalibrate on representative data with bncheck fix (it verifies the result), "
-                    "and check the training setup that produced them (per-rank BN without SyncBN, a sampler "
-                    "that gave ranks different classes, BN frozen while the rest trained).")
-        else:
-            hint = (f"Recalibrating every BN layer on this data does not recover it ({100 * before:.1f}% -> "
-                    f"{100 * after:.1f}% on {kept} samples, measured): the gap is not in the running statistics. "
-                    "Look at what else behaves differently in train mode (layers other than BN, BN layers bncheck "
-                    "could not measure) and check the data matches training.")
+        hint = (f"Recalibrating every BN layer on this data does not recover it ({change.replace(' from ', ': ')}): "
+                "the gap is not in the running statistics. Look at what else behaves differently in train mode "
+                "(layers other than BN, BN layers bncheck could not measure) and check the data matches training.")
     return Finding("accuracy-gap", "error", None, message, hint)
 
 
@@ -579,7 +614,7 @@ def collapse_more_likely(finding: Finding) -> Finding:
 
 
 def stale_with_labels(finding: Finding, train_accuracy: float, eval_accuracy: float, *,
-                      input_layer: bool = False) -> Finding:
+                      input_layer: bool = False, metric: str = "accuracy") -> Finding:
     """Labels that show train mode clearly better leave one reading of stale statistics: say it
     plainly instead of naming both (at the first BN layer, after the preprocessing check, unless
     the input-signature pass already read its shift as a domain change: then the caller passes
@@ -587,12 +622,12 @@ def stale_with_labels(finding: Finding, train_accuracy: float, eval_accuracy: fl
     if input_layer:
         return Finding(
             finding.code, finding.severity, finding.layer, finding.message,
-            f"Labels rule out BN kept in eval mode on purpose (train-mode accuracy {100 * train_accuracy:.1f}% vs "
+            f"Labels rule out BN kept in eval mode on purpose (train-mode {metric} {100 * train_accuracy:.1f}% vs "
             f"eval-mode {100 * eval_accuracy:.1f}%). {INPUT_LAYER_HINT}",
         )
     return Finding(
         finding.code, finding.severity, finding.layer, finding.message,
-        f"Labels rule out BN kept in eval mode on purpose (train-mode accuracy {100 * train_accuracy:.1f}% vs "
+        f"Labels rule out BN kept in eval mode on purpose (train-mode {metric} {100 * train_accuracy:.1f}% vs "
         f"eval-mode {100 * eval_accuracy:.1f}%): the statistics are stale. Recalibrate on representative data "
         "with bncheck fix (it verifies the result and refuses when labelled eval-mode accuracy drops), after "
         "checking this data matches what the model was trained on.",

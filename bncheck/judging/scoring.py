@@ -43,6 +43,7 @@ from bncheck.judging.rules import (
     model_findings,
     one_class_sample_finding,
     stale_with_labels,
+    task_metric,
     train_mode_is_better,
 )
 from bncheck.measuring.statistics import LayerStats
@@ -261,17 +262,17 @@ def build_report(
                                input_reading=input_reading if f.name == input_layer else None)
         for f, _ in scored
     }
+    metric, *task = task_metric(output)
     if has_data and eval_mode_is_better(output):
         findings_by_layer = {
-            name: [frozen_in_eval(f, output.train_accuracy, output.eval_accuracy) if f.code in FROZEN_READING_CODES
+            name: [frozen_in_eval(f, *task, metric=metric) if f.code in FROZEN_READING_CODES
                    else f for f in found]
             for name, found in findings_by_layer.items()
         }
     elif has_data and train_mode_is_better(output):
         domain = input_reading is not None and input_reading.kind == "domain"  # one reading left: stale
         findings_by_layer = {
-            name: [stale_with_labels(f, output.train_accuracy, output.eval_accuracy,
-                                     input_layer=name == input_layer and not domain)
+            name: [stale_with_labels(f, *task, input_layer=name == input_layer and not domain, metric=metric)
                    if f.code == "stale-running-stats" else f for f in found]
             for name, found in findings_by_layer.items()
         }

@@ -203,8 +203,12 @@ TRUST_CONFIG = click.option(
 
 
 def _transform_options(command: Callable) -> Callable:
-    """--resize/--crop/--mean/--std, shared by run and fix."""
+    """--resize/--crop/--mean/--std and --output, shared by run and fix."""
     for option in reversed((
+        click.option("--output", "output", metavar="KEY|INDEX",
+                     help="Which part of the model's output to compare: a key or an index, dotted for nesting "
+                          "('logits', '1', 'out'). Default: found automatically (logits among probabilities, "
+                          "'logits'/'out' of a dict); the report says which."),
         click.option("--resize", metavar="PX|none",
                      help="Resize images' shorter side to PX before cropping ('none': keep their size; default 256)."),
         click.option("--crop", metavar="PX|none", help="Centre-crop images to PX ('none': no crop; default 224)."),
@@ -385,11 +389,12 @@ def _diagnose(model: Any, source: Any, settings: Settings, *, momentum_known: bo
     progress bar on a terminal."""
     from bncheck.engine import analyze
     from bncheck.measuring.distributed import World
+    from bncheck.measuring.outputs import choosing
     from bncheck.reporting.render.table import progress_bar
 
     planned = -(-source.planned_samples // settings.batch_size)
     show = not settings.quiet and sys.stderr.isatty()
-    with progress_bar(planned, enabled=show, batch_size=settings.batch_size) as advance:
+    with progress_bar(planned, enabled=show, batch_size=settings.batch_size) as advance, choosing(settings.output):
         return analyze(
             model, source.batches_for(world or World()), batch_size=settings.batch_size,
             thresholds=settings.thresholds, attribute=settings.attribute, ignore=settings.ignore,
@@ -463,7 +468,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
         "arch": flags["arch"], "baseline": flags["baseline"], "batch_size": flags["batch_size"],
         "num_batches": flags["num_batches"], "device": flags["device"], "fail_on": flags["fail_on"],
         "top": flags["top"], "save": flags["save"], "attribute": flags["attribute"], "quiet": flags["quiet"],
-        "annotations": flags.get("annotations"), "weights": flags.get("weights"),
+        "annotations": flags.get("annotations"), "weights": flags.get("weights"), "output": flags.get("output"),
         "outputs": {k: v for k, v in outputs.items() if v is not None} or None,
         "data": data or None,
     }
@@ -654,12 +659,15 @@ def fix(
     # the verification batches hold the whole sample recalibration would read: fix shares the passes
     same = (num_samples is None and verify_source.kind != "pipeline"
             and verify_source.planned_samples == recal_source.planned_samples)
-    result = run_fix(
-        loaded, None if same else recal_source.batches_for(world), lambda: verify, out=out, layers=list(layers) or None,
-        num_samples=num_samples, batch_size=settings.batch_size, thresholds=settings.thresholds, attribute=0,
-        ignore=settings.ignore, fail_on=settings.fail_on, dry_run=dry_run, force=force,
-        sources=_sources(loaded.info, settings, verify_source, provenance),
-    )
+    from bncheck.measuring.outputs import choosing
+
+    with choosing(settings.output):
+        result = run_fix(
+            loaded, None if same else recal_source.batches_for(world), lambda: verify, out=out,
+            layers=list(layers) or None, num_samples=num_samples, batch_size=settings.batch_size,
+            thresholds=settings.thresholds, attribute=0, ignore=settings.ignore, fail_on=settings.fail_on,
+            dry_run=dry_run, force=force, sources=_sources(loaded.info, settings, verify_source, provenance),
+        )
     verify_source.notes.extend(note for note in recal_source.notes if note not in verify_source.notes)
     _data_notes(verify_source, settings, skipped=sorted(set(recal_source.skipped + verify_source.skipped)))
     _finish_fix(result, settings)

@@ -96,6 +96,8 @@ class Settings:
     """CI annotations: ``github`` prints workflow commands, ``auto`` does on GitHub Actions."""
     weights: Optional[str] = None
     """Which model of a checkpoint that holds several (``state_dict_ema``); None: the live one."""
+    output: Optional[str] = None
+    """Which part of the model's output to compare (``logits``, ``1``); None: found automatically."""
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -275,6 +277,8 @@ def _build(raw: dict[str, Any]) -> Settings:
         thresholds=thresholds,
         annotations=_choice(raw, "annotations", ANNOTATIONS),
         weights=_optional_str(raw, "weights", ""),
+        output=_optional_str({"output": str(raw["output"]) if isinstance(raw["output"], int) else raw["output"]},
+                             "output", ""),
     )
 
 

@@ -49,7 +49,7 @@ from bncheck.measuring.batches import (
 )
 from bncheck.measuring.input_signature import SAMPLES as SIGNATURE_SAMPLES
 from bncheck.measuring.input_signature import input_signature
-from bncheck.measuring.outputs import OutputTally, output_gap
+from bncheck.measuring.outputs import OutputTally, choosing, output_gap
 from bncheck.measuring.pictures import PICTURES, encode
 from bncheck.measuring.statistics import LayerStats, statistics_pass
 from bncheck.reporting.report import STALE_CODES, DataInfo, Finding, OutputDivergence, Report, Sources
@@ -131,6 +131,7 @@ def analyze(
     shard: Optional[bool] = None,
     sources: Optional[Sources] = None,
     train_pass: Optional[TrainPass] = None,
+    output: Optional[str] = None,
 ) -> Report:
     """Compare every BN layer's running statistics with the statistics of ``data``.
 
@@ -164,6 +165,10 @@ def analyze(
         train_pass: an empty ``TrainPass`` to record this run's train-mode half into, or a
             filled one to replay instead of running train mode (same model and batches, only
             running statistics changed since; ``fix`` does this before and after recalibrating).
+        output: which part of the model's output to compare, a key or an index, dotted for
+            nesting (``"logits"``, ``"1"``, ``"0.out"``); None: found automatically (logits
+            beside probabilities, ``logits``/``out`` of a dict), and ``report.output.source``
+            says where.
 
     Returns:
         A frozen ``Report``; ``report.verdict`` is ``"pass"``, ``"fail"`` or ``"no-batchnorm"``.
@@ -176,6 +181,14 @@ def analyze(
     >>> report.layers[0].name, report.data.samples
     ('1', 64)
     """
+    if output is not None:
+        if not isinstance(output, str) or not output:
+            raise UsageError(f"$output must be a key or an index as a string, got {output!r}")
+        with choosing(output):
+            return analyze(model, data, batch_size=batch_size, num_batches=num_batches, device=device,
+                           thresholds=thresholds, attribute=attribute, ignore=ignore, fail_on=fail_on,
+                           progress=progress, momentum_known=momentum_known, shard=shard, sources=sources,
+                           train_pass=train_pass)
     started = time.perf_counter()
     resolved = resolve_thresholds(thresholds)
     _check_fail_on(fail_on)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -71,16 +74,109 @@ def is_mask_batch(labels: Any, output: Tensor) -> bool:
             and labels.shape[0] == output.shape[0])
 
 
-def logits_of(value: Any) -> Any:
-    """Classifier logits inside a model output object (``ModelOutput.logits``, a dict's
-    ``logits``; a segmentation model's ``out`` as torchvision returns it, or dense ``logits``
-    as Hugging Face's do), else the output itself."""
-    if isinstance(value, dict):
+CHOICE: ContextVar[Optional[str]] = ContextVar("bncheck_output_choice", default=None)
+"""The part of the model's output the user picked (``--output``, ``analyze(output=...)``)."""
+
+
+@contextmanager
+def choosing(spec: Optional[str]) -> Iterator[None]:
+    """Within the block, every output comparison reads the part ``spec`` names (a key or an
+    index, dotted for nesting: ``logits``, ``1``, ``0.out``); None: found automatically."""
+    token = CHOICE.set(spec)
+    try:
+        yield
+    finally:
+        CHOICE.reset(token)
+
+
+def is_probabilities(value: Any) -> bool:
+    """Class probabilities: non-negative scores that sum to 1 over the class dimension."""
+    if not (isinstance(value, Tensor) and value.is_floating_point() and value.dim() >= 2 and value.shape[1] >= 2):
+        return False
+    probe = value.detach()[:64].double()
+    return bool(probe.isfinite().all() and (probe >= 0).all() and ((probe.sum(1) - 1).abs() < 1e-3).all())
+
+
+def as_logits(value: Any) -> Any:
+    """Probabilities as log-probabilities: their softmax is the probabilities themselves, so
+    they are compared as probabilities (a softmax of probabilities would flatten them)."""
+    if is_probabilities(value):
+        return value.clamp_min(torch.finfo(value.dtype).tiny).log()
+    return value
+
+
+def _part(value: Any, key: str) -> Any:
+    if isinstance(value, dict) or hasattr(value, "keys"):
+        if key in value:
+            return value[key]
+    elif isinstance(value, (list, tuple)) and key.lstrip("-").isdigit() and -len(value) <= int(key) < len(value):
+        return value[int(key)]
+    found = getattr(value, key, None) if not isinstance(value, (dict, list, tuple, Tensor)) else None
+    if found is not None:
+        return found
+    raise KeyError(key)
+
+
+def _parts_of(value: Any) -> str:
+    if isinstance(value, dict) or hasattr(value, "keys"):
+        return "keys " + ", ".join(map(str, list(value.keys())[:12]))
+    if isinstance(value, (list, tuple)):
+        return f"indices 0..{len(value) - 1}"
+    return f"a {type(value).__name__}"
+
+
+def picked(value: Any, spec: str) -> Any:
+    """The part of ``value`` that ``spec`` names; InputError naming what there is instead."""
+    from bncheck.errors import InputError
+
+    here = value
+    for step in spec.split("."):
+        try:
+            here = _part(here, step)
+        except KeyError:
+            raise InputError(f"--output {spec}: the model's output has no {step!r} (it has {_parts_of(here)}); "
+                             "pick one of those, dotted for nesting") from None
+    return here
+
+
+def prediction(value: Any) -> tuple[Any, Optional[str]]:
+    """The prediction inside a model output and where it was found (None: the output itself).
+
+    With ``--output``: that part. Otherwise: ``logits`` or ``out`` of a dict or model-output
+    object (torchvision segmentation's ``out``, Hugging Face's ``logits``); in a tuple or list
+    the first class-score tensor that is not probabilities (ultralytics classifiers return
+    ``(probabilities, logits)`` in eval mode), else the first probabilities. Probabilities are
+    returned as log-probabilities, so they are compared as probabilities."""
+    spec = CHOICE.get()
+    if spec is not None:
+        return as_logits(picked(value, spec)), f"output.{spec} (--output)"
+    if isinstance(value, Tensor):
+        return (as_logits(value), "probabilities") if is_probabilities(value) else (value, None)
+    if isinstance(value, dict) or hasattr(value, "keys") and not isinstance(value, (list, tuple)):
         for key in ("logits", "out"):
-            if is_logits(value.get(key)) or is_dense(value.get(key)):
-                return value[key]
+            inner = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+            if is_logits(inner) or is_dense(inner):
+                return as_logits(inner), f"output[{key!r}]"
+        return value, None
+    if isinstance(value, (list, tuple)):
+        scores = [(i, t) for i, t in enumerate(value) if is_logits(t) or is_dense(t)]
+        for i, t in scores:
+            if not is_probabilities(t):
+                return t, f"output[{i}]" + (" (logits; the probabilities beside them skipped)" if any(
+                    is_probabilities(other) for _, other in scores) else "")
+        if scores:
+            i, t = scores[0]
+            return as_logits(t), f"output[{i}] (probabilities)"
+        return value, None
     inner = getattr(value, "logits", None)
-    return inner if is_logits(inner) or is_dense(inner) else value
+    if is_logits(inner) or is_dense(inner):
+        return as_logits(inner), "output.logits"
+    return value, None
+
+
+def logits_of(value: Any) -> Any:
+    """The prediction inside a model output (``prediction``), without where it was found."""
+    return prediction(value)[0]
 
 
 def pixel_rows(value: Tensor) -> Tensor:
@@ -147,6 +243,8 @@ class OutputTally:
     """Samples fed (``samples`` counts rows: pixels of a dense output, time steps of a sequence)."""
     pixels_labeled: int = pooled("sum", default=0)
     """Mask pixels that are not ignored (the denominator of pixel accuracy)."""
+    source: Optional[str] = pooled("first", default=None)
+    """Where in the model's output the compared prediction was found (None: the output itself)."""
     binary: bool = pooled("any", default=False)
     """Dense outputs of one channel read as sigmoid logits of a binary mask (masks given)."""
     keep_pictures: int = pooled("max", default=0)
@@ -164,7 +262,8 @@ class OutputTally:
         """One batch: both modes' outputs, its labels (class indices, masks) if any, the batch
         size fed in and, for pictures of a segmentation run, the inputs."""
         self._count_nonfinite(out_train, out_eval, batch)
-        out_train, out_eval = logits_of(out_train), logits_of(out_eval)
+        (out_train, source), (out_eval, eval_source) = prediction(out_train), prediction(out_eval)
+        self.source = self.source or eval_source or source
         if (is_binary_dense(out_train) and is_binary_dense(out_eval) and out_train.shape == out_eval.shape
                 and is_mask_batch(labels, out_train)):
             out_train, out_eval, labels = two_class(out_train), two_class(out_eval), binary_masks(labels)
@@ -326,7 +425,7 @@ class OutputTally:
             return OutputDivergence(kind="none", **counts)
         rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else None
         if self.kind == "tensor":
-            return OutputDivergence(kind="tensor", relative_l2=rel, **counts)
+            return OutputDivergence(kind="tensor", relative_l2=rel, source=self.source, **counts)
         n = max(self.samples, 1)
         if self.per == "pixel":
             labelled: dict[str, Any] = {}
@@ -341,7 +440,8 @@ class OutputTally:
                     train_class_iou=train_iou, eval_class_iou=eval_iou)
             return OutputDivergence(kind="classifier", per="pixel", kl=self.kl / n, js=self.js / n,
                                     top1_agreement=self.agree / n, relative_l2=rel, classes=self.classes or None,
-                                    images=self.images or None, binary=self.binary or None, **labelled, **counts)
+                                    images=self.images or None, binary=self.binary or None, source=self.source,
+                                    **labelled, **counts)
         top_class, top_count = (self.eval_predicted.most_common(1) or [(None, 0)])[0]
         train_top = (self.train_predicted.most_common(1) or [(None, 0)])[0][1]
         return OutputDivergence(
@@ -361,6 +461,7 @@ class OutputTally:
             eval_top_class_share=top_count / n if self.samples else None,
             train_top_class_share=train_top / n if self.samples else None,
             eval_confidence=self.eval_confidence / n if self.samples else None,
+            source=self.source,
             **counts,
         )
 

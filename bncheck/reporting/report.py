@@ -151,6 +151,9 @@ class OutputDivergence:
     """Samples behind the two counts above."""
     binary: Optional[bool] = None
     """One score per pixel read as a sigmoid logit of a binary mask (only when masks label it)."""
+    source: Optional[str] = None
+    """Where in the model's output the compared prediction was found (``output[1] (logits; ...)``,
+    ``output['out']``, ``output.logits (--output)``, ``probabilities``); None: the output itself."""
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,12 @@ def input_line(report: Report) -> Optional[str]:
 
 
 def output_line(report: Report) -> str:
+    text = _output_text(report)
+    source = report.output.source
+    return f"{text} [compared: {source}]" if source and report.output.kind != "none" else text
+
+
+def _output_text(report: Report) -> str:
     out = report.output
     if out.kind == "classifier" and out.per == "pixel":
         text = f"pixel agreement train vs eval {pct(out.top1_agreement)}, per-pixel KL {num(out.kl, 3)} nats"

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from bncheck.judging.attribution import Kept
 from bncheck.judging.metrics import softmax_divergence
-from bncheck.measuring.batches import ImageList, batch_len, forward, rebuild, to_device, to_host
+from bncheck.measuring.batches import GraphBatch, ImageList, batch_len, forward, rebuild, to_device, to_host
 from bncheck.measuring.distributed import combine
 from bncheck.measuring.outputs import OutputTally, dense_divergence, is_dense, logits_of, time_major
 from bncheck.reporting.report import Finding, OutputDivergence
@@ -101,6 +101,8 @@ def _cat(parts: list[Any]) -> Any:
     first = parts[0]
     if isinstance(first, ImageList):  # per-sample items: the batch is the list itself
         return ImageList(item for part in parts for item in part)
+    if isinstance(first, GraphBatch):  # graphs, kept whole: re-dealt with from_data_list
+        return (first, [graph for part in parts for graph in part.graphs()])
     if isinstance(first, Tensor):
         return torch.cat(parts) if first.dim() else first
     if isinstance(first, dict):
@@ -110,15 +112,23 @@ def _cat(parts: list[Any]) -> Any:
     return first
 
 
-def _take(value: Any, index: Tensor) -> Any:
+def _take(value: Any, index: Tensor, total: int) -> Any:
+    """The samples ``index`` of ``value`` (``total`` samples). A tensor whose leading size is
+    not ``total`` holds something else per row (nodes, edges, time steps): never cut by sample,
+    so the re-deal is not possible (ValueError)."""
     if isinstance(value, ImageList):
         return ImageList(value[int(i)] for i in index)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], GraphBatch):
+        kind, graphs = value
+        return kind.of([graphs[int(i)] for i in index])
     if isinstance(value, Tensor):
+        if value.dim() and value.shape[0] != total:
+            raise ValueError(f"a tensor of {value.shape[0]} rows in a sample of {total}: not one row per sample")
         return value[index] if value.dim() else value
     if isinstance(value, dict):
-        return {k: _take(v, index) for k, v in value.items()}
+        return {k: _take(v, index, total) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return rebuild(value, [_take(v, index) for v in value])
+        return rebuild(value, [_take(v, index, total) for v in value])
     return value
 
 
@@ -207,11 +217,14 @@ def _noise_tally(
         for start, stop in bounds:
             runtime.set_mode(bn_training=True)
             chosen = order[start:stop]
-            batch = to_device(_take(inputs_all, chosen), device, float_dtype)
+            try:
+                batch = to_device(_take(inputs_all, chosen, total), device, float_dtype)
+                before = _take(train_all, chosen, total)
+            except (TypeError, ValueError):
+                return nothing  # inputs or outputs that are not one row per sample (graphs' nodes, say)
             again = batch_first(to_host(forward(runtime.model, batch, "train")), stop - start)
             snapshot.restore_buffers()
             try:  # these samples' outputs in their own batch against the new one
-                before = _take(train_all, chosen)
                 labels_part = labels_all[chosen] if labels_all is not None else None
                 if sequence:  # one row per time step, as the main tally compares them
                     before, again, labels_part = before.reshape(-1, before.shape[-1]), \

@@ -6,7 +6,10 @@ A batch is a tensor, an ``(inputs, labels)`` pair, or a dict with an input key
 optionally a label key (``labels``/``label``/``targets``/``target``/``y``). Inputs may be
 nested (a tuple of tensors is passed as positional arguments, a dict as keywords). A
 detection-style batch -- a list of images (3-D tensors, sizes may differ), alone or as
-``(images, targets)`` -- becomes an ``ImageList``: the model gets the list as one argument.
+``(images, targets)`` -- becomes an ``ImageList``: the model gets the list as one argument. A
+graph batch (torch_geometric ``Data``/``Batch``, or any object with ``x`` and ``edge_index``)
+becomes a ``GraphBatch``: its batch size is its number of graphs, its labels its ``y``, and the
+model is called as its ``forward`` asks (``model(data)`` or ``model(x, edge_index, batch)``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,71 @@ class ImageList(list):
     (torchvision detection models take ``list[Tensor]``); its length is the batch size."""
 
 
+class GraphBatch:
+    """A graph batch as torch_geometric makes it: node features ``x``, ``edge_index`` and, for
+    several graphs, ``batch`` (the graph of each node) and ``num_graphs``. Nothing in it is cut
+    by sample: its tensors have nodes or edges first, not graphs."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        graphs = getattr(self.data, "num_graphs", None)
+        return int(graphs) if isinstance(graphs, int) else 1
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (getattr(self.data, "x", None), getattr(self.data, "edge_index", None))
+                if isinstance(t, Tensor)]
+
+    def moved(self, how: Any) -> GraphBatch:
+        """A copy with every tensor attribute passed through ``how`` (device, dtype, host)."""
+        data = self.data.clone() if hasattr(self.data, "clone") else self.data
+        if hasattr(data, "apply"):
+            data.apply(how)
+        return GraphBatch(data)
+
+    def graphs(self) -> list[Any]:
+        """One object per graph (``to_data_list``); TypeError when the batch cannot be split."""
+        if not hasattr(self.data, "to_data_list"):
+            raise TypeError("a single graph is not re-dealt")
+        return list(self.data.to_data_list())
+
+    def of(self, graphs: list[Any]) -> GraphBatch:
+        """A batch of ``graphs`` of this batch's kind (``Batch.from_data_list``)."""
+        return GraphBatch(type(self.data).from_data_list(graphs))
+
+
+def is_graph(value: Any) -> bool:
+    """A torch_geometric-style graph batch (duck-typed: no import of the library)."""
+    return (not isinstance(value, (Tensor, dict, list, tuple)) and isinstance(getattr(value, "x", None), Tensor)
+            and isinstance(getattr(value, "edge_index", None), Tensor))
+
+
+def _graph_call(model: nn.Module, data: Any) -> tuple[Any, ...]:
+    """The positional arguments ``model.forward`` asks for: the graph itself when its first
+    parameter is not one of the graph's fields (``forward(self, data)``), else the fields it
+    names, in order, up to the first it does not hold (``forward(self, x, edge_index, batch)``)."""
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return (data,)
+    if not params or not isinstance(getattr(data, params[0].name, None), Tensor):
+        return (data,)
+    args = []
+    for p in params:
+        value = getattr(data, p.name, None)
+        if value is None:
+            if p.default is p.empty:
+                raise InputError(f"the model's forward asks for {p.name!r}, which the graph batch does not hold; "
+                                 "write a forward that takes the batch (model(data)) or yield batches that hold it")
+            break
+        args.append(value)
+    return tuple(args)
+
+
 def _image_list(value: Any) -> Optional[ImageList]:
     """A list or tuple of at least two 3-D tensors (C, H, W), as a detection loader yields."""
     if (isinstance(value, (list, tuple)) and len(value) >= 2
@@ -44,6 +112,8 @@ def tensors(value: Any) -> list[Tensor]:
     """Every tensor in a (nested) value: dicts by key, sequences in order."""
     if isinstance(value, Tensor):
         return [value]
+    if isinstance(value, GraphBatch):
+        return value.tensors()
     if isinstance(value, dict):
         return [t for key in sorted(value, key=str) for t in tensors(value[key])]
     if isinstance(value, (list, tuple)):
@@ -56,8 +126,11 @@ def split_batch(batch: Any) -> tuple[Any, Optional[Tensor]]:
     (what a ``DataLoader`` over a ``TensorDataset`` yields) or a dict."""
     if isinstance(batch, Tensor):
         return batch, None
-    if isinstance(batch, ImageList):
+    if isinstance(batch, (ImageList, GraphBatch)):
         return batch, None
+    if is_graph(batch):
+        labels = getattr(batch, "y", None)
+        return GraphBatch(batch), labels if isinstance(labels, Tensor) else None
     images = _image_list(batch)
     if images is not None:
         return images, None
@@ -74,13 +147,26 @@ def split_batch(batch: Any) -> tuple[Any, Optional[Tensor]]:
                 return batch[key], labels if isinstance(labels, Tensor) else None
     raise InputError(
         f"cannot use a batch of type {type(batch).__name__}; yield tensors, (inputs, labels) "
-        f"pairs or dicts with one of the keys {', '.join(INPUT_KEYS)}"
+        f"pairs, dicts with one of the keys {', '.join(INPUT_KEYS)}, or torch_geometric Data/Batch objects"
     )
 
 
 def batch_len(inputs: Any) -> int:
-    if isinstance(inputs, ImageList):
+    """Samples in a batch: images of an ``ImageList``, graphs of a ``GraphBatch``, else the
+    leading size of its tensors -- which must agree in a dict (one that mixes node, edge and
+    graph counts says nothing about how many samples it holds: an error naming the fields)."""
+    if isinstance(inputs, (ImageList, GraphBatch)):
         return len(inputs)
+    if isinstance(inputs, dict):
+        sizes = {str(key): int(t.shape[0]) for key in sorted(inputs, key=str) for t in tensors(inputs[key])[:1]
+                 if t.dim()}
+        if len(set(sizes.values())) > 1:
+            shown = ", ".join(f"{key}: {size}" for key, size in sizes.items())
+            raise InputError(
+                f"the batch's tensors have different leading sizes ({shown}), so bncheck cannot tell how many "
+                "samples it holds; yield torch_geometric Data/Batch objects (the batch size is their number of "
+                "graphs) or dicts whose tensors all start with the batch size"
+            )
     first = tensors(inputs)
     return int(first[0].shape[0]) if first and first[0].dim() else 0
 
@@ -99,6 +185,8 @@ def to_device(value: Any, device: torch.device, float_dtype: Optional[torch.dtyp
         if float_dtype is not None and value.is_floating_point():
             return value.to(device=device, dtype=float_dtype)
         return value.to(device)
+    if isinstance(value, GraphBatch):
+        return value.moved(lambda t: to_device(t, device, float_dtype))
     if isinstance(value, dict):
         return {k: to_device(v, device, float_dtype) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -110,6 +198,8 @@ def to_host(value: Any) -> Any:
     """Detached CPU copies of every tensor in a (nested) value."""
     if isinstance(value, Tensor):
         return value.detach().cpu()
+    if isinstance(value, GraphBatch):
+        return value.moved(lambda t: t.detach().cpu())
     if isinstance(value, dict):
         return {k: to_host(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -149,6 +239,8 @@ def forward(model: nn.Module, inputs: Any, mode: str) -> Any:
             return model(**inputs)
         if isinstance(inputs, ImageList):
             return model(list(inputs))
+        if isinstance(inputs, GraphBatch):
+            return model(*_graph_call(model, inputs.data))
         if isinstance(inputs, (list, tuple)):
             return model(*inputs)
         return model(inputs)

@@ -272,8 +272,9 @@ class OutputTally:
             self._add_dense(out_train, out_eval, labels, inputs)
             return
         out_train, out_eval = class_rows(out_train, batch), class_rows(out_eval, batch)
-        if batch is not None and labels is not None and is_logits(out_train) and out_train.shape[0] != batch:
-            labels = None  # per-sample labels do not label each time step
+        if batch is not None and labels is not None and is_logits(out_train) and out_train.shape[0] != batch \
+                and labels.shape[0] != out_train.shape[0]:
+            labels = None  # per-sample labels do not label each time step (per-node labels label each node)
         if is_logits(out_train) and is_logits(out_eval) and out_train.shape == out_eval.shape:
             kind = "classifier"
         else:

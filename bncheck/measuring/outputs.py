@@ -68,6 +68,20 @@ def binary_masks(masks: Tensor) -> Tensor:
     return masks
 
 
+def as_masks(labels: Any, output: Any) -> Any:
+    """Masks as MONAI and smp pipelines hand them over -- ``[N, 1, *spatial]`` beside a dense
+    output, often float -- as ``[N, *spatial]`` class indices; anything else unchanged."""
+    if not (isinstance(labels, Tensor) and isinstance(output, Tensor) and output.dim() >= 4
+            and labels.dim() == output.dim() and labels.shape[0] == output.shape[0] and labels.shape[1] == 1):
+        return labels
+    labels = labels[:, 0]
+    if labels.is_floating_point():
+        if not bool((labels == labels.round()).all()):
+            return labels  # probabilities or soft labels: not class indices
+        labels = labels.long()
+    return labels.as_subclass(Tensor) if type(labels) is not Tensor else labels
+
+
 def is_mask_batch(labels: Any, output: Tensor) -> bool:
     """``labels`` are class-index masks for the dense ``output`` (one per sample, its spatial rank)."""
     return (isinstance(labels, Tensor) and not labels.is_floating_point() and labels.dim() == output.dim() - 1
@@ -264,6 +278,7 @@ class OutputTally:
         self._count_nonfinite(out_train, out_eval, batch)
         (out_train, source), (out_eval, eval_source) = prediction(out_train), prediction(out_eval)
         self.source = self.source or eval_source or source
+        labels = as_masks(labels, out_train)
         if (is_binary_dense(out_train) and is_binary_dense(out_eval) and out_train.shape == out_eval.shape
                 and is_mask_batch(labels, out_train)):
             out_train, out_eval, labels = two_class(out_train), two_class(out_eval), binary_masks(labels)

@@ -102,6 +102,7 @@ def test_two_processes_give_the_single_process_result(setup, checkpoint, expecte
         assert "bncheck FAIL" in multi.stderr and multi.stderr.count("bncheck FAIL (") == 1  # rank 0 only
 
 
+@pytest.mark.slow  # two processes, ~8 s: `make test-slow`
 def test_fix_under_torchrun_writes_what_one_process_writes(setup) -> None:
     args = ["fix", *common(setup, "stale.pt"), "-q", "--force"]
     assert bncheck([*args, "--out", str(setup / "one.pt")], setup).returncode == 0
@@ -138,6 +139,7 @@ def data():
 """
 
 
+@pytest.mark.slow  # waits out a timeout, ~12 s: `make test-slow`
 def test_a_hung_rank_is_named_and_is_not_an_internal_error(setup) -> None:
     (setup / "hung.py").write_text(HUNG)
     started = time.perf_counter()

@@ -590,7 +590,8 @@ def _recovered_accuracy(
         return None
     if before.eval_miou is not None and after.eval_miou is not None and before.train_miou is not None:
         return Recovery("mIoU", before.eval_miou, after.eval_miou, before.train_miou, after.labeled)
-    return Recovery("accuracy", before.eval_accuracy, after.eval_accuracy, before.train_accuracy, after.labeled)
+    metric = "recall" if before.kind == "detection" else "accuracy"
+    return Recovery(metric, before.eval_accuracy, after.eval_accuracy, before.train_accuracy, after.labeled)
 
 
 def _bn_buffers(layer: BNLayer) -> dict[str, Tensor]:

@@ -26,6 +26,7 @@ from torch import Tensor
 from bncheck.judging.attribution import Kept
 from bncheck.judging.metrics import softmax_divergence
 from bncheck.measuring.batches import GraphBatch, ImageList, batch_len, forward, rebuild, to_device, to_host
+from bncheck.measuring.detections import is_detections
 from bncheck.measuring.distributed import combine
 from bncheck.measuring.outputs import OutputTally, dense_divergence, is_dense, logits_of, time_major
 from bncheck.reporting.report import Finding, OutputDivergence
@@ -99,6 +100,8 @@ def _slice(value: Any, start: int, stop: int) -> Any:
 
 def _cat(parts: list[Any]) -> Any:
     first = parts[0]
+    if is_detections(first):  # one dict per image: the images, in order
+        return [d for part in parts for d in part]
     if isinstance(first, ImageList):  # per-sample items: the batch is the list itself
         return ImageList(item for part in parts for item in part)
     if isinstance(first, GraphBatch):  # graphs, kept whole: re-dealt with from_data_list
@@ -118,6 +121,10 @@ def _take(value: Any, index: Tensor, total: int) -> Any:
     so the re-deal is not possible (ValueError)."""
     if isinstance(value, ImageList):
         return ImageList(value[int(i)] for i in index)
+    if is_detections(value):
+        if len(value) != total:
+            raise ValueError(f"{len(value)} detections for {total} images")
+        return [value[int(i)] for i in index]
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], GraphBatch):
         kind, graphs = value
         return kind.of([graphs[int(i)] for i in index])
@@ -195,7 +202,7 @@ def _noise_tally(
         inputs_all = _cat([inputs for inputs, _, _ in kept])
         train_all = _cat([batch_first(out, size) for (_, _, out), size in zip(kept, sizes)])
         labels = [y for _, y, _ in kept]
-        labels_all = torch.cat(labels) if all(y is not None for y in labels) else None
+        labels_all = torch.cat(labels) if all(isinstance(y, Tensor) for y in labels) else None
     except (RuntimeError, TypeError, ValueError, IndexError):
         return nothing  # ragged inputs (a list of differently sized images, say)
     total = sum(sizes)
@@ -296,7 +303,7 @@ def composition(labels_per_batch: list[Optional[Tensor]],
     """Were the batches drawn alike? From labels when every batch has them, else from how far
     the BN inputs' batch means spread beyond sampling noise (one-way ANOVA F, the largest over
     layers: class-specific features make one-class batches stand out deep in the network)."""
-    if labels_per_batch and all(y is not None and y.dim() == 1 for y in labels_per_batch):
+    if labels_per_batch and all(isinstance(y, Tensor) and y.dim() == 1 for y in labels_per_batch):
         distinct = [len(set(y.tolist())) for y in labels_per_batch]
         classes = len(set().union(*(set(y.tolist()) for y in labels_per_batch)))
         sizes = [int(y.shape[0]) for y in labels_per_batch]
@@ -316,6 +323,8 @@ def composition(labels_per_batch: list[Optional[Tensor]],
 def _gap_value(out: OutputDivergence) -> Optional[float]:
     if out.kind == "classifier":
         return out.kl
+    if out.kind == "detection" and out.box_agreement is not None:
+        return 1.0 - out.box_agreement
     if out.kind == "tensor" and out.relative_l2 is not None:
         return out.relative_l2**2
     return None
@@ -327,6 +336,8 @@ def triggered(output: OutputDivergence) -> bool:
     if output.kind == "classifier":
         return (output.top1_agreement is not None and output.top1_agreement <= FIRES_AGREEMENT
                 and (output.kl or 0.0) >= FIRES_KL)
+    if output.kind == "detection":
+        return output.box_agreement is not None and output.box_agreement <= FIRES_AGREEMENT
     return output.kind == "tensor" and (output.relative_l2 or 0.0) >= FIRES_RELATIVE_L2
 
 
@@ -374,6 +385,12 @@ def _divergence_findings(
                       f"({100 * noise.top1_agreement:.1f}% agreement)"
                       if floor is not None and noise is not None and noise.top1_agreement is not None
                       else "batch noise could not be measured")
+    elif output.kind == "detection":
+        what = (f"train- and eval-mode detections agree on {100 * output.box_agreement:.1f}% of boxes "
+                f"({output.boxes_matched} found in both; eval mode misses {output.boxes_train - output.boxes_matched} "
+                f"that train mode finds and adds {output.boxes_eval - output.boxes_matched})")
+        noise_text = (f"batch noise alone gives {100 * floor:.1f}% disagreement{estimate.describe()}"
+                      if floor is not None and estimate is not None else "batch noise could not be measured")
     else:
         what = f"train- and eval-mode outputs differ by {output.relative_l2:.3f} in relative L2"
         noise_text = (f"batch noise alone gives {math.sqrt(floor):.3f}{estimate.describe()}" if floor is not None

@@ -411,6 +411,8 @@ def task_metric(output: OutputDivergence) -> tuple[str, Optional[float], Optiona
     eval), else ``accuracy``."""
     if output.per == "pixel" and output.train_miou is not None and output.eval_miou is not None:
         return "mIoU", output.train_miou, output.eval_miou
+    if output.kind == "detection":
+        return "recall", output.train_accuracy, output.eval_accuracy
     return "accuracy", output.train_accuracy, output.eval_accuracy
 
 
@@ -491,7 +493,16 @@ def accuracy_gap_finding(output: OutputDivergence, recovered: Optional[Recovery]
     not measured). Most of the gap closed: the running statistics are the cause; part of it:
     they are one cause; none (within one sample's worth): look elsewhere."""
     train_only, eval_only, p = _discordant(output)
-    if output.per == "pixel":
+    if output.kind == "detection":
+        scores = (f"mAP@0.5 {100 * output.train_map50:.1f}% vs {100 * output.eval_map50:.1f}%, "
+                  if output.train_map50 is not None and output.eval_map50 is not None else "")
+        message = (
+            f"train mode detects better than eval mode on {output.labeled} images with targets ({scores}recall of "
+            f"{output.objects} target boxes {100 * output.train_accuracy:.1f}% vs {100 * output.eval_accuracy:.1f}%; "
+            f"{train_only} images with more found in train mode, {eval_only} in eval mode; sign test p = {p:.2g}): "
+            "the gap is beyond sampling error, whatever the layer scores say."
+        )
+    elif output.per == "pixel":
         miou = (f"mIoU {100 * output.train_miou:.1f}% vs {100 * output.eval_miou:.1f}%, "
                 if output.train_miou is not None and output.eval_miou is not None else "")
         message = (

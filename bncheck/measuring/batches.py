@@ -100,6 +100,12 @@ def _graph_call(model: nn.Module, data: Any) -> tuple[Any, ...]:
     return tuple(args)
 
 
+def _is_targets(value: Any) -> bool:
+    from bncheck.measuring.detections import is_targets
+
+    return is_targets(value)
+
+
 def _image_list(value: Any) -> Optional[ImageList]:
     """A list or tuple of at least two 3-D tensors (C, H, W), as a detection loader yields."""
     if (isinstance(value, (list, tuple)) and len(value) >= 2
@@ -135,7 +141,8 @@ def split_batch(batch: Any) -> tuple[Any, Optional[Tensor]]:
     if images is not None:
         return images, None
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and _image_list(batch[0]) is not None:
-        return _image_list(batch[0]), None  # (images, targets): detection targets are not class labels
+        # (images, targets): per-image dicts of boxes/labels label detections, not classes
+        return _image_list(batch[0]), list(batch[1]) if _is_targets(batch[1]) else None
     if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3 and isinstance(batch[0], Tensor):
         # (inputs,) from a TensorDataset, (inputs, labels), (inputs, labels, weights)
         labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None

@@ -15,6 +15,15 @@ from torch import Tensor
 
 from bncheck.judging.metrics import class_iou, mcnemar_p, mean_iou, softmax_divergence, squared_norms
 from bncheck.measuring.batches import IGNORE_INDEX, tensors
+from bncheck.measuring.detections import (
+    found,
+    host,
+    is_detections,
+    is_targets,
+    match,
+    mean_average_precision,
+    target_boxes,
+)
 from bncheck.measuring.distributed import pooled
 from bncheck.measuring.pictures import keep_worst, shot
 from bncheck.reporting.report import OutputDivergence
@@ -257,6 +266,19 @@ class OutputTally:
     """Samples fed (``samples`` counts rows: pixels of a dense output, time steps of a sequence)."""
     pixels_labeled: int = pooled("sum", default=0)
     """Mask pixels that are not ignored (the denominator of pixel accuracy)."""
+    boxes_train: int = pooled("sum", default=0)
+    """Detection: boxes found (score >= 0.5) in train mode, over every image."""
+    boxes_eval: int = pooled("sum", default=0)
+    boxes_matched: int = pooled("sum", default=0)
+    """Boxes found in both modes (the same label, IoU >= 0.5, matched one to one)."""
+    score_shift: float = pooled("sum", default=0.0)
+    """Sum over matched boxes of |eval score - train score|."""
+    objects: int = pooled("sum", default=0)
+    """Target boxes (detection with targets): the denominator of recall."""
+    det_train: list = pooled("cat", default_factory=list)
+    """Train-mode detections per image (with targets only: for mAP at the end)."""
+    det_eval: list = pooled("cat", default_factory=list)
+    det_targets: list = pooled("cat", default_factory=list)
     source: Optional[str] = pooled("first", default=None)
     """Where in the model's output the compared prediction was found (None: the output itself)."""
     binary: bool = pooled("any", default=False)
@@ -278,7 +300,12 @@ class OutputTally:
         self._count_nonfinite(out_train, out_eval, batch)
         (out_train, source), (out_eval, eval_source) = prediction(out_train), prediction(out_eval)
         self.source = self.source or eval_source or source
+        if is_detections(out_train) and is_detections(out_eval) and len(out_train) == len(out_eval):
+            self._add_detections(out_train, out_eval, labels if is_targets(labels) else None)
+            return
         labels = as_masks(labels, out_train)
+        if not isinstance(labels, (Tensor, type(None))):
+            labels = None  # detection targets beside outputs that are not detections
         if (is_binary_dense(out_train) and is_binary_dense(out_eval) and out_train.shape == out_eval.shape
                 and is_mask_batch(labels, out_train)):
             out_train, out_eval, labels = two_class(out_train), two_class(out_eval), binary_masks(labels)
@@ -355,6 +382,40 @@ class OutputTally:
         self._add_tensor_pair(out_train, out_eval)
         if masks is not None:
             self._add_masks(out_train, out_eval, masks)
+
+    def _add_detections(self, out_train: list, out_eval: list, targets: Optional[list]) -> None:
+        """Per-image detections: boxes found in both modes, in one only, and how far the scores
+        of the same box moved; with targets, the target boxes each mode finds per image (the
+        paired test is over images) and every detection kept for mAP."""
+        if self.kind not in (None, "detection") or len(out_train) != len(out_eval):
+            self.kind = "none"
+            return
+        self.kind = "detection"
+        if targets is not None and len(targets) != len(out_train):
+            targets = None
+        for i, (train, evaluated) in enumerate(zip(out_train, out_eval)):
+            kept_train, kept_eval = found(train), found(evaluated)
+            pairs = match(kept_train, kept_eval)
+            self.boxes_train += len(kept_train[0])
+            self.boxes_eval += len(kept_eval[0])
+            self.boxes_matched += len(pairs)
+            self.score_shift += sum(abs(float(kept_eval[2][j]) - float(kept_train[2][k])) for k, j in pairs)
+            if targets is None:
+                continue
+            truth = target_boxes(targets[i])
+            right_train, right_eval = len(match(truth, kept_train)), len(match(truth, kept_eval))
+            self.objects += len(truth[0])
+            self.labeled += 1
+            self.train_correct += right_train
+            self.eval_correct += right_eval
+            self.train_only += int(right_train > right_eval)
+            self.eval_only += int(right_eval > right_train)
+        self.images += len(out_train)
+        self.samples += len(out_train)
+        if targets is not None:
+            self.det_train += host(out_train)
+            self.det_eval += host(out_eval)
+            self.det_targets += host(targets)
 
     def _picture(self, out_train: Tensor, out_eval: Tensor, masks: Optional[Tensor], inputs: Any,
                  agree: Tensor) -> None:
@@ -439,6 +500,8 @@ class OutputTally:
                   "outputs_counted": self.counted} if self.counted else {}
         if self.kind in (None, "none"):
             return OutputDivergence(kind="none", **counts)
+        if self.kind == "detection":
+            return self._detection_result(counts)
         rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else None
         if self.kind == "tensor":
             return OutputDivergence(kind="tensor", relative_l2=rel, source=self.source, **counts)
@@ -482,8 +545,32 @@ class OutputTally:
         )
 
 
+    def _detection_result(self, counts: dict) -> OutputDivergence:
+        boxes = self.boxes_train + self.boxes_eval
+        labelled: dict[str, Any] = {}
+        if self.labeled:
+            labelled = dict(labeled=self.labeled, train_only_correct=self.train_only, eval_only_correct=self.eval_only,
+                            accuracy_gap_p=mcnemar_p(self.train_only, self.eval_only),
+                            train_accuracy=self.train_correct / self.objects if self.objects else None,
+                            eval_accuracy=self.eval_correct / self.objects if self.objects else None,
+                            objects=self.objects)
+            train_map = mean_average_precision(self.det_train, self.det_targets)
+            eval_map = mean_average_precision(self.det_eval, self.det_targets)
+            if train_map is not None and eval_map is not None:
+                labelled.update(train_map50=train_map[0], eval_map50=eval_map[0], train_map=train_map[1],
+                                eval_map=eval_map[1])
+        return OutputDivergence(
+            kind="detection", images=self.images or None, boxes_train=self.boxes_train, boxes_eval=self.boxes_eval,
+            boxes_matched=self.boxes_matched, box_agreement=2 * self.boxes_matched / boxes if boxes else 1.0,
+            score_shift=self.score_shift / self.boxes_matched if self.boxes_matched else None,
+            source=self.source, **labelled, **counts)
+
+
 def output_gap(output: OutputDivergence) -> Optional[float]:
     """The output gap between modes that a fix tries to close: mean KL for classifiers,
     relative L2 otherwise; None when there is none to close."""
+    if output.kind == "detection":
+        value = 1.0 - output.box_agreement if output.box_agreement is not None else None
+        return value if value is not None and value > 0 else None
     value = output.kl if output.kind == "classifier" else output.relative_l2
     return value if value is not None and math.isfinite(value) and value > 0 else None

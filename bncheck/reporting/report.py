@@ -151,6 +151,24 @@ class OutputDivergence:
     """Samples behind the two counts above."""
     binary: Optional[bool] = None
     """One score per pixel read as a sigmoid logit of a binary mask (only when masks label it)."""
+    boxes_train: Optional[int] = None
+    """Detection: boxes found (score >= 0.5) in train mode over every image."""
+    boxes_eval: Optional[int] = None
+    boxes_matched: Optional[int] = None
+    """Boxes found in both modes (same label, IoU >= 0.5, one to one)."""
+    box_agreement: Optional[float] = None
+    """``2 * matched / (train + eval)``: 1 when both modes find the same boxes."""
+    score_shift: Optional[float] = None
+    """Mean |eval score - train score| of the boxes found in both."""
+    objects: Optional[int] = None
+    """Target boxes (detection with targets); ``train_accuracy``/``eval_accuracy`` are then each
+    mode's recall of them (IoU >= 0.5, same label, score >= 0.5)."""
+    train_map50: Optional[float] = None
+    """mAP@0.5 in train mode (COCO's, pycocotools); None without targets or without the library."""
+    eval_map50: Optional[float] = None
+    train_map: Optional[float] = None
+    """mAP@[.5:.95] in train mode."""
+    eval_map: Optional[float] = None
     source: Optional[str] = None
     """Where in the model's output the compared prediction was found (``output[1] (logits; ...)``,
     ``output['out']``, ``output.logits (--output)``, ``probabilities``); None: the output itself."""

@@ -113,6 +113,17 @@ def _output_text(report: Report) -> str:
         if out.train_accuracy is not None:
             text += f"; accuracy train-mode {pct(out.train_accuracy)} vs eval-mode {pct(out.eval_accuracy)}"
         return text
+    if out.kind == "detection":
+        text = (f"box agreement train vs eval {pct(out.box_agreement)} ({out.boxes_matched} boxes found in both, "
+                f"{out.boxes_train} in train mode, {out.boxes_eval} in eval mode, score >= 0.5; mean score shift "
+                f"{num(out.score_shift, 3)})")
+        if out.eval_map50 is not None:
+            text += (f"; mAP@0.5 train-mode {pct(out.train_map50)} vs eval-mode {pct(out.eval_map50)} "
+                     f"(mAP@[.5:.95] {pct(out.train_map)} vs {pct(out.eval_map)})")
+        if out.eval_accuracy is not None:
+            text += (f"; recall of {out.objects} target boxes {pct(out.train_accuracy)} vs {pct(out.eval_accuracy)} "
+                     f"on {out.labeled} images")
+        return text
     if report.data.samples == 0:
         return "not measured: no data (lint of the checkpoint only)"
     if out.kind == "tensor":

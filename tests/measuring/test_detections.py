@@ -1,0 +1,149 @@
+"""Detection outputs (issue 29, part 3): per-image dicts of boxes/scores/labels compared box by
+box between the modes; with ``(images, targets)`` batches, recall per image for the paired test
+and mAP per mode (pycocotools through torchmetrics). A toy detector whose boxes are read off a
+BN-normalised heat map makes the truth computable by hand; torchvision's real detectors (BN in
+their backbones when built without weights) run end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bncheck
+from bncheck.measuring.detections import found, match
+from bncheck.measuring.outputs import OutputTally
+from bncheck.reporting.render import render
+
+CELL = 8
+
+
+class HeatDetector(nn.Module):
+    """Brightness per 8x8 cell, normalised by BN: a cell scoring sigmoid(3 * (z - 3)) >= 0.05
+    is a box of label 1 (torchvision's detectors drop boxes under 0.05 the same way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(CELL)
+        self.bn = nn.BatchNorm2d(1)
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict]:
+        x = torch.stack(images).mean(1, keepdim=True)
+        z = self.bn(self.pool(x))[:, 0]
+        scores = torch.sigmoid(3 * (z - 3))
+        out = []
+        for heat in scores:
+            rows, cols = torch.nonzero(heat >= 0.05, as_tuple=True)
+            boxes = torch.stack([cols * CELL, rows * CELL, (cols + 1) * CELL, (rows + 1) * CELL], 1).float()
+            out.append({"boxes": boxes, "scores": heat[rows, cols], "labels": torch.ones(len(rows), dtype=torch.long)})
+        return out
+
+
+def scenes(n: int, seed: int, level: float = 1.0) -> tuple[list[torch.Tensor], list[dict]]:
+    """Dark 64x64 images with 1-3 bright 8x8 squares on the cell grid, and their targets."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(n):
+        x = torch.rand(3, 64, 64, generator=g) * 0.2
+        cells = torch.randperm(64, generator=g)[: int(torch.randint(1, 4, (1,), generator=g))]
+        boxes = []
+        for c in cells.tolist():
+            r, col = divmod(c, 8)
+            x[:, r * CELL:(r + 1) * CELL, col * CELL:(col + 1) * CELL] += 0.8
+            boxes.append([col * CELL, r * CELL, (col + 1) * CELL, (r + 1) * CELL])
+        images.append(x * level)
+        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.ones(len(boxes),
+                                                                                             dtype=torch.long)})
+    return images, targets
+
+
+def calibrated() -> HeatDetector:
+    model = HeatDetector()
+    model.train()
+    images, _ = scenes(64, 0)
+    with torch.no_grad():
+        model.bn.momentum = None
+        model(images)
+    return model.eval()
+
+
+def batches(images: list, targets: list, size: int = 8) -> list:
+    return [(images[i:i + size], targets[i:i + size]) for i in range(0, len(images), size)]
+
+
+def test_boxes_match_one_to_one_by_label_and_iou() -> None:
+    a = (torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30.]]), torch.tensor([1, 1]), torch.tensor([0.9, 0.8]))
+    b = (torch.tensor([[1, 1, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30.]]), torch.tensor([1, 1, 2]),
+         torch.tensor([0.7, 0.95, 0.9]))
+    # b's 0.95 box takes a[0] (IoU 1); b's 0.7 box overlaps a[0] too but it is taken; b[2] has another label
+    assert match(a, b) == [(0, 1)]
+    kept = found({"boxes": b[0], "scores": torch.tensor([0.7, 0.3, 0.9]), "labels": b[1]})
+    assert len(kept[0]) == 2 and kept[2].tolist() == pytest.approx([0.7, 0.9])
+
+
+def test_a_tally_counts_boxes_found_in_both_modes_by_hand() -> None:
+    box = {"boxes": torch.tensor([[0, 0, 8, 8.], [8, 8, 16, 16]]), "scores": torch.tensor([0.9, 0.6]),
+           "labels": torch.tensor([1, 1])}
+    moved = {"boxes": torch.tensor([[0, 0, 8, 8.], [40, 40, 48, 48]]), "scores": torch.tensor([0.7, 0.8]),
+             "labels": torch.tensor([1, 1])}
+    tally = OutputTally()
+    tally.add([box], [moved], [{"boxes": torch.tensor([[8, 8, 16, 16.]]), "labels": torch.tensor([1])}], batch=1)
+    out = tally.result()
+    assert out.kind == "detection" and out.boxes_train == 2 and out.boxes_eval == 2 and out.boxes_matched == 1
+    assert out.box_agreement == pytest.approx(0.5) and out.score_shift == pytest.approx(0.2)
+    assert out.objects == 1 and out.train_accuracy == 1.0 and out.eval_accuracy == 0.0  # recall of the target
+    assert out.train_only_correct == 1 and out.eval_only_correct == 0
+
+
+def test_stale_statistics_cost_boxes_and_mAP_and_fail() -> None:
+    model = calibrated()
+    images, targets = scenes(48, 1)
+    healthy = bncheck.analyze(model, batches(images, targets), batch_size=8)
+    assert healthy.output.kind == "detection" and healthy.output.labeled == 48
+    assert healthy.output.box_agreement > 0.9 and healthy.verdict == "pass", healthy.findings
+    dark = [x * 0.5 for x in images]
+    report = bncheck.analyze(model, batches(dark, targets), batch_size=8)
+    out = report.output
+    # by hand: the boxes each mode finds, matched to the targets
+    with torch.no_grad():
+        eval_out = model.eval()(dark)
+        model.bn.momentum = 0.0  # train mode without touching the running statistics
+        train_out = [d for i in range(0, 48, 8) for d in model.train()(dark[i:i + 8])]
+        model.bn.momentum = None
+        model.eval()
+    recall = [sum(len(match((t["boxes"], t["labels"], torch.ones(len(t["boxes"]))), found(o))) for o, t in
+                  zip(outs, targets)) / sum(len(t["boxes"]) for t in targets) for outs in (train_out, eval_out)]
+    assert out.train_accuracy == pytest.approx(recall[0]) and out.eval_accuracy == pytest.approx(recall[1])
+    assert out.eval_accuracy < out.train_accuracy and out.box_agreement < 0.9
+    assert report.verdict == "fail" and report.layers[0].name == "bn"
+    assert any(f.code == "accuracy-gap" and "target boxes" in f.message for f in report.findings)
+    assert any(f.code == "output-divergence" and "detections agree on" in f.message for f in report.findings)
+    # mAP ranks boxes by score with no threshold: eval mode's scores fell for every cell alike, its
+    # ranking did not, so its mAP stays 1 -- the collapse shows in recall at score 0.5 and in the boxes
+    assert out.train_map50 == pytest.approx(1.0) and out.eval_map50 == pytest.approx(1.0)
+    text = render(report, "table", width=300)
+    assert "box agreement train vs eval" in text and "target boxes" in text
+
+
+def test_recalibration_on_detection_batches_recovers_the_boxes() -> None:
+    model = calibrated()
+    images, targets = scenes(48, 2, level=0.5)
+    data = batches(images, targets)
+    before = bncheck.analyze(model, data, batch_size=8)
+    bncheck.recalibrate(model, data, batch_size=8)
+    after = bncheck.analyze(model, data, batch_size=8)
+    assert before.verdict == "fail" and after.verdict == "pass", after.findings
+    assert after.output.eval_accuracy > before.output.eval_accuracy
+    assert after.output.box_agreement > 0.9 > before.output.box_agreement
+
+
+@pytest.mark.parametrize("builder", ["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_torchvision_detectors_run_end_to_end(builder: str) -> None:
+    import torchvision
+
+    model = getattr(torchvision.models.detection, builder)(weights=None, weights_backbone=None, num_classes=3)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    model.eval()
+    images, targets = scenes(8, 3)
+    report = bncheck.analyze(model, batches(images, targets, size=4), batch_size=4, attribute=0)
+    assert report.output.kind == "detection" and report.output.images == 8 and report.output.labeled == 8

@@ -121,17 +121,34 @@ def stale_checkpoint(healthy: Path, path: Path) -> None:
     torch.save(state, path)
 
 
+LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = proc.stderr.read()
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
+with open(sys.argv[1], "w") as out:
+    json.dump({"wall": wall, "rss": usage.ru_maxrss, "code": os.waitstatus_to_exitcode(status),
+               "stderr": err.decode(errors="replace")[-800:]}, out)
+"""
+"""Runs one command and reports its wall time and peak RSS. A child's ``ru_maxrss`` starts at
+the RSS of the process that forked it (Linux keeps the old memory's high-water mark across
+exec), and this benchmark's own process holds torch: measured from a small launcher, the
+figure is the command's own."""
+
+
 def timed_process(command: list[str], cwd: Path) -> tuple[float, int]:
     """Wall seconds and peak RSS (MiB) of one child process."""
+    import json
+
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode not in (0, 1):
-        raise SystemExit(f"{command[:4]} failed ({proc.returncode}): {proc.stderr.read().decode()[-800:]}")
-    return wall, usage.ru_maxrss // 1024
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        subprocess.run([sys.executable, "-c", LAUNCHER, report.name, *command], cwd=cwd, env=env, check=True)
+        result = json.loads(Path(report.name).read_text())
+    if result["code"] not in (0, 1):
+        raise SystemExit(f"{command[:4]} failed ({result['code']}): {result['stderr']}")
+    return result["wall"], result["rss"] // 1024
 
 
 def alternate(commands: dict[str, list[str]], cwd: Path, repeats: int) -> dict[str, tuple[float, int]]:

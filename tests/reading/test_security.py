@@ -452,7 +452,9 @@ def test_an_npz_bomb_reads_only_the_samples_used(tmp_path) -> None:
     script = (f"import resource, sys; sys.path.insert(0, {str(ROOT)!r})\n"
               "from pathlib import Path\nfrom bncheck.reading.data.tensors import tensor_file\n"
               f"source = tensor_file(Path({str(bomb)!r}), 2, 1)\nbatch = next(iter(source.batches()))\n"
-              "print(tuple(batch[0].shape), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+              # VmHWM: this process's own peak (ru_maxrss starts at the forking parent's, the test runner's)
+              "peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+              "print(tuple(batch[0].shape), peak)")
     out = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     shape, peak_kb = out.stdout.split(")")

@@ -60,6 +60,13 @@ KEEP_SAMPLES = 256
 (whole batches; per rank under torchrun). Measured on the pseudo-frozen sample (256 images):
 conv1.1's share 0.921 from all 256, 0.931 from 128, 0.955 from 64; conv5.1's 0.070 / 0.048 /
 0.061 -- within a few points from 128 on, at a fraction of the cost on large samples."""
+KEEP_BYTES = 96 << 20
+"""...and at most this many bytes of inputs and train-mode outputs: a segmentation model's
+per-pixel outputs at 512x512 are 20+ MiB a sample, and keeping 256 of them would be the run's
+peak memory."""
+MIN_KEPT = 4
+"""...but at least this many samples (whole batches), whatever they weigh: the noise floor
+needs two halves of two or more samples."""
 
 REPLAY_BUDGET = 64 * 2**20
 """Values of train-mode outputs a ``TrainPass`` keeps on the host (256 MB in float32); beyond
@@ -252,11 +259,12 @@ def _analyze(
     samples = batches_seen = largest_batch = 0
     any_labels = False
     input_shape: Optional[tuple[int, ...]] = None
-    # The first KEEP_SAMPLES samples stay on the host for the passes after the statistics
+    # The first KEEP_SAMPLES samples (KEEP_BYTES at most) stay on the host for the passes after the statistics
     # (attribution, the output-noise check, the conclusion: all run only when something
     # diverges), with their own output tally: memory stays flat in the number of batches and
     # those passes cost at most that many samples each.
     keep: Kept = []
+    kept_samples = kept_bytes = 0
     kept_tally = OutputTally()
     labels_per_batch: list[Optional[Tensor]] = []
     failure: Optional[BaseException] = None
@@ -286,9 +294,11 @@ def _analyze(
                         record.complete, record.outputs = False, []
                 tally.add(out_train, out_eval, labels, batch=n, inputs=inputs)
                 # on the host: later passes re-read them, and accelerator memory is for the model
-                if sum(batch_len(k[0]) for k in keep) < keep_samples:
+                if kept_samples < keep_samples and (kept_bytes < KEEP_BYTES or kept_samples < MIN_KEPT):
                     keep.append((to_host(inputs), labels, to_host(out_train)))
                     kept_tally.add(out_train, out_eval, labels, batch=n)
+                    kept_samples += n
+                    kept_bytes += sum(t.numel() * t.element_size() for t in (*tensors(inputs), *tensors(out_train)))
                 labels_per_batch.append(labels)
                 any_labels = any_labels or labels is not None
                 samples += n

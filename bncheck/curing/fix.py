@@ -7,9 +7,12 @@ Refusals exist because recalibration can hide a bug or break a good model:
 * ``traced-in-train-mode`` before: a TorchScript trace or ``torch.export`` program with
   ``training=True`` frozen into its BN calls never reads its running statistics; writing new ones would only
   look like a cure.
-* with labels, a lower eval-mode accuracy after than before: BN kept in eval mode on
-  purpose during a fine-tune leaves running statistics that disagree with the new data,
-  yet the layers after them learned with exactly those statistics.
+* with labels, a lower eval-mode accuracy (mIoU, recall) after than before: BN kept in eval
+  mode on purpose during a fine-tune leaves running statistics that disagree with the new
+  data, yet the layers after them learned with exactly those statistics.
+* with labels and two or more batches, the same on held-out samples: statistics recalibrated
+  on the other batches must not lower the metric on the last quarter, which they never saw
+  (the in-sample check alone flatters statistics fitted to the very samples they are judged on).
 
 ``force`` overrides both, and the report says so.
 """
@@ -25,7 +28,7 @@ from bncheck.curing.recalibration import RecalibrationResult, recalibrate, recal
 from bncheck.engine import TrainPass, analyze
 from bncheck.reading.checkpoint import Checkpoint
 from bncheck.reporting.numbers import pct
-from bncheck.reporting.report import FixReport, LayerFix, Report, SkippedLayer, Sources, fails_gate
+from bncheck.reporting.report import FixReport, HeldOut, LayerFix, Report, SkippedLayer, Sources, fails_gate
 
 # Eval-mode accuracy may drop by at most this many samples' worth before it counts as harm
 # (one flipped sample on a small labelled sample is noise, not harm).
@@ -122,6 +125,12 @@ def run_fix(
             "re-export the model after model.eval()"
         )
 
+    # statistics from three quarters of the verification batches, judged on the last quarter: the
+    # written model's statistics come from all the data, but whether statistics fitted to some
+    # samples carry over to others is what this sample can tell
+    held_out = _held_out(model, list(verification_data()), layers, batch_size, common) \
+        if before.output.labeled else None
+
     if recalibration_data is None and num_samples is None and shared.stats is not None:
         result = recalibrate_measured(model, shared.stats, shared.samples, shared.batches, layers=layers)
     else:
@@ -132,6 +141,12 @@ def run_fix(
 
     if after is not None:
         blocking += _harm(before, after)
+        if held_out is not None and held_out.after < held_out.before - _tolerance(held_out):
+            blocking.append(
+                f"on {held_out.samples} held-out samples that the statistics did not see, recalibration lowers "
+                f"eval-mode {held_out.metric} from {_fmt_pct(held_out.before)} to {_fmt_pct(held_out.after)}: the "
+                "new statistics fit this sample, not the data the model meets; use more (and representative) data"
+            )
         if before.output.eval_accuracy is None:
             warnings.append(_unverified(before, after))
     if not result.layers:
@@ -176,7 +191,44 @@ def run_fix(
         after=after,
         remaining=remaining,
         verdict="fail" if refused or remaining else "pass",
+        held_out=held_out,
     )
+
+
+HELD_OUT_SHARE = 4
+"""The held-out check measures on the last 1/4 of the verification batches (at least one)."""
+
+
+def _tolerance(held: HeldOut) -> float:
+    """How far the held-out metric may fall before it counts: a point of mIoU, one sample's worth
+    of accuracy or recall."""
+    return 0.01 if held.metric == "mIoU" else _HARM_SAMPLES / max(held.samples, 1)
+
+
+def _held_out(model: Any, batches: list, layers: Optional[list[str]], batch_size: int,
+              common: dict) -> Optional[HeldOut]:
+    """The task metric on the last quarter of the batches, before and after recalibrating on
+    the rest (the model's buffers restored afterwards): what the fix does to samples its
+    statistics never saw. None with fewer than two batches or no labelled metric."""
+    from bncheck.judging.rules import task_metric
+    from bncheck.runtime import preserved_state
+
+    if len(batches) < 2:
+        return None
+    k = max(1, len(batches) // HELD_OUT_SHARE)
+    fit, held = batches[:-k], batches[-k:]
+    quick = {**common, "attribute": 0}
+    before = analyze(model, held, **quick)
+    metric, _, value_before = task_metric(before.output)
+    if value_before is None:
+        return None
+    with preserved_state(model):
+        fitted = recalibrate(model, fit, layers=layers, batch_size=batch_size, in_place=True)
+        after = analyze(model, held, **quick)
+    value_after = task_metric(after.output)[2]
+    if value_after is None:
+        return None
+    return HeldOut(metric, value_before, value_after, samples=before.data.samples, fitted=fitted.samples)
 
 
 def _harm(before: Report, after: Report) -> list[str]:

@@ -251,11 +251,22 @@ def softmax_divergence(train_logits: Tensor, eval_logits: Tensor) -> tuple[Tenso
     return kl, js, agree
 
 
+NORM_CHUNK = 1 << 21
+"""Elements converted to float64 at once by ``squared_norms`` (16 MiB): a segmentation output
+of a batch is hundreds of MiB, and three float64 copies of it would be the run's peak."""
+
+
 def squared_norms(train_out: Tensor, eval_out: Tensor) -> tuple[float, float]:
-    """``(||eval - train||^2, ||train||^2)``, summed so batches add up to a relative L2."""
-    t = train_out.detach().to(torch.float64)
-    e = eval_out.detach().to(torch.float64)
-    return float(((e - t) ** 2).sum()), float((t**2).sum())
+    """``(||eval - train||^2, ||train||^2)``, summed in float64 a chunk at a time so batches
+    add up to a relative L2."""
+    t, e = train_out.detach().reshape(-1), eval_out.detach().reshape(-1)
+    diff = ref = 0.0
+    for start in range(0, t.numel(), NORM_CHUNK):
+        tc = t[start:start + NORM_CHUNK].to(torch.float64)
+        ec = e[start:start + NORM_CHUNK].to(torch.float64)
+        diff += float(((ec - tc) ** 2).sum())
+        ref += float((tc**2).sum())
+    return diff, ref
 
 
 def _log_binomial_pmf(k: int, n: int, p: float) -> float:

@@ -116,7 +116,10 @@ def is_probabilities(value: Any) -> bool:
     """Class probabilities: non-negative scores that sum to 1 over the class dimension."""
     if not (isinstance(value, Tensor) and value.is_floating_point() and value.dim() >= 2 and value.shape[1] >= 2):
         return False
-    probe = value.detach()[:64].double()
+    probe = value.detach()[:64]
+    if probe.dim() > 2:  # a dense output: a few thousand positions of the first images tell
+        probe = probe[:4].flatten(2)[..., :4096]
+    probe = probe.double()
     return bool(probe.isfinite().all() and (probe >= 0).all() and ((probe.sum(1) - 1).abs() < 1e-3).all())
 
 
@@ -207,21 +210,28 @@ def pixel_rows(value: Tensor) -> Tensor:
     return value.movedim(1, -1).reshape(-1, value.shape[1])
 
 
-PIXEL_CHUNK = 1 << 18
-"""Pixels whose softmaxes are compared at once (float64): bounds the memory of a 512x512 batch."""
+PIXEL_CHUNK = 1 << 20
+"""Class scores (pixels x classes) whose softmaxes are compared at once in float64 (8 MiB per
+intermediate): bounds the memory of a 512x512 batch, whatever the number of classes."""
 
 
 def dense_divergence(train_out: Tensor, eval_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample means of the per-pixel KL, JS and top-1 agreement of two dense outputs,
-    computed a chunk of pixels at a time (``[N]`` each)."""
-    n = train_out.shape[0]
-    rows_train, rows_eval = pixel_rows(train_out), pixel_rows(eval_out)
-    sums = [torch.zeros(rows_train.shape[0], dtype=torch.float64) for _ in range(3)]
-    for start in range(0, rows_train.shape[0], PIXEL_CHUNK):
-        stop = start + PIXEL_CHUNK
-        for total, value in zip(sums, softmax_divergence(rows_train[start:stop], rows_eval[start:stop])):
-            total[start:stop] = value.cpu()
-    kl, js, agree = (total.reshape(n, -1).mean(1) for total in sums)
+    computed image by image, a chunk of pixels at a time, from views (``[N]`` each): no copy of
+    the whole output is made."""
+    n, classes = train_out.shape[0], train_out.shape[1]
+    rows = max(1, PIXEL_CHUNK // classes)
+    means = torch.zeros(3, n, dtype=torch.float64)
+    for i in range(n):
+        pixels_train = train_out[i].reshape(classes, -1).T  # [pixels, classes], a view
+        pixels_eval = eval_out[i].reshape(classes, -1).T
+        total = pixels_train.shape[0]
+        for start in range(0, total, rows):
+            parts = softmax_divergence(pixels_train[start:start + rows], pixels_eval[start:start + rows])
+            for row, value in enumerate(parts):
+                means[row, i] += float(value.sum())
+        means[:, i] /= max(total, 1)
+    kl, js, agree = means
     return kl, js, agree
 
 
@@ -468,16 +478,24 @@ class OutputTally:
     def _count_nonfinite(self, out_train: Any, out_eval: Any, batch: Optional[int]) -> None:
         """Samples with NaN/Inf anywhere in their output, per mode, whatever the output is (a
         running variance below zero makes eval mode output NaN while train mode is fine)."""
+        def nonfinite_rows(part: Tensor) -> Tensor:
+            """Per row, whether it holds NaN/Inf: a NaN or Inf makes the row's sum non-finite,
+            so only rows whose sum is not finite (or overflowed) are looked at element-wise --
+            no mask as large as the output (a segmentation batch's is hundreds of MiB)."""
+            rows = part.detach().reshape(part.shape[0], -1)
+            suspect = ~rows.sum(-1).isfinite()
+            if bool(suspect.any()):
+                suspect[suspect.clone()] = ~rows[suspect].isfinite().all(-1)
+            return suspect
+
         def bad(output: Any) -> Optional[Tensor]:
             flags = None
             for part in tensors(output):
                 if not (part.is_floating_point() or part.is_complex()) or part.dim() == 0:
                     continue
+                rows = nonfinite_rows(part)
                 if batch is not None and part.shape[0] != batch:
-                    rows = part.isfinite().logical_not().reshape(part.shape[0], -1).any(-1).any().reshape(1)
-                    rows = rows.expand(batch)
-                else:
-                    rows = part.isfinite().logical_not().reshape(part.shape[0], -1).any(-1)
+                    rows = rows.any().reshape(1).expand(batch)
                 flags = rows if flags is None or flags.shape != rows.shape else flags | rows
             return flags
 

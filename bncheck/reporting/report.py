@@ -288,8 +288,27 @@ class Picture:
     """Classes that appear in the picture (its legend)."""
 
 
+class Displayed:
+    """How a result shows itself in a notebook: Jupyter gets the HTML report (in an iframe, so
+    its page styles stay its own), terminal IPython the table bncheck prints."""
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        from bncheck.reporting.render import render
+
+        page = render(self, "html")
+        return (f'<iframe srcdoc="{escape(page, quote=True)}" title="bncheck report" '
+                'style="width:100%;height:640px;border:1px solid #d0d7de;border-radius:6px"></iframe>')
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        from bncheck.reporting.render import render
+
+        printer.text(type(self).__name__ + "(...)" if cycle else render(self, "table").rstrip("\n"))
+
+
 @dataclass(frozen=True)
-class Report:
+class Report(Displayed):
     model: ModelInfo
     data: DataInfo
     verdict: str
@@ -516,7 +535,22 @@ class SkippedLayer:
 
 
 @dataclass(frozen=True)
-class FixReport:
+class HeldOut:
+    """The fix checked on samples its statistics did not see: recalibrated on the other
+    batches, the task metric on the last quarter before and after."""
+
+    metric: str
+    """``accuracy``, ``mIoU`` or ``recall`` (detection)."""
+    before: float
+    after: float
+    samples: int
+    """Held-out samples the metric was measured on."""
+    fitted: int
+    """Samples the held-out check's statistics came from."""
+
+
+@dataclass(frozen=True)
+class FixReport(Displayed):
     """``bncheck fix``: what was recalibrated, the diagnosis before and after, and the decision."""
 
     outcome: str
@@ -541,6 +575,8 @@ class FixReport:
     """Findings of the recalibrated model at or above fail_on."""
     verdict: str
     """``pass``: written (or writable) and the fixed model passes the gate; ``fail`` otherwise."""
+    held_out: Optional[HeldOut] = None
+    """The labelled metric on held-out samples (None: no labels, one batch, or other recalibration data)."""
     schema: str = FIX_SCHEMA_ID
 
 
@@ -548,6 +584,7 @@ _NESTED.update({
     (FixReport, "layers"): LayerFix,
     (FixReport, "skipped"): SkippedLayer,
     (FixReport, "remaining"): Finding,
+    (FixReport, "held_out"): HeldOut,
 })
 
 
@@ -589,7 +626,7 @@ class LayerDiff:
 
 
 @dataclass(frozen=True)
-class DiffReport:
+class DiffReport(Displayed):
     """``bncheck diff A B``: BN statistics and the weights around them, compared."""
 
     a: ModelInfo

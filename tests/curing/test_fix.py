@@ -80,6 +80,11 @@ def test_fix_cli_writes_a_state_dict_that_passes(tmp_path) -> None:
         jsonschema.validate(document[part], json.loads(schema_path().read_text()))
     assert document["outcome"] == "written" and document["verdict"] == "pass"
     assert document["before"]["output"]["eval_accuracy"] < 0.6 < 0.95 < document["after"]["output"]["eval_accuracy"]
+    # checked on the last of the 4 batches, recalibrated on the other 3 (statistics that never saw it)
+    held = document["held_out"]
+    assert held["metric"] == "accuracy" and held["samples"] == 32 and held["fitted"] == 96
+    assert held["before"] < 0.9 < held["after"]
+    assert "held   eval-mode accuracy" in result.output
     rerun = CliRunner().invoke(cli, ["run", str(out), *SAMPLE_ARGS, "--save", str(tmp_path / "r.json"), "-q"])
     assert rerun.exit_code == 0, rerun.output
     original, fixed = torch.load(SAMPLES / "pseudo_frozen.pt"), torch.load(out)
@@ -437,3 +442,24 @@ def test_fix_reads_the_verification_sample_once(tmp_path) -> None:
     # one unreadable file, counted once although the diagnosis ran before and after
     assert document["before"]["data"]["skipped"] == 1 and document["after"]["data"]["skipped"] == 1
     assert result.output.count("warning: skipped unreadable file") == 1
+
+
+def test_held_out_samples_refuse_statistics_fitted_to_the_rest(tmp_path) -> None:
+    """Batches in the order a pipeline yields them: three from a darker place, then the data the
+    model meets. Fitted on the dark three, the statistics lower accuracy on the fourth, which
+    the in-sample check (fitted on all four) does not show: refused, held-out numbers given."""
+    from bncheck.curing.fix import run_fix as fix_api
+    from bncheck.reading.checkpoint import Checkpoint
+    from bncheck.reporting.report import ModelInfo
+
+    model = sample_model("healthy")
+    x, y = sample_tensors()
+    dark = [(x[i:i + 32] * 0.3 - 1.0, y[i:i + 32]) for i in range(0, 96, 32)]
+    batches = [*dark, (x[96:128], y[96:128])]
+    info = ModelInfo(None, None, "random-init", None, 0)
+    result = fix_api(Checkpoint(model, info), None, lambda: batches, out=None, dry_run=True, batch_size=32)
+    held = result.held_out
+    assert held is not None and held.samples == 32 and held.fitted == 96
+    assert held.after < held.before  # fitted on the dark batches, the last one suffers
+    assert result.outcome == "refused"
+    assert any("held-out samples that the statistics did not see" in reason for reason in result.reasons)

@@ -15,6 +15,7 @@ from bncheck.reporting.render.summary import (
     data_line,
     fix_next_step,
     grouped,
+    held_out_line,
     input_line,
     next_step,
     num,
@@ -366,6 +367,8 @@ def render_fix(fix: FixReport, *, top: int = 10, **_options: object) -> str:
     outputs = f"<dt>before</dt><dd>{escape(output_line(before))}</dd>"
     if after is not None:
         outputs += f"<dt>after</dt><dd>{escape(output_line(after))}</dd>"
+    if fix.held_out is not None:
+        outputs += f"<dt>held out</dt><dd>{escape(held_out_line(fix))}</dd>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{escape(title)} — {escape(subject)}</title><style>{CSS}</style></head>

@@ -170,4 +170,17 @@ def fix_next_step(fix: FixReport) -> str:
         return "Nothing was written (--dry-run); rerun with --out NEW to write the recalibrated checkpoint."
     if fix.remaining:
         return f"Written, but findings remain: bncheck run {fix.out} ... to see them."
+    if fix.held_out is not None:
+        h = fix.held_out
+        return (f"Written; on {h.samples} held-out samples eval-mode {h.metric} went {pct(h.before)} -> "
+                f"{pct(h.after)}. Check it on your own validation set before deploying.")
     return f"Written; check held-out accuracy of {fix.out} before deploying."
+
+
+def held_out_line(fix: FixReport) -> str:
+    """``eval-mode mIoU 21.4% -> 80.3% on 16 samples the statistics did not see (fitted on 48)``."""
+    h = fix.held_out
+    if h is None:
+        return ""
+    return (f"eval-mode {h.metric} {pct(h.before)} -> {pct(h.after)} on {h.samples} samples the statistics did not "
+            f"see (fitted on {h.fitted})")

@@ -20,6 +20,7 @@ from bncheck.reporting.render.summary import (
     data_line,
     fix_next_step,
     grouped,
+    held_out_line,
     input_line,
     next_step,
     num,
@@ -227,6 +228,8 @@ def build_fix(fix: FixReport, top: int = 15) -> list:
     parts.append(Text(f"before {output_line(before)}"))
     if after is not None:
         parts.append(Text(f"after  {output_line(after)}"))
+    if fix.held_out is not None:
+        parts.append(Text(f"held   {held_out_line(fix)}"))
     parts.append(Text(""))
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for name, justify in (("layer", "left"), ("score before -> after", "right"), ("finding before -> after", "left"),

@@ -19,7 +19,10 @@ test: $(STAMP)
 	$(BIN)/ruff check bncheck tests sample_models benchmarks
 	$(BIN)/python -m pytest -q
 
+# the slow sweeps, plus the tests that need ultralytics (installed here with torch/torchvision pinned)
 test-slow: $(STAMP)
+	$(BIN)/python -m pip freeze | grep -E '^(torch|torchvision)==' > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(VENV)/constraints.txt 'ultralytics>=8.1'
 	$(BIN)/python -m pytest -q -m slow
 
 # Every torchvision/timm model with BN (~15-25 min on 2 cores); per-model overhead into benchmarks/zoo.md

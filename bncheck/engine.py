@@ -32,7 +32,7 @@ from bncheck.judging.output_divergence import (
     triggered,
 )
 from bncheck.judging.preprocessing import InputReading, read_signature
-from bncheck.judging.rules import Recovery, accuracy_gap, accuracy_gap_finding
+from bncheck.judging.rules import Recovery, accuracy_gap, accuracy_gap_finding, eval_not_worse, two_readings_conclusion
 from bncheck.judging.scoring import build_report
 from bncheck.measuring import distributed
 from bncheck.measuring.batches import (
@@ -397,8 +397,11 @@ def _analyze(
             extra += tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
                                                largest_batch, explained, unmeasured))
         stage("conclusion")
-        conclusion = _conclusion(runtime, report, by_name, keep, gap, device, float_dtype, reduce,
-                                 measure=attribute > 0)
+        if eval_not_worse(output) and any(f.code in STALE_CODES and f.severity == "warning" for f in report.findings):
+            conclusion = two_readings_conclusion(output)  # labels leave nothing to recover: advise no cure
+        else:
+            conclusion = _conclusion(runtime, report, by_name, keep, gap, device, float_dtype, reduce,
+                                     measure=attribute > 0)
         if triggered(output) and gap:
             stage("combined evidence")
             combined = _combined_evidence(runtime, report, by_name, keep, gap, device, float_dtype, reduce,

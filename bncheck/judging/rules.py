@@ -453,6 +453,52 @@ TRAIN_MODE_MARGIN = 0.02
 """Train-mode accuracy this much above eval-mode accuracy rules out BN frozen on purpose."""
 
 
+NOT_WORSE_SAMPLES = 30
+"""Labelled samples (images, for segmentation and detection: ``NOT_WORSE_IMAGES``) from which
+eval mode doing as well as train mode counts as evidence."""
+NOT_WORSE_IMAGES = 16
+
+
+def eval_not_worse(output: OutputDivergence) -> bool:
+    """Labels say deployment does at least as well as train mode on enough samples, without
+    being better beyond chance (that is ``eval_mode_is_better``): stale-looking statistics then
+    cost nothing measurable on this data, and recalibrating them has nothing to recover here."""
+    pairs = _discordant(output)
+    if pairs is None or eval_mode_is_better(output):
+        return False
+    train_only, eval_only, _ = pairs
+    _, train, evaluated = task_metric(output)
+    enough = NOT_WORSE_IMAGES if output.per == "pixel" or output.kind == "detection" else NOT_WORSE_SAMPLES
+    chance_ok = output.kind == "detection" or above_chance(output, output.eval_accuracy)
+    return (output.labeled >= enough and eval_only >= train_only and train is not None and evaluated is not None
+            and evaluated >= train and chance_ok)
+
+
+def stale_at_no_cost(finding: Finding, train: float, evaluated: float, metric: str, labeled: int) -> Finding:
+    """A stale-looking layer on labelled data where eval mode does as well as train mode: the
+    statistics differ, the task does not suffer; two readings, and how to tell them apart."""
+    return Finding(
+        finding.code, "warning", finding.layer,
+        f"{finding.message.rstrip('.')}; but on these {labeled} labelled samples eval mode does as well as train "
+        f"mode ({metric} {100 * evaluated:.1f}% vs {100 * train:.1f}%), so recalibrating has nothing measurable to "
+        "recover here.",
+        "Two readings fit: BN kept in eval mode on purpose while training (ultralytics' freeze=, norm_eval, a "
+        "fine-tune with BN frozen properly: the layers after it learned with these statistics -- keep them), or "
+        "statistics that are stale on data too easy to show it. To tell: run on more, or harder, labelled data "
+        "from deployment (a gap beyond chance is an accuracy-gap error); bncheck fix --dry-run shows before -> "
+        "after without writing.",
+    )
+
+
+def two_readings_conclusion(output: OutputDivergence) -> str:
+    metric, train, evaluated = task_metric(output)
+    return (f"Labels show eval mode doing as well as train mode ({metric} {100 * evaluated:.1f}% vs "
+            f"{100 * train:.1f}% on {output.labeled} samples): the statistics flagged below differ from this data, "
+            "but nothing measurable is lost to them, so no recalibration is advised on this evidence. If BN was "
+            "kept in eval mode while training (frozen on purpose), keep the checkpoint; if not, check on more or "
+            "harder labelled data from deployment.")
+
+
 def train_mode_is_better(output: OutputDivergence) -> bool:
     pairs = _discordant(output)
     if pairs is None or output.train_accuracy is None or output.eval_accuracy is None:

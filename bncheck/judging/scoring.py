@@ -37,11 +37,13 @@ from bncheck.judging.rules import (
     check_data_first,
     collapse_more_likely,
     eval_mode_is_better,
+    eval_not_worse,
     frozen_by_module,
     frozen_in_eval,
     layer_findings,
     model_findings,
     one_class_sample_finding,
+    stale_at_no_cost,
     stale_with_labels,
     task_metric,
     train_mode_is_better,
@@ -267,6 +269,13 @@ def build_report(
         findings_by_layer = {
             name: [frozen_in_eval(f, *task, metric=metric) if f.code in FROZEN_READING_CODES
                    else f for f in found]
+            for name, found in findings_by_layer.items()
+        }
+    elif has_data and eval_not_worse(output):
+        _, train, evaluated = task_metric(output)
+        findings_by_layer = {
+            name: [stale_at_no_cost(f, train, evaluated, metric, output.labeled)
+                   if f.code in FROZEN_READING_CODES and f.severity == "error" else f for f in found]
             for name, found in findings_by_layer.items()
         }
     elif has_data and train_mode_is_better(output):

@@ -470,8 +470,10 @@ def eval_not_worse(output: OutputDivergence) -> bool:
     _, train, evaluated = task_metric(output)
     enough = NOT_WORSE_IMAGES if output.per == "pixel" or output.kind == "detection" else NOT_WORSE_SAMPLES
     chance_ok = output.kind == "detection" or above_chance(output, output.eval_accuracy)
+    # labels that agree with a model answering one class for (nearly) everything vouch for nothing
+    varied = output.per == "pixel" or output.kind != "classifier" or (output.eval_top_class_share or 0.0) < 0.9
     return (output.labeled >= enough and eval_only >= train_only and train is not None and evaluated is not None
-            and evaluated >= train and chance_ok)
+            and evaluated >= train and chance_ok and varied)
 
 
 def stale_at_no_cost(finding: Finding, train: float, evaluated: float, metric: str, labeled: int) -> Finding:

@@ -409,7 +409,7 @@ def guess_arch(state: Mapping[str, Tensor]) -> Optional[str]:
     shapes: torchvision's resnet, shufflenet, densenet, mobilenet, efficientnet, regnet,
     googlenet, inception and mnasnet families, and timm's ``conv_stem``/``blocks`` naming.
     None when nothing fits."""
-    segmentation = _guess_segmentation(state)
+    segmentation = _guess_segmentation(state) or _guess_smp(state)
     if segmentation is not None:
         return segmentation
     anchors = ("layer1.0.conv1.weight", "stage2.0.branch2.0.weight", "features.denseblock1", "conv_stem.weight",
@@ -496,3 +496,40 @@ def _guess_segmentation(state: Mapping[str, Tensor]) -> Optional[str]:
         kwargs.append("aux_loss: true")
     extra = f" $arch_kwargs '{{{', '.join(kwargs)}}}'" if kwargs else ""
     return f"$arch torchvision:{name}{extra}"
+
+
+SMP_DECODERS = (
+    ("decoder.blocks.x_0_0.", "UnetPlusPlus"), ("decoder.blocks.0.block.", "Linknet"), ("decoder.center.", "MAnet"),
+    ("decoder.blocks.0.conv1.", "Unet"), ("decoder.p5.", "FPN"), ("decoder.psp.", "PSPNet"), ("decoder.fpa.", "PAN"),
+    ("decoder.block1.", "DeepLabV3Plus"), ("decoder.aspp.", "DeepLabV3"),
+)
+"""segmentation_models_pytorch's decoders by a key only they have, first match wins (MAnet before
+Unet: both have ``blocks.0.conv1``; DeepLabV3Plus before DeepLabV3: both have an ``aspp``)."""
+SMP_RESNETS = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34", (3, 4, 6, 3, True): "resnet50",
+               (3, 4, 23, 3, True): "resnet101", (3, 8, 36, 3, True): "resnet152"}
+
+
+def _guess_smp(state: Mapping[str, Tensor]) -> Optional[str]:
+    """segmentation_models_pytorch's models (``encoder.*``, ``decoder.*``, ``segmentation_head.*``):
+    the decoder class by its keys, a ResNet encoder by its block counts (other encoders are named
+    by family: their variant cannot be read off reliably), ``classes`` from the head's width."""
+    prefix = next((k[: k.index("segmentation_head.")] for k in sorted(state, key=len)
+                   if "segmentation_head." in k), None)
+    if prefix is None:
+        return None
+    keys = {k[len(prefix):] for k in state if k.startswith(prefix)}
+    decoder = next((name for key, name in SMP_DECODERS if any(k.startswith(key) for k in keys)), None)
+    if decoder is None or not any(k.startswith("encoder.") for k in keys):
+        return None
+    if "encoder.layer1.0.conv1.weight" in keys:
+        depth = tuple(_blocks(keys, f"encoder.layer{i}") for i in range(1, 5))
+        encoder = SMP_RESNETS.get((*depth, "encoder.layer1.0.conv3.weight" in keys), "ENCODER (a ResNet)")
+    elif "encoder._conv_stem.weight" in keys:
+        encoder = "ENCODER (an EfficientNet: efficientnet-b0 ... b7, the one you trained)"
+    else:
+        encoder = "ENCODER (the encoder_name you trained with)"
+    heads = sorted((k for k in keys if k.startswith("segmentation_head.") and k.endswith(".weight")),
+                   key=lambda k: int(k.split(".")[1]) if k.split(".")[1].isdigit() else 0)
+    classes = state[prefix + heads[0]].shape[0] if heads else None
+    kwargs = [f"encoder_name: {encoder}", "encoder_weights: null"] + ([f"classes: {classes}"] if classes else [])
+    return f"$arch segmentation_models_pytorch:{decoder} $arch_kwargs '{{{', '.join(kwargs)}}}'"

@@ -392,3 +392,29 @@ def test_with_attribute_0_the_conclusion_says_its_recovery_was_not_measured() ->
     assert "not measured (--attribute 0)" in quick.conclusion
     measured = bncheck.analyze(model, data, batch_size=16)
     assert "(measured)" in measured.conclusion
+
+
+def test_labels_showing_eval_as_good_as_train_leave_stale_statistics_at_two_readings() -> None:
+    """Eval mode as accurate as train mode on enough labelled samples: nothing measurable to
+    recover, so stale-looking statistics are a warning naming both readings (kept in eval on
+    purpose, or stale on data too easy to show it) -- not an error advising recalibration."""
+    from bncheck.judging.rules import eval_not_worse, stale_at_no_cost
+    from bncheck.reporting.report import Finding, OutputDivergence
+
+    def output(labeled, train_only, eval_only, train, evaluated, top=0.3, classes=4):
+        from bncheck.judging.metrics import mcnemar_p
+
+        return OutputDivergence("classifier", labeled=labeled, train_only_correct=train_only,
+                                eval_only_correct=eval_only, train_accuracy=train, eval_accuracy=evaluated,
+                                accuracy_gap_p=mcnemar_p(train_only, eval_only), classes=classes,
+                                eval_top_class_share=top)
+
+    assert eval_not_worse(output(64, 0, 3, 0.953, 1.0))       # the ultralytics freeze= case, by its numbers
+    assert not eval_not_worse(output(20, 0, 3, 0.85, 1.0))    # too few labels to vouch
+    assert not eval_not_worse(output(64, 3, 0, 1.0, 0.953))   # train mode ahead: stale-with-labels instead
+    assert not eval_not_worse(output(64, 0, 0, 1.0, 1.0, top=1.0))  # one class for everything vouches for nothing
+    assert not eval_not_worse(output(64, 0, 30, 0.5, 0.97))   # eval better beyond chance: frozen-on-purpose instead
+    stale = Finding("stale-running-stats", "error", "bn1", "running stats disagree with this data.", "Recalibrate.")
+    read = stale_at_no_cost(stale, 0.953, 1.0, "accuracy", 64)
+    assert read.severity == "warning" and "100.0% vs 95.3%" in read.message and "Two readings" in read.hint
+    assert "Recalibrate" not in read.hint

@@ -40,3 +40,28 @@ def test_the_guessed_command_loads_the_checkpoint(tmp_path) -> None:
     kwargs = re.search(r"--arch-kwargs '([^']+)'", refused.output).group(1)
     loaded = CliRunner().invoke(cli, ["run", str(tmp_path / "seg.pt"), "--arch", arch, "--arch-kwargs", kwargs])
     assert loaded.exit_code in (0, 1), loaded.output
+
+
+@pytest.mark.parametrize("decoder, encoder", [
+    ("Unet", "resnet34"), ("FPN", "resnet18"), ("DeepLabV3Plus", "resnet50"), ("DeepLabV3", "resnet18"),
+    ("UnetPlusPlus", "resnet18"), ("PSPNet", "resnet34"), ("Linknet", "resnet18"), ("MAnet", "resnet18"),
+    ("PAN", "resnet18"),
+])
+def test_smp_checkpoints_name_the_decoder_the_encoder_and_the_classes(decoder: str, encoder: str) -> None:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    state = getattr(smp, decoder)(encoder, encoder_weights=None, classes=4).state_dict()
+    guess = guess_arch(state)
+    assert guess == (f"$arch segmentation_models_pytorch:{decoder} $arch_kwargs '{{encoder_name: {encoder}, "
+                     "encoder_weights: null, classes: 4}'")
+    assert guess_arch({f"model.{k}": v for k, v in state.items()}) == guess  # Lightning's prefix
+
+
+def test_the_smp_guess_rebuilds_the_model(tmp_path) -> None:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.save(smp.Unet("resnet18", encoder_weights=None, classes=2).state_dict(), tmp_path / "unet.pt")
+    refused = CliRunner().invoke(cli, ["run", str(tmp_path / "unet.pt")])
+    assert refused.exit_code == 2 and "segmentation_models_pytorch:Unet" in refused.output, refused.output
+    arch = re.search(r"--arch (\S+)", refused.output).group(1)
+    kwargs = re.search(r"--arch-kwargs '([^']+)'", refused.output).group(1)
+    loaded = CliRunner().invoke(cli, ["run", str(tmp_path / "unet.pt"), "--arch", arch, "--arch-kwargs", kwargs])
+    assert loaded.exit_code in (0, 1), loaded.output

@@ -25,7 +25,7 @@ from bncheck.measuring.detections import (
     target_boxes,
 )
 from bncheck.measuring.distributed import pooled
-from bncheck.measuring.pictures import keep_worst, shot
+from bncheck.measuring.pictures import box_shot, keep_worst, shot
 from bncheck.reporting.report import OutputDivergence
 
 
@@ -311,7 +311,7 @@ class OutputTally:
         (out_train, source), (out_eval, eval_source) = prediction(out_train), prediction(out_eval)
         self.source = self.source or eval_source or source
         if is_detections(out_train) and is_detections(out_eval) and len(out_train) == len(out_eval):
-            self._add_detections(out_train, out_eval, labels if is_targets(labels) else None)
+            self._add_detections(out_train, out_eval, labels if is_targets(labels) else None, inputs)
             return
         labels = as_masks(labels, out_train)
         if not isinstance(labels, (Tensor, type(None))):
@@ -393,7 +393,7 @@ class OutputTally:
         if masks is not None:
             self._add_masks(out_train, out_eval, masks)
 
-    def _add_detections(self, out_train: list, out_eval: list, targets: Optional[list]) -> None:
+    def _add_detections(self, out_train: list, out_eval: list, targets: Optional[list], inputs: Any = None) -> None:
         """Per-image detections: boxes found in both modes, in one only, and how far the scores
         of the same box moved; with targets, the target boxes each mode finds per image (the
         paired test is over images) and every detection kept for mAP."""
@@ -403,6 +403,7 @@ class OutputTally:
         self.kind = "detection"
         if targets is not None and len(targets) != len(out_train):
             targets = None
+        images = list(inputs) if isinstance(inputs, (list, tuple)) and len(inputs) == len(out_train) else None
         for i, (train, evaluated) in enumerate(zip(out_train, out_eval)):
             kept_train, kept_eval = found(train), found(evaluated)
             pairs = match(kept_train, kept_eval)
@@ -410,9 +411,15 @@ class OutputTally:
             self.boxes_eval += len(kept_eval[0])
             self.boxes_matched += len(pairs)
             self.score_shift += sum(abs(float(kept_eval[2][j]) - float(kept_train[2][k])) for k, j in pairs)
-            if targets is None:
+            truth = target_boxes(targets[i]) if targets is not None else None
+            if self.keep_pictures and images is not None and isinstance(images[i], Tensor) and images[i].dim() == 3:
+                boxes = len(kept_train[0]) + len(kept_eval[0])
+                agreement = 2 * len(pairs) / boxes if boxes else 1.0
+                if len(self.worst) < self.keep_pictures or agreement < self.worst[-1].agreement:
+                    pictured = box_shot(self.images + i, agreement, images[i], kept_eval, kept_train, truth)
+                    self.worst = keep_worst([*self.worst, pictured], self.keep_pictures)
+            if truth is None:
                 continue
-            truth = target_boxes(targets[i])
             right_train, right_eval = len(match(truth, kept_train)), len(match(truth, kept_eval))
             self.objects += len(truth[0])
             self.labeled += 1

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from bncheck.measuring.batches import IGNORE_INDEX
-from bncheck.reporting.png import PALETTE, encode_rgb, to_base64
+from bncheck.reporting.png import PALETTE, box_color, encode_rgb, to_base64
 from bncheck.reporting.report import Picture
 
 PICTURES = 4
@@ -96,6 +96,39 @@ def shot(sample: int, agreement: float, image: Optional[Tensor], eval_map: Tenso
                 classes=tuple(sorted(int(c) for c in present if c != IGNORE_INDEX)))
 
 
+def draw_boxes(rgb: Tensor, boxes: Tensor, labels: Tensor, scale: tuple[float, float]) -> Tensor:
+    """A copy of ``rgb`` ``[H, W, 3]`` with each box (``x0, y0, x1, y1`` in input pixels, scaled
+    by ``(sy, sx)``) outlined two pixels wide in its class's colour."""
+    out = rgb.clone()
+    h, w = out.shape[:2]
+    sy, sx = scale
+    for (x0, y0, x1, y1), label in zip(boxes.tolist(), labels.tolist()):
+        left, right = (max(0, min(w - 1, round(v * sx))) for v in (x0, x1))
+        top, bottom = (max(0, min(h - 1, round(v * sy))) for v in (y0, y1))
+        color = PALETTE_RGB[box_color(int(label))]
+        out[top:top + 2, left:right + 1] = color
+        out[max(top, bottom - 1):bottom + 1, left:right + 1] = color
+        out[top:bottom + 1, left:left + 2] = color
+        out[top:bottom + 1, max(left, right - 1):right + 1] = color
+    return out
+
+
+def box_shot(sample: int, agreement: float, image: Tensor, eval_found: tuple[Tensor, Tensor, Tensor],
+             train_found: tuple[Tensor, Tensor, Tensor], truth: Optional[tuple[Tensor, Tensor, Tensor]]) -> Shot:
+    """One detection sample to picture: its image ``[C, H, W]`` with the boxes each mode finds
+    (score >= 0.5) and, with targets, the target boxes."""
+    height, width = image.shape[-2:]
+    size = _size(height, width)
+    scale = (size[0] / height, size[1] / width)
+    base = image_rgb(image, size)
+    labels = {*eval_found[1].tolist(), *train_found[1].tolist(), *(truth[1].tolist() if truth is not None else [])}
+    return Shot(sample=sample, agreement=min(max(agreement, 0.0), 1.0), image=base,
+                eval=draw_boxes(base, eval_found[0], eval_found[1], scale),
+                train=draw_boxes(base, train_found[0], train_found[1], scale),
+                truth=draw_boxes(base, truth[0], truth[1], scale) if truth is not None else None,
+                classes=tuple(sorted(int(c) for c in labels)))
+
+
 def _png(rgb: Tensor) -> str:
     """``[H, W, 3]`` uint8 as base64 PNG, rows passed through the ``up`` filter (photos and
     smooth inputs compress two to three times better)."""
@@ -106,7 +139,7 @@ def _png(rgb: Tensor) -> str:
 
 
 def encode(kept: Shot) -> Picture:
-    return Picture(sample=kept.sample, pixel_agreement=kept.agreement,
+    return Picture(sample=kept.sample, agreement=kept.agreement,
                    image=_png(kept.image) if kept.image is not None else None,
                    eval=_png(kept.eval), train=_png(kept.train),
                    truth=_png(kept.truth) if kept.truth is not None else None, classes=kept.classes)

@@ -56,3 +56,9 @@ PALETTE = tuple(_voc_color(i) for i in range(256))
 def palette_hex(index: int) -> str:
     r, g, b = PALETTE[index % 256]
     return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def box_color(label: int) -> int:
+    """The palette entry a box of class ``label`` is drawn in: class 0 is black in the palette,
+    invisible on a dark image, so boxes of class 0 take 255's cream."""
+    return label % 256 or 255

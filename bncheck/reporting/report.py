@@ -269,21 +269,22 @@ class BaselineComparison:
 
 @dataclass(frozen=True)
 class Picture:
-    """One sample of a segmentation run, pictured: base64 PNGs in one fixed palette (the
-    Pascal VOC colours; class 0 black)."""
+    """One sample of a segmentation or detection run, pictured: base64 PNGs in one fixed palette
+    (the Pascal VOC colours; class 0 black): class maps, or the input with boxes drawn on it."""
 
     sample: int
     """Position of the sample in the data order (on its rank, under torchrun)."""
-    pixel_agreement: float
-    """Share of its pixels given the same class by both modes."""
+    agreement: float
+    """Share of its pixels given the same class by both modes (segmentation), or of its boxes
+    found by both (detection: ``2 * matched / (train + eval)``)."""
     image: Optional[str]
     """The input (None when it is not an image); its middle slice for a volume."""
     eval: str
-    """Classes predicted in eval mode (deployment)."""
+    """Classes (or boxes) predicted in eval mode (deployment)."""
     train: str
-    """Classes predicted in train mode (batch statistics)."""
+    """Classes (or boxes) predicted in train mode (batch statistics)."""
     truth: Optional[str] = None
-    """The mask, when masks were given."""
+    """The mask (or target boxes), when given."""
     classes: tuple[int, ...] = ()
     """Classes that appear in the picture (its legend)."""
 

@@ -125,6 +125,36 @@ def test_stale_statistics_cost_boxes_and_mAP_and_fail() -> None:
     assert "box agreement train vs eval" in text and "target boxes" in text
 
 
+def test_the_worst_images_are_pictured_with_each_modes_boxes() -> None:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from bncheck.reporting.png import PALETTE, box_color
+
+    model = calibrated()
+    images, targets = scenes(48, 1)
+    report = bncheck.analyze(model, batches([x * 0.6 for x in images], targets), batch_size=8)
+    assert len(report.pictures) == 4
+    first = report.pictures[0]
+    assert [p.agreement for p in report.pictures] == sorted(p.agreement for p in report.pictures)
+
+    def decoded(png: str) -> np.ndarray:
+        return np.array(Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB"))
+
+    image, truth, evaluated = decoded(first.image), decoded(first.truth), decoded(first.eval)
+    colour = np.array(PALETTE[box_color(1)], dtype=np.uint8)
+    box = targets[first.sample]["boxes"][0].int().tolist()  # 64x64 inputs: drawn at their own size
+    assert (truth[box[1], box[0]:box[2]] == colour).all()  # the target box's top edge, in class 1's colour
+    assert not (image == truth).all() and first.classes == (1,)
+    if first.agreement == 0.0:  # eval mode found none of train mode's boxes: its panel is the bare image
+        assert (evaluated == image).all()
+    html = render(report, "html")
+    assert "box agreement" in html and html.count("data:image/png") == 16
+
+
 def test_recalibration_on_detection_batches_recovers_the_boxes() -> None:
     model = calibrated()
     images, targets = scenes(48, 2, level=0.5)

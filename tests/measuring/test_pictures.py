@@ -74,10 +74,10 @@ def test_the_worst_samples_are_pictured_with_their_masks() -> None:
     model.eval()
     agree = (eval_pred == train_pred).float().flatten(1).mean(1)
     shown = [p.sample for p in report.pictures]
-    assert [p.pixel_agreement for p in report.pictures] == sorted(p.pixel_agreement for p in report.pictures)
-    assert max(p.pixel_agreement for p in report.pictures) <= float(agree.sort().values[PICTURES - 1]) + 1e-6
+    assert [p.agreement for p in report.pictures] == sorted(p.agreement for p in report.pictures)
+    assert max(p.agreement for p in report.pictures) <= float(agree.sort().values[PICTURES - 1]) + 1e-6
     first = report.pictures[0]
-    assert first.pixel_agreement == pytest.approx(float(agree[first.sample]), abs=1e-6)
+    assert first.agreement == pytest.approx(float(agree[first.sample]), abs=1e-6)
     # each panel is the palette of the classes at that sample (16x16 inputs: not resized)
     palette = np.array(PALETTE, dtype=np.uint8)
     assert np.array_equal(decoded(first.eval), palette[eval_pred[first.sample].numpy()])

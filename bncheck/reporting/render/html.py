@@ -232,15 +232,16 @@ def _class_iou(report: Report) -> Optional[str]:
 def _pictures(report: Report) -> str:
     """The samples where the modes disagree most: input, eval mode, train mode, truth, in one
     fixed palette, with a legend of the classes shown."""
-    from bncheck.reporting.png import data_uri, palette_hex
+    from bncheck.reporting.png import box_color, data_uri, palette_hex
 
     if not report.pictures:
         return ""
     truth = any(p.truth for p in report.pictures)
     heads = ["", "input", "eval mode (deployment)", "train mode (batch statistics)"] + (["truth"] if truth else [])
     rows = []
+    unit = "box" if report.output.kind == "detection" else "pixel"
     for p in report.pictures:
-        cells = [f'<td class="caption">sample {p.sample}<br>pixel agreement<br>{100 * p.pixel_agreement:.1f}%</td>']
+        cells = [f'<td class="caption">sample {p.sample}<br>{unit} agreement<br>{100 * p.agreement:.1f}%</td>']
         panels = [("input", p.image), ("eval mode", p.eval), ("train mode", p.train)] + (
             [("truth", p.truth)] if truth else [])
         for label, png in panels:
@@ -248,8 +249,8 @@ def _pictures(report: Report) -> str:
                          else "<td>-</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     shown = sorted({c for p in report.pictures for c in p.classes})
-    legend = "".join(f'<span><i class="swatch" style="background:{palette_hex(c)}"></i>class {c}</span>'
-                     for c in shown[:40])
+    legend = "".join(f'<span><i class="swatch" style="background:{palette_hex(box_color(c) if unit == "box" else c)}">'
+                     f'</i>class {c}</span>' for c in shown[:40])
     return ('<h2>Where the modes disagree most</h2><table class="pictures"><tr>'
             + "".join(f"<th>{escape(h)}</th>" for h in heads) + "</tr>" + "".join(rows)
             + f'</table><div class="legend">{legend}</div>')

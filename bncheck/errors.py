@@ -31,6 +31,7 @@ FLAGS = {
     "attribute": "--attribute",
     "fail_on": "--fail-on",
     "weights": "--weights",
+    "output": "--output",
 }
 
 

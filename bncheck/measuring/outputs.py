@@ -137,9 +137,9 @@ def _part(value: Any, key: str) -> Any:
             return value[key]
     elif isinstance(value, (list, tuple)) and key.lstrip("-").isdigit() and -len(value) <= int(key) < len(value):
         return value[int(key)]
-    found = getattr(value, key, None) if not isinstance(value, (dict, list, tuple, Tensor)) else None
-    if found is not None:
-        return found
+    attribute = getattr(value, key, None) if not isinstance(value, (dict, list, tuple, Tensor)) else None
+    if attribute is not None:
+        return attribute
     raise KeyError(key)
 
 
@@ -160,7 +160,7 @@ def picked(value: Any, spec: str) -> Any:
         try:
             here = _part(here, step)
         except KeyError:
-            raise InputError(f"--output {spec}: the model's output has no {step!r} (it has {_parts_of(here)}); "
+            raise InputError(f"$output {spec}: the model's output has no {step!r} (it has {_parts_of(here)}); "
                              "pick one of those, dotted for nesting") from None
     return here
 

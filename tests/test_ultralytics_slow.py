@@ -17,10 +17,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-pytestmark = pytest.mark.slow
-ultralytics = pytest.importorskip("ultralytics")
+from bncheck.cli import cli
 
-from bncheck.cli import cli  # noqa: E402
+pytestmark = pytest.mark.slow
 
 READ = ["--trust-checkpoint", "--resize", "none", "--crop", "none", "--batch-size", "16", "--mean", "0,0,0",
         "--std", "1,1,1"]
@@ -44,6 +43,7 @@ def folders(root: Path, dark: bool, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("ultralytics")  # `make test-slow` installs it (torch pinned)
     os.environ["YOLO_OFFLINE"] = "1"
     from ultralytics import YOLO, settings
 

@@ -63,6 +63,13 @@ def test_the_steps_gate_the_sample_model_as_github_runs_them(tmp_path) -> None:
     assert "::error" in result.stdout and "stale-running-stats" in result.stdout  # PR annotations
     reports = tmp_path / "bncheck-report"
     assert {p.name for p in reports.iterdir()} == {"run.json", "summary.md", "report.html", "junit.xml"}
+    # the job summary is what the CLI prints for that run, and so are the annotations
+    printed = subprocess.run([PYTHON, "-m", "bncheck", "report", str(reports / "run.json"), "--markdown",
+                              "--annotations", "github"], capture_output=True, text=True, env=env, timeout=120)
+    assert summary == printed.stdout  # (with Markdown on stdout, the annotations go to stderr)
+    annotations = sorted(line for line in result.stdout.splitlines() if line.startswith("::"))
+    assert annotations and annotations == sorted(line for line in printed.stderr.splitlines()
+                                                 if line.startswith("::"))
     gate = subprocess.run(["bash", "-c", step("Gate")["run"]], env={**env, "BNCHECK_EXIT": "1"}, timeout=30)
     assert gate.returncode == 1
     healthy = run_step("Run bncheck", action_env(tmp_path / "h", checkpoint=str(SAMPLES / "healthy.pt")) | {

@@ -84,6 +84,27 @@ def _num(value: Optional[float]) -> str:
     return num(value)
 
 
+def check_levels(fail_on: Optional[str], warn_on: Optional[str]) -> None:
+    """The ``fail_on``/``warn_on`` a training callback accepts; ValueError naming the bad one."""
+    for name, level in (("fail_on", fail_on), ("warn_on", warn_on)):
+        if level not in SEVERITIES_FOR_LEVEL:
+            raise ValueError(f"{name} must be 'error', 'warning', 'info' or None; got {level!r}")
+
+
+class CheckHistory:
+    """What a training callback keeps: every ``DriftCheck`` of the run, oldest first."""
+
+    checks: list[DriftCheck]
+
+    @property
+    def last_check(self) -> Optional[DriftCheck]:
+        return self.checks[-1] if self.checks else None
+
+    @property
+    def last_report(self) -> Optional[Report]:
+        return self.checks[-1].report if self.checks else None
+
+
 def check_drift(
     model: Any,
     sample: Any,

@@ -17,8 +17,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from bncheck.monitor import DriftCheck, check_drift
-from bncheck.reporting.report import Report
+from bncheck.monitor import CheckHistory, DriftCheck, check_drift, check_levels
 
 try:  # the unified package first; the callback must subclass the Trainer's own Callback
     from lightning.pytorch import Callback
@@ -37,7 +36,7 @@ class BNDriftWarning(UserWarning):
     """Emitted when a check finds BN drift at or above ``warn_on``."""
 
 
-class BNDriftCallback(Callback):
+class BNDriftCallback(CheckHistory, Callback):
     """Diagnose BN drift on ``sample`` at the end of validation.
 
     Args:
@@ -77,9 +76,7 @@ class BNDriftCallback(Callback):
     ) -> None:
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}")
-        for name, level in (("fail_on", fail_on), ("warn_on", warn_on)):
-            if level not in (None, "never", "info", "warning", "error"):
-                raise ValueError(f"{name} must be 'error', 'warning', 'info' or None; got {level!r}")
+        check_levels(fail_on, warn_on)
         self.sample = sample
         self.every_n_epochs = every_n_epochs
         self.fail_on = fail_on
@@ -90,14 +87,6 @@ class BNDriftCallback(Callback):
         self.checks: list[DriftCheck] = []
         """Every check of this fit, oldest first."""
         self.stopped_reason: Optional[str] = None
-
-    @property
-    def last_check(self) -> Optional[DriftCheck]:
-        return self.checks[-1] if self.checks else None
-
-    @property
-    def last_report(self) -> Optional[Report]:
-        return self.checks[-1].report if self.checks else None
 
     def state_dict(self) -> dict[str, Any]:  # nothing worth resuming: checks are cheap to redo
         return {}

@@ -20,8 +20,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from bncheck.monitor import DriftCheck, check_drift
-from bncheck.reporting.report import Report
+from bncheck.monitor import CheckHistory, DriftCheck, check_drift, check_levels
 
 try:
     from transformers import TrainerCallback
@@ -33,7 +32,7 @@ class BNDriftWarning(UserWarning):
     """Emitted when a check finds BN drift at or above ``warn_on``."""
 
 
-class BNDriftTrainerCallback(TrainerCallback):
+class BNDriftTrainerCallback(CheckHistory, TrainerCallback):
     """Diagnose BN drift at each evaluation of a ``transformers.Trainer``.
 
     Args:
@@ -67,9 +66,7 @@ class BNDriftTrainerCallback(TrainerCallback):
     ) -> None:
         if not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-        for name, level in (("fail_on", fail_on), ("warn_on", warn_on)):
-            if level not in (None, "never", "info", "warning", "error"):
-                raise ValueError(f"{name} must be 'error', 'warning', 'info' or None; got {level!r}")
+        check_levels(fail_on, warn_on)
         self.sample = sample
         self.num_batches = num_batches
         self.fail_on = fail_on
@@ -79,14 +76,6 @@ class BNDriftTrainerCallback(TrainerCallback):
         self.checks: list[DriftCheck] = []
         """Every check of this training run, oldest first."""
         self.stopped_reason: Optional[str] = None
-
-    @property
-    def last_check(self) -> Optional[DriftCheck]:
-        return self.checks[-1] if self.checks else None
-
-    @property
-    def last_report(self) -> Optional[Report]:
-        return self.checks[-1].report if self.checks else None
 
     def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, metrics: Any = None,
                     eval_dataloader: Any = None, **kwargs: Any) -> Any:

@@ -246,6 +246,12 @@ def _transform_options(command: Callable) -> Callable:
 @click.option("--attribute", type=click.IntRange(min=0), metavar="K",
               help="For the K top flagged layers, measure how much of the output gap fixing each alone "
                    "removes: one extra eval pass over the sample per layer (default 5; 0: off).")
+@click.option("--thorough", is_flag=True, default=None,
+              help="Run every pass over every kept batch, even where its answer cannot change the verdict or "
+                   "the advice (per-layer attribution when recalibrating all layers already explains the gap; "
+                   "the output-noise pass when flagged layers already fail the gate).")
+@click.option("--profile", is_flag=True, default=None,
+              help="Print each pass's time, forwards and what it bought, or why it was skipped (also in the JSON).")
 @click.option("--baseline", metavar="RUN_JSON",
               help="Accepted earlier run: fail only on findings that are new or worse than in it.")
 @click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS),
@@ -399,6 +405,7 @@ def _diagnose(model: Any, source: Any, settings: Settings, *, momentum_known: bo
             model, source.batches_for(world or World()), batch_size=settings.batch_size,
             thresholds=settings.thresholds, attribute=settings.attribute, ignore=settings.ignore,
             fail_on=settings.fail_on, progress=advance, momentum_known=momentum_known, shard=False, sources=sources,
+            thorough=settings.thorough,
         )
 
 
@@ -468,6 +475,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
         "arch": flags["arch"], "baseline": flags["baseline"], "batch_size": flags["batch_size"],
         "num_batches": flags["num_batches"], "device": flags["device"], "fail_on": flags["fail_on"],
         "top": flags["top"], "save": flags["save"], "attribute": flags["attribute"], "quiet": flags["quiet"],
+        "thorough": flags.get("thorough"), "profile": flags.get("profile"),
         "annotations": flags.get("annotations"), "weights": flags.get("weights"), "output": flags.get("output"),
         "outputs": {k: v for k, v in outputs.items() if v is not None} or None,
         "data": data or None,
@@ -539,6 +547,10 @@ def _finish(report: Report, settings: Settings) -> None:
         _quiet_line(report)
     else:
         _print_report(report, settings, to_stderr=to_stdout is not None)
+    if settings.profile:
+        from bncheck.reporting.render import render
+
+        click.echo(render(report, "profile").rstrip("\n"), err=True)  # escaped by the renderer
     if to_stdout is not None:
         sys.stdout.write(_render_text(report, to_stdout, settings.top))
         sys.stdout.flush()

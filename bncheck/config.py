@@ -98,6 +98,10 @@ class Settings:
     """Which model of a checkpoint that holds several (``state_dict_ema``); None: the live one."""
     output: Optional[str] = None
     """Which part of the model's output to compare (``logits``, ``1``); None: found automatically."""
+    thorough: bool = False
+    """Run every pass, even those whose answer cannot change the verdict or the advice."""
+    profile: bool = False
+    """Print each pass's time and what it bought (the JSON always has them)."""
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -257,8 +261,9 @@ def _build(raw: dict[str, Any]) -> Settings:
         raise UsageError("setting 'save' must be a path or null")
     outputs = Outputs(**{f.name: _optional_str(raw["outputs"], f.name, "outputs.") for f in fields(Outputs)})
     arch_kwargs = check_arch_kwargs(raw["arch_kwargs"] or {}, "setting 'arch_kwargs'")
-    if not isinstance(raw["quiet"], bool):
-        raise UsageError("setting 'quiet' must be true or false")
+    for key in ("quiet", "thorough", "profile"):
+        if not isinstance(raw[key], bool):
+            raise UsageError(f"setting '{key}' must be true or false")
     return Settings(
         arch=_optional_str(raw, "arch", ""),
         arch_kwargs=dict(arch_kwargs),
@@ -279,6 +284,8 @@ def _build(raw: dict[str, Any]) -> Settings:
         weights=_optional_str(raw, "weights", ""),
         output=_optional_str({"output": str(raw["output"]) if isinstance(raw["output"], int) else raw["output"]},
                              "output", ""),
+        thorough=raw["thorough"],
+        profile=raw["profile"],
     )
 
 

@@ -3,9 +3,12 @@
 No printing and no UI imports. Steps: the model's runtime and its BN layers (``runtime``),
 then per batch one eval-mode forward (deployment) and one train-mode forward (only BN layers
 in train mode) through the statistics pass (``measuring.statistics``), tallying the outputs
-of both modes (``measuring.outputs``); then score, judge and rank (``judging.scoring``),
-attribute the output gap to the top flagged layers (``judging.attribution``), and prove the
-model is unchanged.
+of both modes (``measuring.outputs``); then score, judge and rank (``judging.scoring``); then
+the plan of passes (``measuring.passes``): each pass that re-runs the kept sample -- the input
+signature, the recalibrate-all conclusion, per-layer attribution, the output-noise check, the
+combined evidence of weak layers, the accuracy recovery -- runs only where ``judging`` says its
+answer can change the verdict or the advice, and is recorded (time, forwards, what it bought,
+or why it was skipped) in ``report.passes``; finally prove the model is unchanged.
 """
 
 from __future__ import annotations
@@ -21,15 +24,23 @@ from torch import Tensor, nn
 
 from bncheck.config import FAIL_ON_LEVELS, Thresholds, resolve_thresholds
 from bncheck.errors import InputError, InternalError, UsageError
-from bncheck.judging.attribution import Kept, attribute_layer, attribute_layers, recalibrated_tally
+from bncheck.judging.attribution import gap_share
+from bncheck.judging.conclusion import (
+    combined_evidence_finding,
+    conclusion_subjects,
+    conclusion_text,
+    recalibrate_all_explains,
+    share_settled,
+    weak_layers,
+)
 from bncheck.judging.findings import SAMPLE
 from bncheck.judging.output_divergence import (
-    NoiseEstimate,
     composition,
     model_level_findings,
-    noise_divergence,
+    noise_decides_at,
     nonfinite_output_finding,
     triggered,
+    unmeasured_noise_finding,
 )
 from bncheck.judging.preprocessing import InputReading, read_signature
 from bncheck.judging.rules import Recovery, accuracy_gap, accuracy_gap_finding, eval_not_worse, two_readings_conclusion
@@ -40,6 +51,7 @@ from bncheck.measuring.batches import (
     OnDevice,
     _dataset_pair,
     batch_len,
+    forwards_run,
     iter_batches,
     model_placement,
     split_batch,
@@ -47,12 +59,14 @@ from bncheck.measuring.batches import (
     to_device,
     to_host,
 )
+from bncheck.measuring.distributed import combine
 from bncheck.measuring.input_signature import SAMPLES as SIGNATURE_SAMPLES
 from bncheck.measuring.input_signature import input_signature
-from bncheck.measuring.outputs import OutputTally, choosing, output_gap
+from bncheck.measuring.outputs import OutputTally, choosing, gap_value, output_gap
+from bncheck.measuring.passes import Kept, NoiseEstimate, Plan, noise_divergence
 from bncheck.measuring.pictures import PICTURES, encode
 from bncheck.measuring.statistics import LayerStats, statistics_pass
-from bncheck.reporting.report import STALE_CODES, DataInfo, Finding, OutputDivergence, Report, Sources
+from bncheck.reporting.report import STALE_CODES, DataInfo, Finding, OutputDivergence, Report, Sources, fails_gate
 from bncheck.runtime import BNLayer, Runtime, checksum, runtime_for
 
 KEEP_SAMPLES = 256
@@ -139,6 +153,7 @@ def analyze(
     sources: Optional[Sources] = None,
     train_pass: Optional[TrainPass] = None,
     output: Optional[str] = None,
+    thorough: bool = False,
 ) -> Report:
     """Compare every BN layer's running statistics with the statistics of ``data``.
 
@@ -176,6 +191,12 @@ def analyze(
             nesting (``"logits"``, ``"1"``, ``"0.out"``); None: found automatically (logits
             beside probabilities, ``logits``/``out`` of a dict), and ``report.output.source``
             says where.
+        thorough: run every pass over every kept batch whatever its value: per-layer
+            attribution even when recalibrating all layers together already explains the gap,
+            the output-noise pass even when flagged layers already fail the gate, the
+            recalibrate-all pass past the batch that settles it. By default a pass runs only
+            where its answer can change the verdict or the advice; ``report.passes`` says which
+            ran, what each cost and bought, and why the others did not.
 
     Returns:
         A frozen ``Report``; ``report.verdict`` is ``"pass"``, ``"fail"`` or ``"no-batchnorm"``.
@@ -195,7 +216,7 @@ def analyze(
             return analyze(model, data, batch_size=batch_size, num_batches=num_batches, device=device,
                            thresholds=thresholds, attribute=attribute, ignore=ignore, fail_on=fail_on,
                            progress=progress, momentum_known=momentum_known, shard=shard, sources=sources,
-                           train_pass=train_pass)
+                           train_pass=train_pass, thorough=thorough)
     started = time.perf_counter()
     resolved = resolve_thresholds(thresholds)
     _check_fail_on(fail_on)
@@ -216,13 +237,38 @@ def analyze(
                 distributed.broadcast_buffers_from_main(world, layers)
             return _analyze(runtime, ignored, batches, resolved, attribute, fail_on, progress, target, started,
                             momentum_known, world, tuple(_rank_findings(divergent, world)), sources=sources,
-                            train_pass=train_pass)
+                            train_pass=train_pass, thorough=thorough)
         finally:
             if divergent:
                 with torch.no_grad():
                     for layer, saved in zip(layers, own):
                         for name, value in saved.items():
                             layer.buffer(name).copy_(value)
+
+
+@dataclass
+class Measured:
+    """What the statistics pass leaves for the judgement and the passes after it."""
+
+    stats: Any
+    """The ``statistics_pass`` recorder: per-layer statistics (``stats.stats``) and batch means."""
+    tally: OutputTally
+    """Both modes' outputs over the whole data."""
+    kept: Kept
+    """The first ``KEEP_SAMPLES`` samples (``KEEP_BYTES`` at most) on the host, for the later passes."""
+    kept_tally: OutputTally
+    """Both modes' outputs over the kept samples alone (the later passes' own gap)."""
+    labels_per_batch: list[Optional[Tensor]]
+    kept_tallies: list[OutputTally] = field(default_factory=list)
+    """The same, per kept batch (this process's): the gap of the first batches, for a pass that
+    stops early."""
+    samples: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+    any_labels: bool = False
+    input_shape: Optional[tuple[int, ...]] = None
+    forwards: int = 0
+    seconds: float = 0.0
 
 
 def _analyze(
@@ -241,12 +287,11 @@ def _analyze(
     keep_samples: Optional[int] = None,
     sources: Optional[Sources] = None,
     train_pass: Optional[TrainPass] = None,
+    thorough: bool = False,
 ) -> Report:
     world = world or distributed.World()
     replay = train_pass if train_pass is not None and train_pass.replayable else None
     record = train_pass if train_pass is not None and replay is None else None
-    recorded = 0
-    keep_samples = KEEP_SAMPLES if keep_samples is None else keep_samples
     model, layers = runtime.model, runtime.layers
     if record is not None and not all(layer.native and layer.frozen_by is None
                                       for layer in layers if layer.kind == "batchnorm"):
@@ -255,35 +300,111 @@ def _analyze(
         record.complete = False
     _, float_dtype = model_placement(model)
     before = checksum(model)
+    measured = _measure(runtime, batches, device, float_dtype, progress, replay, record, before, world,
+                        KEEP_SAMPLES if keep_samples is None else keep_samples)
+    stats = measured.stats
+    if replay is not None:
+        for entry in stats.stats:
+            shared = replay.stats.get(entry.layer.name)
+            if shared is not None:
+                entry.train, entry.train_calls = shared.train, shared.train_calls
+                entry.depth = shared.depth if entry.depth is None else entry.depth  # buffer-measured layers
+    if record is not None:
+        record.stats = {entry.layer.name: entry for entry in stats.stats}
+        record.samples, record.batches = measured.samples, measured.batches
+    if measured.batches == 0:
+        raise InputError("the data yielded no batches; point $data at a non-empty folder, file or iterable")
+    sources = sources or Sources()
+    data_info = sources.data_info(samples=measured.samples, batch_size=measured.largest_batch,
+                                  batches=measured.batches, labels=measured.any_labels,
+                                  input_shape=measured.input_shape)
+    model_info = sources.model_info(len(layers))
+    output = measured.tally.result()
+    pictures = tuple(encode(kept) for kept in measured.tally.worst)
+    reduce = (lambda t: distributed.pool(world, t)) if world.active else None
+    plan = Plan(progress)
+    plan.record("statistics", measured.seconds, measured.forwards, measured.samples,
+                f"eval- and train-mode statistics of {len(layers)} BN layers over {measured.samples} samples in "
+                f"{measured.batches} batches" + (" (train mode replayed)" if replay is not None else ""))
+    kept = measured.kept
+    kept_samples = sum(batch_len(k[0]) for k in kept)
+    reading: Optional[InputReading] = None
+
+    def report_with(attribution: Optional[dict[str, Optional[float]]] = None,
+                    extra: tuple[Finding, ...] = (), conclusion: Optional[str] = None) -> Report:
+        return build_report(
+            stats.stats, ignored, thresholds, fail_on, model_info, data_info, output, str(device), started,
+            has_data=True, attribution=attribution, extra_findings=rank_findings + extra,
+            momentum_known=momentum_known, conclusion=conclusion, world_size=world.size, input_reading=reading,
+            pictures=pictures, passes=tuple(plan.records),
+        )
+
+    report = report_with()
+    first = _first_flagged(runtime, report)
+    if world.active:  # under torchrun each rank holds another part of the sample: no fit, one reading
+        plan.skip("input signature", "not under torchrun: each rank holds another part of the sample")
+    elif first is None or not kept:
+        plan.skip("input signature", "the first BN layer is not flagged")
+    else:
+        reading = plan.run("input signature",
+                           lambda: _input_reading(runtime, first, kept, device, float_dtype),
+                           lambda r: f"the first layer's shift reads as {r.kind}" if r is not None
+                           else "no transform of the input explains the first layer's shift (or no fit)",
+                           samples=min(kept_samples, SIGNATURE_SAMPLES))
+        if reading is not None:
+            report = report_with()
+    failure: Optional[BaseException] = None
+    try:
+        followed = _follow_up(runtime, report, measured, plan, output, thresholds, attribute, fail_on, device,
+                              float_dtype, reduce, replay, record, thorough)
+    except Exception as exc:
+        failure, followed = exc, None
+    world.agree(failure)
+    if followed is None:
+        raise InternalError("the passes after the statistics pass failed; please report this bug")
+    attribution, extra, conclusion = followed
+    ran = any(r.ran and r.forwards and r.name != "statistics" for r in plan.records)
+    if ran and checksum(model) != before:  # a healthy model ran none: no second hash
+        raise InternalError("the model changed during attribution or the noise check; please report this bug")
+    return report_with(attribution or None, extra, conclusion)
+
+
+def _measure(
+    runtime: Runtime, batches: Any, device: torch.device, float_dtype: Optional[torch.dtype],
+    progress: Optional[Progress], replay: Optional[TrainPass], record: Optional[TrainPass], before: Any,
+    world: distributed.World, keep_samples: int,
+) -> Measured:
+    """The statistics pass: per batch one eval-mode forward (deployment) and one train-mode
+    forward (or the replayed train-mode outputs), tallying both modes' outputs and keeping the
+    first samples on the host for the passes after it; pooled over ranks under torchrun."""
+    start, calls = time.perf_counter(), forwards_run()
+    model = runtime.model
+    recorded = 0
     tally = OutputTally(keep_pictures=PICTURES)
-    samples = batches_seen = largest_batch = 0
-    any_labels = False
-    input_shape: Optional[tuple[int, ...]] = None
-    # The first KEEP_SAMPLES samples (KEEP_BYTES at most) stay on the host for the passes after the statistics
-    # (attribution, the output-noise check, the conclusion: all run only when something
-    # diverges), with their own output tally: memory stays flat in the number of batches and
-    # those passes cost at most that many samples each.
-    keep: Kept = []
-    kept_samples = kept_bytes = 0
-    kept_tally = OutputTally()
-    labels_per_batch: list[Optional[Tensor]] = []
+    # The first KEEP_SAMPLES samples (KEEP_BYTES at most) stay on the host for the passes after the
+    # statistics (attribution, the output-noise check, the conclusion: all run only when something
+    # diverges), with their own output tally: memory stays flat in the number of batches and those
+    # passes cost at most that many samples each.
+    measured = Measured(None, tally, [], OutputTally(), [])
+    kept_bytes = kept_samples = 0
     failure: Optional[BaseException] = None
     try:
         # recording for recalibration: its precision (the exact variance path from a smaller ratio)
         with statistics_pass(runtime, precise=record is not None) as stats:
+            measured.stats = stats
             for batch in batches:
                 inputs, labels = split_batch(batch)
                 inputs = to_device(inputs, device, float_dtype)
                 n = batch_len(inputs)
-                if input_shape is None:
+                if measured.input_shape is None:
                     first = tensors(inputs)
                     per_sample = isinstance(inputs, ImageList)  # a list of images: each is one sample
-                    input_shape = tuple(first[0].shape[0 if per_sample else 1:]) if first else None
+                    measured.input_shape = tuple(first[0].shape[0 if per_sample else 1:]) if first else None
                 out_eval = stats.forward(inputs, "eval")
                 if replay is not None:  # train mode never reads the running statistics that changed
-                    if batches_seen >= len(replay.outputs):
+                    if measured.batches >= len(replay.outputs):
                         raise InternalError("the replayed train-mode pass has fewer batches than the data")
-                    out_train = to_device(replay.outputs[batches_seen], device, None)
+                    out_train = to_device(replay.outputs[measured.batches], device, None)
                 else:
                     out_train = stats.forward(inputs, "train")
                 if record is not None and record.complete:
@@ -295,17 +416,19 @@ def _analyze(
                 tally.add(out_train, out_eval, labels, batch=n, inputs=inputs)
                 # on the host: later passes re-read them, and accelerator memory is for the model
                 if kept_samples < keep_samples and (kept_bytes < KEEP_BYTES or kept_samples < MIN_KEPT):
-                    keep.append((to_host(inputs), labels, to_host(out_train)))
-                    kept_tally.add(out_train, out_eval, labels, batch=n)
+                    measured.kept.append((to_host(inputs), labels, to_host(out_train)))
+                    part = OutputTally()
+                    part.add(out_train, out_eval, labels, batch=n)
+                    measured.kept_tallies.append(part)
                     kept_samples += n
                     kept_bytes += sum(t.numel() * t.element_size() for t in (*tensors(inputs), *tensors(out_train)))
-                labels_per_batch.append(labels)
-                any_labels = any_labels or labels is not None
-                samples += n
-                largest_batch = max(largest_batch, n)
-                batches_seen += 1
+                measured.labels_per_batch.append(labels)
+                measured.any_labels = measured.any_labels or labels is not None
+                measured.samples += n
+                measured.largest_batch = max(measured.largest_batch, n)
+                measured.batches += 1
                 if progress is not None:
-                    progress("batches", batches_seen, None)
+                    progress("batches", measured.batches, None)
     except Exception as exc:  # every rank learns of it before the next collective
         failure = exc
     finally:
@@ -313,137 +436,221 @@ def _analyze(
     world.agree(failure)
     if after != before:
         raise InternalError("the model's parameters, buffers or modes changed during the run; please report this bug")
+    measured.kept_tally = combine(measured.kept_tallies) if measured.kept_tallies else OutputTally()
     if world.active:  # pool every rank's part: each rank now holds the whole sample's numbers
         counts = distributed.pool(world, distributed.SampleCounts(
-            samples, batches_seen, largest_batch, any_labels, input_shape, labels_per_batch))
-        samples, batches_seen, largest_batch = counts.samples, counts.batches, counts.largest
-        any_labels, input_shape, labels_per_batch = counts.any_labels, counts.input_shape, counts.labels_per_batch
-        distributed.pool_stats(world, stats, device)
-        tally = distributed.pool(world, tally)
-        kept_tally = distributed.pool(world, kept_tally)
-    if replay is not None:
-        for entry in stats.stats:
-            shared = replay.stats.get(entry.layer.name)
-            if shared is not None:
-                entry.train, entry.train_calls = shared.train, shared.train_calls
-                entry.depth = shared.depth if entry.depth is None else entry.depth  # buffer-measured layers
-    if record is not None:
-        record.stats = {entry.layer.name: entry for entry in stats.stats}
-        record.samples, record.batches = samples, batches_seen
-    if batches_seen == 0:
-        raise InputError("the data yielded no batches; point $data at a non-empty folder, file or iterable")
-    sources = sources or Sources()
-    data_info = sources.data_info(samples=samples, batch_size=largest_batch, batches=batches_seen, labels=any_labels,
-                                  input_shape=input_shape)
-    model_info = sources.model_info(len(layers))
-    output = tally.result()
-    pictures = tuple(encode(kept) for kept in tally.worst)
-    reduce = (lambda t: distributed.pool(world, t)) if world.active else None
+            measured.samples, measured.batches, measured.largest_batch, measured.any_labels, measured.input_shape,
+            measured.labels_per_batch))
+        measured.samples, measured.batches, measured.largest_batch = counts.samples, counts.batches, counts.largest
+        measured.any_labels, measured.input_shape = counts.any_labels, counts.input_shape
+        measured.labels_per_batch = counts.labels_per_batch
+        distributed.pool_stats(world, measured.stats, device)
+        measured.tally = distributed.pool(world, tally)
+        measured.kept_tally = distributed.pool(world, measured.kept_tally)
+    measured.forwards, measured.seconds = forwards_run() - calls, time.perf_counter() - start
+    return measured
 
-    reading: Optional[InputReading] = None
 
-    def report_with(attribution: Optional[dict[str, Optional[float]]] = None,
-                    extra: tuple[Finding, ...] = (), conclusion: Optional[str] = None) -> Report:
-        return build_report(
-            stats.stats, ignored, thresholds, fail_on, model_info, data_info, output, str(device), started,
-            has_data=True, attribution=attribution, extra_findings=rank_findings + extra,
-            momentum_known=momentum_known, conclusion=conclusion, world_size=world.size, input_reading=reading,
-            pictures=pictures,
-        )
-
-    report = report_with()
-    if not world.active:  # under torchrun each rank holds another part of the sample: no fit, one reading
-        if progress is not None:
-            progress("input signature", 0, None)
-        reading = _input_reading(runtime, report, keep, device, float_dtype)
-        if reading is not None:
-            report = report_with()
-    gap = output_gap(kept_tally.result())  # the passes below re-run the kept samples: their own gap
-    flagged = [
-        layer.name for layer in report.layers
-        if layer.score is not None and any(f.severity != "info" for f in layer.findings)
-    ][:attribute]
+def _follow_up(
+    runtime: Runtime, report: Report, measured: Measured, plan: Plan, output: OutputDivergence,
+    thresholds: Thresholds, attribute: int, fail_on: str, device: torch.device,
+    float_dtype: Optional[torch.dtype], reduce: Any, replay: Optional[TrainPass], record: Optional[TrainPass],
+    thorough: bool,
+) -> tuple[dict[str, Optional[float]], tuple[Finding, ...], Optional[str]]:
+    """The passes after the statistics pass, each run only where its answer can change the report
+    (``measuring.passes.STEPS``): the conclusion first (recalibrating every stale layer at once),
+    then per-layer attribution unless that already explains the gap, the output-noise pass unless
+    flagged layers already fail the gate, the combined evidence of weak layers, and the accuracy
+    recovery (sharing the conclusion's pass). Returns attribution, model-level findings, conclusion."""
+    kept, stats = measured.kept, measured.stats
+    kept_samples = sum(batch_len(k[0]) for k in kept)
+    gap = output_gap(measured.kept_tally.result())  # the passes below re-run the kept samples: their own gap
     by_name: dict[str, LayerStats] = {entry.layer.name: entry for entry in stats.stats}
-    attribution: dict[str, Optional[float]] = {}
     extra: tuple[Finding, ...] = ()
-    failure = None
-    conclusion = None
-
-    def stage(name: str) -> None:  # a stage after the attribution passes starts
-        if progress is not None:
-            progress(name, 0, None)
-
     broken_outputs = nonfinite_output_finding(output)
     if broken_outputs is not None:
         extra += (broken_outputs,)
-    try:
-        if flagged and gap:
+
+    def gap_of(batches: int) -> Optional[float]:
+        """The output gap of the first ``batches`` kept batches (all of them: pooled over ranks)."""
+        if batches >= len(kept):
+            return gap
+        return output_gap(combine(measured.kept_tallies[:batches]).result())
+
+    def share_of(names: tuple[str, ...], settle: bool = False) -> tuple[Optional[float], int]:
+        """The share of the gap that recalibrating ``names`` closes, and the kept batches it ran;
+        ``settle``: stop once the share is surely on one side of the advice's bar."""
+        if not gap:
+            return None, 0
+
+        def enough(tally: OutputTally, batches: int) -> bool:
+            return share_settled(tally.values, gap_of(batches) or 0.0)
+
+        done = plan.recalibrated(runtime, [by_name[name] for name in names], kept, device, float_dtype, reduce,
+                                 enough=enough if settle else None)
+        if done.empty or done.tally is None:
+            return None, done.batches
+        part_gap = gap_of(done.batches)
+        return (gap_share(done.tally, part_gap) if part_gap else None), done.batches
+
+    def pct(share: Optional[float]) -> str:
+        return f"{100 * share:.0f}%" if share is not None else "not measurable"
+
+    # conclusion: every stale layer recalibrated at once
+    conclusion: Optional[str] = None
+    explains_all = False
+    subjects = conclusion_subjects(report, set(by_name))
+    if eval_not_worse(output) and any(f.code in STALE_CODES and f.severity == "warning" for f in report.findings):
+        conclusion = two_readings_conclusion(output)  # labels leave nothing to recover: advise no cure
+        plan.skip("conclusion", "labels show eval mode doing as well as train mode: no cure to measure")
+    elif subjects is None:
+        off = next((f.code for f in report.findings if f.code in SAMPLE and f.severity != "info"), None)
+        plan.skip("conclusion", f"the sample is off ({off}): no recalibration is advised on it" if off
+                  else "fewer than 3 layers (or half of a small net's) are stale: no model-level conclusion")
+    elif not gap or attribute == 0:
+        conclusion = conclusion_text(report, subjects, None, None, measure=attribute > 0)
+        plan.skip("conclusion", "--attribute 0" if attribute == 0 else "train and eval mode give the same outputs")
+    else:
+        one_set = len(subjects.stale) == len(subjects.measured)
+
+        def conclude() -> tuple[Optional[float], Optional[float], int]:
+            # one set of layers: stop once its share is surely on one side of the bar; two: the
+            # advice compares them, so both run over every kept batch
+            every, ran = share_of(subjects.measured, settle=one_set and not thorough)
+            subset = every if one_set else share_of(subjects.stale)[0]
+            return every, subset, ran
+
+        def bought(shares: tuple[Optional[float], Optional[float], int]) -> str:
+            text = f"recalibrating all {len(subjects.measured)} layers recovers {pct(shares[0])} of the output gap"
+            if not one_set:
+                text += f", the {len(subjects.stale)} flagged {pct(shares[1])}"
+            return text + (f" (settled after {shares[2]} of {len(kept)} batches)" if shares[2] < len(kept) else "")
+
+        all_share, flagged_share, ran = plan.run("conclusion", conclude, bought, samples=kept_samples)
+        measured_on = ""
+        if ran < len(kept):
+            measured_on = f" on {sum(batch_len(k[0]) for k in kept[:ran])} of {kept_samples} kept samples"
+        conclusion = conclusion_text(report, subjects, all_share, flagged_share, measured_on=measured_on)
+        explains_all = subjects is not None and recalibrate_all_explains(subjects, all_share, flagged_share)
+
+    # attribution: each flagged layer fixed alone
+    flagged = [layer.name for layer in report.layers
+               if layer.score is not None and layer.name in by_name
+               and any(f.severity != "info" for f in layer.findings)][:attribute]
+    attribution: dict[str, Optional[float]] = {}
+    if not flagged:
+        plan.skip("attribution", "--attribute 0" if attribute == 0 else "no flagged layer to attribute")
+    elif not gap:
+        plan.skip("attribution", "train and eval mode give the same outputs: no gap to attribute")
+    elif explains_all and not thorough:
+        plan.skip("attribution", f"recalibrating all {len(subjects.measured)} layers together already explains the "
+                                 "gap (the conclusion): a share per layer would not change the advice "
+                                 "(--thorough measures it)")
+    else:
+        def attribute_each() -> dict[str, Optional[float]]:
+            shares = {}
             for index, name in enumerate(flagged):
-                if progress is not None:
-                    progress("attribution", index * len(keep), len(flagged) * len(keep))
-                attribution[name] = attribute_layer(runtime, by_name[name], keep, gap, device, float_dtype,
-                                                    reduce=reduce)
-        if triggered(output):
-            stage("output noise")
-            if replay is not None and replay.noise is not None:
-                noise = replay.noise  # train mode alone: the same as before
-            else:
-                noise = noise_divergence(runtime, keep, device, float_dtype, reduce=reduce, gap=output)
+                if plan.progress is not None:
+                    plan.progress("attribution", index * len(kept), len(flagged) * len(kept))
+                shares[name] = share_of((name,))[0]
+            return shares
+
+        attribution = plan.run(
+            "attribution", attribute_each,
+            lambda shares: "fixing each alone recovers " + ", ".join(f"{name} {pct(share)}"
+                                                                     for name, share in shares.items()),
+            samples=kept_samples)
+
+    # output noise: drift or batch noise?
+    if triggered(output):
+        explained = any(layer.score is not None and any(f.severity != "info" for f in layer.findings)
+                        for layer in report.layers)
+        unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))
+        batches = composition(measured.labels_per_batch, stats.batch_means)
+        layer_findings = [f for layer in report.layers for f in layer.findings]
+        settled = explained and fails_gate([*layer_findings, *extra], fail_on)
+        noise: Optional[NoiseEstimate] = None
+        if batches.unrepresentative:
+            plan.skip("output noise", f"batch composition explains the disagreement ({batches.evidence})")
+        elif replay is not None and replay.noise is not None:
+            noise = replay.noise  # train mode alone: the same as before
+            plan.record("output noise", 0.0, 0, noise.samples, "replayed from the diagnosis before: "
+                        + noise.describe().strip())
+        elif settled and not thorough:
+            plan.skip("output noise", "flagged layers already fail the gate: what batch noise explains could not "
+                                      "change the verdict or the advice (--thorough measures it)")
+        else:
+            noise = plan.run("output noise", lambda: noise_divergence(runtime, kept, device, float_dtype, reduce=reduce,
+                                                                       decides_at=noise_decides_at(output)),
+                             lambda estimate: f"batch noise alone gives {gap_value(estimate.divergence) or 0:.3g}"
+                             f"{estimate.describe()}"
+                             if estimate is not None else "not measurable (inputs that cannot be re-batched)",
+                             samples=kept_samples)
             if record is not None and noise is not None and noise.complete:
                 record.noise = noise
-            explained = any(layer.score is not None and any(f.severity != "info" for f in layer.findings)
-                            for layer in report.layers)
-            unmeasured = sum(1 for layer in report.layers if any(f.code == "unmeasurable" for f in layer.findings))
-            extra += tuple(model_level_findings(output, noise, composition(labels_per_batch, stats.batch_means),
-                                               largest_batch, explained, unmeasured))
-        stage("conclusion")
-        if eval_not_worse(output) and any(f.code in STALE_CODES and f.severity == "warning" for f in report.findings):
-            conclusion = two_readings_conclusion(output)  # labels leave nothing to recover: advise no cure
+        if settled and not thorough and noise is None and not batches.unrepresentative:
+            extra += (unmeasured_noise_finding(output),)
         else:
-            conclusion = _conclusion(runtime, report, by_name, keep, gap, device, float_dtype, reduce,
-                                     measure=attribute > 0)
-        if triggered(output) and gap:
-            stage("combined evidence")
-            combined = _combined_evidence(runtime, report, by_name, keep, gap, device, float_dtype, reduce,
-                                          thresholds, measure=attribute > 0)
-            extra += (combined,) if combined is not None else ()
-        if accuracy_gap(output):
-            stage("accuracy recovery")
-            extra += (accuracy_gap_finding(output, _recovered_accuracy(
-                runtime, report, by_name, keep, kept_tally, device, float_dtype, reduce, attribute)),)
-    except Exception as exc:
-        failure = exc
-    world.agree(failure)
-    passes_ran = bool(flagged and gap) or triggered(output) or conclusion is not None or bool(extra)
-    if passes_ran and checksum(model) != before:  # a healthy model ran none: no second hash
-        raise InternalError("the model changed during attribution or the noise check; please report this bug")
-    if not attribution and not extra and conclusion is None:
-        return report
-    return report_with(attribution or None, extra, conclusion)
+            extra += tuple(model_level_findings(output, noise, batches, measured.largest_batch, explained,
+                                                unmeasured))
+    else:
+        plan.skip("output noise", "train and eval mode agree: no disagreement to explain")
+
+    # combined evidence: weak layers that add up
+    weak = weak_layers(report, set(by_name), thresholds) if triggered(output) and gap else ()
+    if not weak:
+        plan.skip("combined evidence", "fewer than 3 layers sit just under the noise bar while the outputs disagree")
+    elif attribute == 0:
+        plan.skip("combined evidence", "--attribute 0")
+        found = combined_evidence_finding(report, weak, None, kept_samples, thresholds, measure=False)
+        extra += (found,) if found is not None else ()
+    else:
+        share = plan.run("combined evidence", lambda: share_of(weak)[0],
+                         lambda s: f"recalibrating the {len(weak)} weak layers together recovers {pct(s)}",
+                         samples=kept_samples)
+        found = combined_evidence_finding(report, weak, share, kept_samples, thresholds)
+        extra += (found,) if found is not None else ()
+
+    # accuracy recovery: the task metric after recalibrating every measured layer
+    if accuracy_gap(output):
+        before = measured.kept_tally.result()
+        every = tuple(layer.name for layer in report.layers if layer.score is not None and layer.name in by_name)
+        if attribute == 0 or before.eval_accuracy is None or not every:
+            plan.skip("accuracy recovery", "--attribute 0" if attribute == 0 else "no labelled kept sample")
+            recovery = None
+        else:
+            recovery = plan.run("accuracy recovery", lambda: _recovery(before, plan.recalibrated(
+                runtime, [by_name[name] for name in every], kept, device, float_dtype, reduce).tally),
+                lambda r: f"eval {r.metric} {100 * r.before:.1f}% -> {100 * r.after:.1f}% after recalibrating"
+                if r is not None else "not measurable", samples=kept_samples)
+        extra += (accuracy_gap_finding(output, recovery),)
+    else:
+        plan.skip("accuracy recovery", "labels show no accuracy gap" if output.train_accuracy is not None
+                  else "no labels")
+    return attribution, extra, conclusion
 
 
-MANY_STALE = 3
-"""From this many stale layers on, the report concludes once: recalibrate them all."""
+def _first_flagged(runtime: Runtime, report: Report) -> Optional[int]:
+    """The index (in ``runtime.layers``) of the first BN layer in execution order when it is
+    flagged for its input; None otherwise."""
+    called = [layer for layer in report.layers if layer.depth is not None]
+    if not called:
+        return None
+    first = min(called, key=lambda layer: layer.depth)
+    if not any(f.code in INPUT_CODES and f.severity != "info" for f in first.findings):
+        return None
+    return next((i for i, layer in enumerate(runtime.layers) if layer.name == first.name), None)
 
 
 INPUT_CODES = (*STALE_CODES, "input-distribution")
 
 
-def _input_reading(runtime: Runtime, report: Report, kept: Kept, device: torch.device,
+def _input_reading(runtime: Runtime, index: int, kept: Kept, device: torch.device,
                    float_dtype: Optional[torch.dtype]) -> Optional[InputReading]:
-    """When the first BN layer is flagged: what explains its shift, measured by transforming
-    the input (``measuring/input_signature.py``); None when it is not flagged or cannot be fitted."""
-    called = [layer for layer in report.layers if layer.depth is not None]
-    if not called or not kept:
-        return None
-    first = min(called, key=lambda layer: layer.depth)
-    if not any(f.code in INPUT_CODES and f.severity != "info" for f in first.findings):
-        return None
+    """What explains the first BN layer's shift, measured by transforming the input
+    (``measuring/input_signature.py``); None when it cannot be fitted."""
     inputs = [k[0] for k in kept]
     if not all(isinstance(x, Tensor) for x in inputs):
-        return None
-    index = next((i for i, layer in enumerate(runtime.layers) if layer.name == first.name), None)
-    if index is None:
         return None
     try:
         signature = input_signature(runtime, index, torch.cat(inputs)[:SIGNATURE_SAMPLES], device, float_dtype)
@@ -452,152 +659,9 @@ def _input_reading(runtime: Runtime, report: Report, kept: Kept, device: torch.d
     return read_signature(signature) if signature is not None else None
 
 
-def _conclusion(
-    runtime: Runtime, report: Report, by_name: dict[str, LayerStats], kept: Kept,
-    gap: Optional[float], device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any = None,
-    measure: bool = True,
-) -> Optional[str]:
-    """One sentence instead of many alike findings: when several layers are stale, the cure is
-    what ``bncheck fix`` does -- every BN layer recalibrated together, each on the input it sees
-    once the layers before it use batch statistics -- and one eval pass measures what it
-    recovers. When only some layers are flagged, the flagged subset is measured too (one more
-    pass): the two can differ in sign, because unflagged layers downstream were tuned to the
-    flagged ones' statistics. ``measure=False`` (``--attribute 0``): no pass, and the sentence
-    says so. "The gap is not in these statistics" is said only when neither closes it."""
-    stale = [layer.name for layer in report.layers if layer.score is not None
-             and any(f.code in STALE_CODES and f.severity != "info" for f in layer.findings)]
-    every = [layer.name for layer in report.layers if layer.score is not None and layer.name in by_name]
-    measured = len(every)
-    many = len(stale) >= MANY_STALE or (len(stale) >= 2 and 2 * len(stale) >= measured)  # small nets: half
-    if not many or any(f.code in SAMPLE and f.severity != "info" for f in report.findings):
-        return None  # a sample that is off comes first: no recalibration is advised on it
-    all_share = flagged_share = None
-    if gap and measure:
-        all_share = attribute_layers(runtime, [by_name[name] for name in every], kept, gap, device, float_dtype,
-                                     reduce=reduce)
-        if len(stale) < measured:
-            flagged_share = attribute_layers(runtime, [by_name[name] for name in stale], kept, gap, device,
-                                             float_dtype, reduce=reduce)
-        else:
-            flagged_share = all_share
-
-    def pct(share: float) -> str:
-        return f"{100 * share:.0f}%" if share >= 0 else f"none (the gap grows by {100 * -share:.0f}%)"
-
-    subset = (f"; recalibrating only the {len(stale)} flagged recovers {pct(flagged_share)}"
-              if flagged_share is not None and len(stale) < measured else "")
-    if all_share is not None and all_share >= HELPS and (flagged_share is None or all_share >= flagged_share - 0.05):
-        return (f"{_freeze_reading(report, stale, measured)}{len(stale)} of {measured} measured BN layers are "
-                f"stale: recalibrate all {measured} BN layers together (what bncheck fix does, verified before it "
-                f"writes): that recovers {pct(all_share)} of the output gap (measured){subset}.")
-    if flagged_share is not None and flagged_share >= HELPS:
-        return (f"{len(stale)} of {measured} measured BN layers are stale: recalibrating those {len(stale)} "
-                f"together recovers {pct(flagged_share)} of the output gap (measured), all {measured} together "
-                f"{pct(all_share) if all_share is not None else 'was not measured'}: recalibrate the flagged "
-                "layers (bncheck fix --layers GLOB, verified before it writes).")
-    if all_share is not None:
-        # the measurement does not support recalibrating: say what was measured, advise nothing it refutes
-        return (f"{len(stale)} of {measured} measured BN layers disagree with this data, but recalibrating all "
-                f"{measured} on it does not close the output gap ({pct(all_share)} of it recovered, measured"
-                f"{subset.replace('; recalibrating', ', recalibrating')}): the gap is not in these statistics "
-                "alone -- check that this data is what the model was trained on and whether BN was kept in eval "
-                "mode on purpose before changing any statistics.")
-    text = (f"{len(stale)} of {measured} measured BN layers are stale: recalibrate all BN layers together "
-            "(bncheck fix, verified before it writes) rather than one at a time")
-    if not measure:
-        text += "; what that recovers was not measured (--attribute 0)"
-    return text + "."
-
-
-def _freeze_reading(report: Report, stale: list[str], measured: int) -> str:
-    """The forum's freeze, named when the evidence fits: from the modules (momentum 0, or affine
-    frozen while saved in train mode: pseudo-frozen), or -- from weights alone, where momentum is
-    not saved -- as one of two readings when most layers at every depth are stale."""
-    frozen = [layer.name for layer in report.layers
-              if any(f.code == "pseudo-frozen" and f.severity != "info" for f in layer.findings)]
-    if frozen:
-        return (f"BN 'frozen' the forum's way: the {len(frozen)} flagged layers have momentum 0 (or a frozen affine) "
-                "yet ran in train mode, so their statistics never followed the data the model trained on. ")
-    if report.model.momentum_from not in ("library-default", "builder") or 2 * len(stale) < measured:  # not saved
-        return ""
-    return ("Two readings fit statistics stale at most depths: BN statistics not updated while the model trained on "
-            "data like this (momentum 0 / requires_grad=False left in train(), or SWA/EMA weights without a BN "
-            "update), or data from another domain than training; `bncheck diff BASE.pt THIS.pt` against the "
-            "checkpoint it was fine-tuned from proves the first (statistics identical while the weights moved), "
-            "and the full module (torch.save(model)) shows momentum 0. Either way: ")
-
-
-HELPS = 0.1
-"""Share of the output gap that recalibrating the stale layers must recover for the conclusion to advise it."""
-
-
-WEAK_DRIFT = 2.0
-"""Drift-to-noise ratio from which a layer below ``thresholds.drift_to_noise`` still counts as weak evidence."""
-WEAK_LAYERS = 3
-"""Weak layers needed before their evidence is added up."""
-COMBINED_SHARE = 0.2
-"""Share of the output gap that recalibrating the weak layers together must recover (measured): the
-direction test. At small batches much of the gap is batch noise that no statistic removes, so the
-bar is a fifth, not a half; on healthy models the rule never gets this far (benchmarks/false_alarms.py:
-no run of the slow sweep or the healthy samples has three layers at 2x their noise floor)."""
-
-
-def _combined_evidence(
-    runtime: Runtime, report: Report, by_name: dict[str, LayerStats], kept: Kept,
-    gap: float, device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any, thresholds: Any,
-    measure: bool = True,
-) -> Optional[Finding]:
-    """Evidence weak per layer but consistent across layers: several layers each 2x-``drift_to_noise``
-    above their noise floor (too close to it to flag alone: per-sample noise is large where feature
-    maps are 1x1) with scores at least ``stale_warning``, none flagged, while the outputs disagree.
-    Their sum counts only when it points the same way as the output gap -- recalibrating them
-    together must recover at least ``COMBINED_SHARE`` of it (one eval pass over the kept sample)."""
-    weak = [layer for layer in report.layers
-            if layer.score is not None and layer.drift_to_noise is not None
-            and WEAK_DRIFT <= layer.drift_to_noise < thresholds.drift_to_noise
-            and layer.score >= thresholds.stale_warning
-            and not any(f.code in (*STALE_CODES, "input-distribution") for f in layer.findings)
-            and layer.name in by_name]
-    if len(weak) < WEAK_LAYERS:
-        return None
-    names = ", ".join(layer.name for layer in weak[:6]) + (f" and {len(weak) - 6} more" if len(weak) > 6 else "")
-    ratios = f"{min(layer.drift_to_noise for layer in weak):.1f}-{max(layer.drift_to_noise for layer in weak):.1f}x"
-    if not measure:  # --attribute 0: no pass to test the direction, so a warning that says so
-        return Finding(
-            "stale-running-stats", "warning", None,
-            f"{len(weak)} layers each sit {ratios} above their noise floor (under drift_to_noise "
-            f"{thresholds.drift_to_noise:g}, too close to flag alone) while the outputs disagree: {names}; whether "
-            "recalibrating them closes the output gap was not measured (--attribute 0).",
-            "Rerun with --attribute 1 or more to measure it, or check with bncheck fix --dry-run.",
-        )
-    share = attribute_layers(runtime, [by_name[layer.name] for layer in weak], kept, gap, device, float_dtype,
-                             reduce=reduce)
-    if share is None or share < COMBINED_SHARE:
-        return None
-    return Finding(
-        "stale-running-stats", "error", None,
-        f"{len(weak)} layers each sit {ratios} above their noise floor (under drift_to_noise "
-        f"{thresholds.drift_to_noise:g}, too close to flag alone): {names}; together they pull eval mode away "
-        f"from train mode -- recalibrating them recovers {100 * share:.0f}% of the output gap (measured on "
-        f"{sum(batch_len(k[0]) for k in kept)} samples; the rest is batch noise at this batch size or other layers).",
-        "Weak evidence that adds up: recalibrate all BN layers together on representative data with bncheck fix "
-        "(it verifies the result), and check how the statistics were made (per-rank BN without SyncBN, a "
-        "sampler that gave ranks different data).",
-    )
-
-
-def _recovered_accuracy(
-    runtime: Runtime, report: Report, by_name: dict[str, LayerStats], kept: Kept,
-    kept_tally: OutputTally, device: torch.device, float_dtype: Optional[torch.dtype], reduce: Any, attribute: int,
-) -> Optional[Recovery]:
-    """The task metric on the kept labelled samples (mIoU with masks, else accuracy): eval
-    mode before and after recalibrating every measured BN layer on them, and train mode (one
-    eval pass; ``attribute=0`` runs none)."""
-    before = kept_tally.result()
-    if attribute == 0 or before.eval_accuracy is None:
-        return None
-    measured = [by_name[layer.name] for layer in report.layers if layer.score is not None and layer.name in by_name]
-    fixed = recalibrated_tally(runtime, measured, kept, device, float_dtype, reduce)
+def _recovery(before: Any, fixed: Optional[OutputTally]) -> Optional[Recovery]:
+    """The task metric on the kept labelled samples (mIoU with masks, else accuracy, recall for
+    detectors): eval mode before and after recalibrating every measured BN layer, and train mode."""
     after = fixed.result() if fixed is not None else None
     if after is None or after.eval_accuracy is None or not after.labeled:
         return None

@@ -58,6 +58,7 @@ from bncheck.reporting.report import (
     LayerResult,
     ModelInfo,
     OutputDivergence,
+    PassRecord,
     Picture,
     Report,
     verdict_of,
@@ -236,6 +237,7 @@ def build_report(
     world_size: int = 1,
     input_reading: Optional[InputReading] = None,
     pictures: tuple[Picture, ...] = (),
+    passes: tuple[PassRecord, ...] = (),
 ) -> Report:
     """Score, diagnose and rank the layers; decide the verdict. ``extra_findings`` are
     model-level findings measured elsewhere (the output-divergence net); ``conclusion`` and
@@ -377,4 +379,5 @@ def build_report(
         world_size=world_size,
         input_reading=input_reading.kind if input_reading is not None else None,
         pictures=pictures,
+        passes=passes,
     )

@@ -238,9 +238,18 @@ def _export_hint(model: nn.Module) -> str:
     )
 
 
+_FORWARDS = [0]
+
+
+def forwards_run() -> int:
+    """How many forwards ``forward`` has run in this process (the plan of passes counts each pass's)."""
+    return _FORWARDS[0]
+
+
 def forward(model: nn.Module, inputs: Any, mode: str) -> Any:
     """``model(inputs)``; a failure inside the model becomes one InputError line naming the
     input shape and the likely fix."""
+    _FORWARDS[0] += 1
     try:
         if isinstance(inputs, dict):
             return model(**inputs)

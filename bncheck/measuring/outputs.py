@@ -302,6 +302,11 @@ class OutputTally:
     eval_nonfinite: int = pooled("sum", default=0)
     """Samples whose eval-mode output holds NaN/Inf: deployment outputs nothing usable for them."""
     train_nonfinite: int = pooled("sum", default=0)
+    keep_values: bool = pooled("any", default=False)
+    """Record each sample's KL (``values``): the passes that may stop early need their spread."""
+    values: list = pooled("cat", default_factory=list)
+    """With ``keep_values``: per-sample KL (classifier rows; each image's pixel mean for a dense
+    output), in order; their mean is the tally's ``kl``."""
 
     def add(self, out_train: Any, out_eval: Any, labels: Optional[Tensor], batch: Optional[int] = None,
             inputs: Any = None) -> None:
@@ -340,6 +345,8 @@ class OutputTally:
         self.images += fed
         if kind == "classifier":
             kl, js, agree = softmax_divergence(out_train, out_eval)
+            if self.keep_values:
+                self.values.extend(kl.tolist())
             self.kl += float(kl.sum())
             self.js += float(js.sum())
             self.agree += float(agree.sum())
@@ -383,6 +390,8 @@ class OutputTally:
         if self.keep_pictures:
             self._picture(out_train, out_eval, masks, inputs, agree)
         pixels = out_train[0, 0].numel()
+        if self.keep_values:
+            self.values.extend(kl.tolist())
         self.kl += float(kl.sum()) * pixels
         self.js += float(js.sum()) * pixels
         self.agree += float(agree.sum()) * pixels
@@ -599,3 +608,16 @@ def output_gap(output: OutputDivergence) -> Optional[float]:
         return value if value is not None and value > 0 else None
     value = output.kl if output.kind == "classifier" else output.relative_l2
     return value if value is not None and math.isfinite(value) and value > 0 else None
+
+
+def gap_value(out: OutputDivergence) -> Optional[float]:
+    """The modes' disagreement as one number that batch noise adds to linearly: mean KL for
+    classifiers, the share of boxes not found in both modes for detectors, squared relative L2
+    for other outputs; None when there is none."""
+    if out.kind == "classifier":
+        return out.kl
+    if out.kind == "detection" and out.box_agreement is not None:
+        return 1.0 - out.box_agreement
+    if out.kind == "tensor" and out.relative_l2 is not None:
+        return out.relative_l2**2
+    return None

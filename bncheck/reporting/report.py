@@ -268,6 +268,24 @@ class BaselineComparison:
 
 
 @dataclass(frozen=True)
+class PassRecord:
+    """One pass that ran the model (or was skipped), for ``--profile`` and the JSON."""
+
+    name: str
+    """``statistics``, ``input signature``, ``conclusion``, ``attribution``, ``output noise``,
+    ``combined evidence`` or ``accuracy recovery`` (``measuring.passes.STEPS``)."""
+    ran: bool
+    seconds: float
+    """Wall time of the pass (0 when skipped)."""
+    forwards: int
+    """Forward passes it ran (batches, or stem-only forwards for the input signature)."""
+    samples: int
+    """Samples it ran over (the kept sample, or the whole data for ``statistics``)."""
+    bought: str
+    """What it measured, or why it did not run (what it would have said is not guessed)."""
+
+
+@dataclass(frozen=True)
 class Picture:
     """One sample of a segmentation or detection run, pictured: base64 PNGs in one fixed palette
     (the Pascal VOC colours; class 0 black): class maps, or the input with boxes drawn on it."""
@@ -340,6 +358,8 @@ class Report(Displayed):
     ``unexplained``; None when that pass did not run (the layer was not flagged, or no fit)."""
     pictures: tuple[Picture, ...] = ()
     """Segmentation: the samples where the modes disagree most, pictured (lowest agreement first)."""
+    passes: tuple[PassRecord, ...] = ()
+    """Each pass that ran the model, or was skipped, in order: its time and what it bought."""
     schema: str = SCHEMA_ID
 
     @staticmethod
@@ -368,6 +388,7 @@ _NESTED: dict[tuple[type, str], type] = {
     (LayerResult, "findings"): Finding,
     (Report, "baseline"): BaselineComparison,
     (Report, "pictures"): Picture,
+    (Report, "passes"): PassRecord,
     (BaselineComparison, "new"): Finding,
     (BaselineComparison, "worsened"): Finding,
     (BaselineComparison, "resolved"): Finding,

@@ -18,7 +18,8 @@ from torch import nn
 
 import bncheck
 from bncheck.curing.fix import run_fix
-from bncheck.judging.output_divergence import (
+from bncheck.judging.output_divergence import noise_decides_at
+from bncheck.measuring.passes import (
     EARLY_STOP_MARGIN,
     ONE_BATCH_Z,
     _noise_tally,
@@ -79,7 +80,7 @@ def test_fix_on_the_same_batches_runs_eval_train_eval_and_gives_the_unshared_res
 def test_the_noise_pass_stops_early_when_the_gap_is_far_beyond_noise_and_says_so() -> None:
     data = make_batches(6)
     model = stale(Counting())
-    report = bncheck.analyze(model, data, attribute=0)
+    report = bncheck.analyze(model, data, attribute=0, thorough=True)  # the layers fail the gate already
     net = next(f for f in report.findings if f.code == "output-divergence")
     assert "from 16 samples in 1 re-dealt batch" in net.message
     # 6 eval + 6 train in the statistics pass; the noise pass stopped after 1 of its 6 batches:
@@ -120,7 +121,8 @@ def test_under_torchrun_every_rank_runs_every_noise_batch() -> None:
     kept = _kept(model, data)
     model.calls = {"train": 0, "eval": 0}
     gap = bncheck.analyze(copy.deepcopy(model), data, attribute=0).output
-    estimate = noise_divergence(runtime_for(model), kept, torch.device("cpu"), None, reduce=lambda t: t, gap=gap)
+    estimate = noise_divergence(runtime_for(model), kept, torch.device("cpu"), None, reduce=lambda t: t,
+                                decides_at=noise_decides_at(gap))
     assert estimate is not None and estimate.batches == 6 and estimate.complete
     assert model.calls["train"] == 6
 
@@ -175,7 +177,12 @@ def test_progress_names_each_stage_of_a_failing_run_in_order() -> None:
     data = make_batches(4)
     model = stale(Counting())
     stages: list[str] = []
-    bncheck.analyze(model, data, attribute=1,
-                    progress=lambda stage, _done, _total: stages.append(stage) if stage not in stages else None)
-    assert stages[:3] == ["batches", "input signature", "attribution"]
-    assert stages.index("output noise") < stages.index("conclusion") < stages.index("combined evidence")
+
+    def progress(stage: str, _done: int, _total: object) -> None:
+        if stage not in stages:
+            stages.append(stage)
+
+    report = bncheck.analyze(model, data, attribute=1, thorough=True, progress=progress)
+    # the conclusion first: what recalibrating every layer recovers decides whether attribution is worth it
+    assert stages == ["batches", "input signature", "conclusion", "attribution", "output noise"]
+    assert [p.name for p in report.passes if p.ran] == ["statistics", *stages[1:]]

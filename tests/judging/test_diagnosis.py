@@ -81,9 +81,10 @@ def test_reset_running_stats_are_never_updated(batches) -> None:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()
     report = analyze(model, batches)
-    # with labels, the accuracy the reset costs is itself an error (beyond sampling error)
-    assert {f.code for f in report.findings if f.severity == "error"} == {"never-updated", "output-divergence",
-                                                                           "accuracy-gap"}
+    # with labels, the accuracy the reset costs is itself an error (beyond sampling error); the
+    # layers already fail the gate, so the output-noise pass is not run and the disagreement is info
+    assert {f.code for f in report.findings if f.severity == "error"} == {"never-updated", "accuracy-gap"}
+    assert ("output-divergence", None) in codes(report, "info")
     # every layer is reported; an error where the data's statistics are far from 0/1
     per_layer = {c for c in codes(report) | codes(report, "warning") if c[1] is not None}
     assert len(per_layer) == 56 and len(codes(report)) > 28
@@ -110,7 +111,7 @@ def test_momentum_zero_finetune_is_pseudo_frozen(batches) -> None:
                 p.requires_grad_(False)
     model.train()
     report = analyze(model, batches)
-    assert codes(report) == {("pseudo-frozen", "conv1.1"), ("output-divergence", None), ("accuracy-gap", None)}
+    assert codes(report) == {("pseudo-frozen", "conv1.1"), ("accuracy-gap", None)}
     top = report.layers[0]
     assert top.name == "conv1.1" and top.attribution > 0.9  # fixing it alone closes the gap
     assert "recovers" in top.findings[0].message
@@ -118,7 +119,8 @@ def test_momentum_zero_finetune_is_pseudo_frozen(batches) -> None:
 
 
 def test_state_dict_of_the_pseudo_frozen_model_is_stale(batches) -> None:
-    report = analyze(trained("pseudo_frozen"), batches)  # momentum is not in a state_dict
+    # momentum is not in a state_dict; thorough: the output-noise pass runs though the layer fails the gate
+    report = analyze(trained("pseudo_frozen"), batches, thorough=True)
     assert codes(report) == {("stale-running-stats", "conv1.1"), ("output-divergence", None),
                              ("accuracy-gap", None)}
     net = next(f for f in report.findings if f.code == "output-divergence")

@@ -391,7 +391,7 @@ def test_with_attribute_0_the_conclusion_says_its_recovery_was_not_measured() ->
     quick = bncheck.analyze(model, data, batch_size=16, attribute=0)
     assert "not measured (--attribute 0)" in quick.conclusion
     measured = bncheck.analyze(model, data, batch_size=16)
-    assert "(measured)" in measured.conclusion
+    assert "(measured on 16 of 32 kept samples)" in measured.conclusion
 
 
 def test_labels_showing_eval_as_good_as_train_leave_stale_statistics_at_two_readings() -> None:

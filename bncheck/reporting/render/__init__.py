@@ -24,6 +24,7 @@ RENDERERS: dict[str, str] = {
     "html": "bncheck.reporting.render.html",
     "junit": "bncheck.reporting.render.junit",
     "github": "bncheck.reporting.render.github",
+    "profile": "bncheck.reporting.render.profile",
 }
 
 

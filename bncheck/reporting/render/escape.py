@@ -42,6 +42,7 @@ SANITIZERS: dict[str, Callable[[str], str]] = {
     "table": control,
     "github": control,
     "junit": control,
+    "profile": control,
     "markdown": markdown,
 }
 """Per format; a format not named here escapes for itself (html, json)."""

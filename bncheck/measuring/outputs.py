@@ -498,6 +498,8 @@ class OutputTally:
             """Per row, whether it holds NaN/Inf: a NaN or Inf makes the row's sum non-finite,
             so only rows whose sum is not finite (or overflowed) are looked at element-wise --
             no mask as large as the output (a segmentation batch's is hundreds of MiB)."""
+            if not part.numel():  # a detector that found no box in an image: nothing to check
+                return torch.zeros(part.shape[0], dtype=torch.bool, device=part.device)
             rows = part.detach().reshape(part.shape[0], -1)
             suspect = ~rows.sum(-1).isfinite()
             if bool(suspect.any()):

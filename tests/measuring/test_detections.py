@@ -95,6 +95,19 @@ def test_a_tally_counts_boxes_found_in_both_modes_by_hand() -> None:
     assert out.train_only_correct == 1 and out.eval_only_correct == 0
 
 
+def test_images_where_a_mode_finds_no_box_are_counted_not_crashed_on() -> None:
+    # torchvision detectors return boxes of shape [0, 4] for an image without detections
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    box = {"boxes": torch.tensor([[0, 0, 8, 8.]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+    tally = OutputTally()
+    tally.add([box, empty], [empty, empty], [{"boxes": torch.tensor([[0, 0, 8, 8.]]), "labels": torch.tensor([1])},
+                                             {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}],
+              batch=2)
+    out = tally.result()
+    assert out.kind == "detection" and out.boxes_train == 1 and out.boxes_eval == 0 and out.box_agreement == 0.0
+    assert out.eval_nonfinite == 0 and out.train_accuracy == 1.0 and out.eval_accuracy == 0.0
+
+
 def test_stale_statistics_cost_boxes_and_mAP_and_fail() -> None:
     model = calibrated()
     images, targets = scenes(48, 1)

@@ -119,3 +119,38 @@ def test_another_sensor_fails_by_its_boxes_and_recalibrating_recovers_them(detec
     after = bncheck.analyze(fixed, data, batch_size=8)
     assert after.output.eval_accuracy > out.eval_accuracy + 0.2
     assert after.output.box_agreement > out.box_agreement
+
+
+def test_run_and_fix_through_the_cli_with_a_pipeline_of_images_and_targets(tmp_path) -> None:
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from bncheck.cli import cli
+
+    here = Path(__file__).resolve()
+    torch.save(trained("fasterrcnn", 300).state_dict(), tmp_path / "detector.pt")
+    (tmp_path / "sensor.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('scenes_source', {str(here)!r})\n"
+        "source = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(source)\n\n\n"
+        "def batches():\n"
+        "    images, targets = source.scenes(64, 2, level=0.5, contrast=0.6)\n"
+        "    return source.batches(images, targets)\n")
+    common = ["--arch", f"{here}:build", "--arch-kwargs", "{kind: fasterrcnn}",
+              "--data", f"{tmp_path / 'sensor.py'}:batches", "--batch-size", "8", "--num-batches", "8"]
+    run = CliRunner().invoke(cli, ["run", str(tmp_path / "detector.pt"), *common, "--json", "-"])
+    assert run.exit_code == 1, run.output
+    out = json.loads(run.stdout)["output"]
+    assert out["kind"] == "detection" and out["labeled"] == 64
+    assert out["eval_accuracy"] < out["train_accuracy"] and out["eval_map50"] < out["train_map50"]
+    fixed = tmp_path / "fixed.pt"
+    result = CliRunner().invoke(cli, ["fix", str(tmp_path / "detector.pt"), *common, "--out", str(fixed),
+                                      "--json", "-"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["outcome"] == "written"
+    assert document["after"]["output"]["eval_accuracy"] > document["before"]["output"]["eval_accuracy"] + 0.5
+    assert document["held_out"]["after"] > document["held_out"]["before"]

@@ -227,8 +227,9 @@ def _transform_options(command: Callable) -> Callable:
 @click.option("--arch-kwargs", metavar="YAML", help="Keyword arguments for --arch, e.g. '{num_classes: 10}'.")
 @click.option("--weights", metavar="NAME", help=WEIGHTS_HELP)
 @click.option("--data", metavar="PATH",
-              help="Folder of images (flat or class subfolders) or a tensor file (.pt, .npy, .npz[:NAME]). "
-                   "Without it, only the checkpoint itself is checked.")
+              help="Folder of images (flat, class subfolders, images/+masks/), a COCO annotation file (.json), a "
+                   "tensor file (.pt, .npy, .npz[:NAME]) or file.py:callable. Without it, only the checkpoint itself "
+                   "is checked.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",
               help="Settings that differ from configs/default.yaml (every flag has a key); flags override it.")
 @click.option("--batch-size", type=click.IntRange(min=2), help="Samples per forward pass (default 32).")
@@ -441,13 +442,19 @@ def _adopt_preprocessing(
     settings: Settings, loaded: Any, provenance: dict[str, str]
 ) -> tuple[Settings, dict[str, str]]:
     """A model folder documents its input preprocessing (timm's pretrained_cfg, transformers'
-    preprocessor_config.json): it replaces the defaults, never a flag or config value."""
-    adopted = {key: value for key, value in loaded.preprocessing.items() if provenance.get(key) == "default"}
-    if not adopted:
-        return settings, provenance
-    adopted = {key: tuple(v) if isinstance(v, list) else v for key, v in adopted.items()}
-    data = replace(settings.data, **adopted)
-    return replace(settings, data=data), {**provenance, **dict.fromkeys(adopted, "model folder")}
+    preprocessor_config.json), and detection data implies its own (0..1 pixels at each image's
+    size): they replace the defaults, the model folder first, never a flag or config value."""
+    from bncheck.reading.data import kind_defaults
+
+    for implied, origin in ((loaded.preprocessing, "model folder"),
+                            (kind_defaults(settings.data.path), "detection data")):
+        adopted = {key: value for key, value in implied.items() if provenance.get(key) == "default"}
+        if not adopted:
+            continue
+        adopted = {key: tuple(v) if isinstance(v, list) else v for key, v in adopted.items()}
+        settings = replace(settings, data=replace(settings.data, **adopted))
+        provenance = {**provenance, **dict.fromkeys(adopted, origin)}
+    return settings, provenance
 
 
 def _data_notes(source: Any, settings: Settings, *, skipped: Optional[list[str]] = None) -> None:
@@ -579,7 +586,9 @@ def _annotate(report: Report, mode: str, *, to_stderr: bool) -> None:
 @click.option("--arch", metavar="SPEC", help="Model builder, as for `bncheck run` (needed for a state_dict).")
 @click.option("--arch-kwargs", metavar="YAML", help="Keyword arguments for --arch, e.g. '{num_classes: 10}'.")
 @click.option("--weights", metavar="NAME", help=WEIGHTS_HELP + " fix writes the picked one back in place.")
-@click.option("--data", metavar="PATH", help="Folder of images or tensor file whose statistics the BN layers get.")
+@click.option("--data", metavar="PATH",
+              help="Folder of images, COCO annotation file (.json), tensor file or file.py:callable whose statistics "
+                   "the BN layers get.")
 @click.option("--out", "out", metavar="NEW", type=click.Path(path_type=Path),
               help="Where to write the recalibrated checkpoint (same format as the input; never the input).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="YAML",

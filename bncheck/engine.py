@@ -650,10 +650,18 @@ def _input_reading(runtime: Runtime, index: int, kept: Kept, device: torch.devic
     """What explains the first BN layer's shift, measured by transforming the input
     (``measuring/input_signature.py``); None when it cannot be fitted."""
     inputs = [k[0] for k in kept]
+    # a detector's images (a list per sample) are measured when they share one size, fed as a list
+    per_image = all(isinstance(x, ImageList) for x in inputs)
+    if per_image:
+        images = [image for x in inputs for image in x]
+        if not all(isinstance(t, Tensor) for t in images) or len({tuple(t.shape) for t in images}) != 1:
+            return None
+        inputs = [torch.stack(images)]
     if not all(isinstance(x, Tensor) for x in inputs):
         return None
     try:
-        signature = input_signature(runtime, index, torch.cat(inputs)[:SIGNATURE_SAMPLES], device, float_dtype)
+        signature = input_signature(runtime, index, torch.cat(inputs)[:SIGNATURE_SAMPLES], device, float_dtype,
+                                    per_image)
     except Exception:  # a model that cannot run on a part of the sample, a zero input or a batch of 1:
         return None    # no fit, and the first layer is judged by the size of its shift, as the message says
     return read_signature(signature) if signature is not None else None

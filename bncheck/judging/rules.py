@@ -97,7 +97,8 @@ INPUT_LAYER_HINT = (
     "bncheck does not test (compare the pipeline with training's: resizing, cropping, augmentation, "
     "scaling, mean/std, channel order) -> fix the pipeline, since recalibrating would bake it in; or data "
     "from another domain than training -> recalibrate on representative data with bncheck fix (verified "
-    "before it writes). Labels tell them apart: eval-mode accuracy recovering after bncheck fix --dry-run."
+    "before it writes). Labels tell them apart: the labelled task metric in eval mode (accuracy, mIoU, recall of "
+    "target boxes) recovering after bncheck fix --dry-run."
 )
 """Advice for a stale first BN layer whose shift no transform of the input explains: both readings."""
 
@@ -457,6 +458,10 @@ NOT_WORSE_SAMPLES = 30
 """Labelled samples (images, for segmentation and detection: ``NOT_WORSE_IMAGES``) from which
 eval mode doing as well as train mode counts as evidence."""
 NOT_WORSE_IMAGES = 16
+DETECTION_VOUCHING_RECALL = 0.1
+"""Train-mode recall of the target boxes below which a detector's labels vouch for nothing (a
+label space the model does not use -- category ids numbered otherwise -- or an untrained head
+gives recall 0 in both modes: no sign that eval mode is fine)."""
 
 
 def eval_not_worse(output: OutputDivergence) -> bool:
@@ -469,7 +474,10 @@ def eval_not_worse(output: OutputDivergence) -> bool:
     train_only, eval_only, _ = pairs
     _, train, evaluated = task_metric(output)
     enough = NOT_WORSE_IMAGES if output.per == "pixel" or output.kind == "detection" else NOT_WORSE_SAMPLES
-    chance_ok = output.kind == "detection" or above_chance(output, output.eval_accuracy)
+    if output.kind == "detection":
+        chance_ok = train is not None and train >= DETECTION_VOUCHING_RECALL
+    else:
+        chance_ok = above_chance(output, output.eval_accuracy)
     # labels that agree with a model answering one class for (nearly) everything vouch for nothing
     varied = output.per == "pixel" or output.kind != "classifier" or (output.eval_top_class_share or 0.0) < 0.9
     return (output.labeled >= enough and eval_only >= train_only and train is not None and evaluated is not None

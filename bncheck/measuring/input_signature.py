@@ -27,7 +27,7 @@ from bncheck.judging.preprocessing import (
     known_settles,
     known_transforms,
 )
-from bncheck.measuring.batches import forward, to_device
+from bncheck.measuring.batches import ImageList, forward, to_device
 from bncheck.runtime import Runtime, preserved_state
 
 SAMPLES = 8
@@ -45,8 +45,9 @@ class _Reached(Exception):
     """Raised by the sink once the first BN layer's input is seen: the rest of the model is not run."""
 
 
-def _stem(runtime: Runtime, index: int, x: Tensor) -> Optional[Tensor]:
-    """The input of BN layer ``index`` when the model runs on ``x`` (eval mode)."""
+def _stem(runtime: Runtime, index: int, x: Tensor, per_image: bool = False) -> Optional[Tensor]:
+    """The input of BN layer ``index`` when the model runs on ``x`` (eval mode); ``per_image``:
+    the model takes a list of images (a detector), given as ``x``'s rows."""
     seen: dict[str, Tensor] = {}
 
     class Sink:
@@ -60,7 +61,7 @@ def _stem(runtime: Runtime, index: int, x: Tensor) -> Optional[Tensor]:
 
     with runtime.observe(Sink()):
         try:
-            forward(runtime.model, x, "eval")
+            forward(runtime.model, ImageList(x.unbind(0)) if per_image else x, "eval")
         except _Reached:
             pass
     return seen.get("x")
@@ -80,10 +81,11 @@ def _score(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
 
 
 def input_signature(runtime: Runtime, layer_index: int, inputs: Tensor, device: torch.device,
-                    float_dtype: Optional[torch.dtype]) -> Optional[InputSignature]:
+                    float_dtype: Optional[torch.dtype], per_image: bool = False) -> Optional[InputSignature]:
     """Score the first BN layer on ``inputs`` (``[N, C, ...]``) as fed, under every known
     preprocessing transform, and under the best free per-channel scale and offset when the
-    path to it is affine. None when the layer cannot be reached or measured this way."""
+    path to it is affine. ``per_image``: the model takes a list of images (a detector; they are
+    ``inputs``' rows, all of one size). None when the layer cannot be reached or measured this way."""
     layer = runtime.layers[layer_index]
     if layer.running_mean is None or layer.running_var is None or layer.by_buffers:
         return None
@@ -104,12 +106,12 @@ def input_signature(runtime: Runtime, layer_index: int, inputs: Tensor, device: 
 
     with torch.no_grad(), preserved_state(runtime.model):
         runtime.set_mode(bn_training=False)
-        fed = _stem(runtime, layer_index, x)
+        fed = _stem(runtime, layer_index, x, per_image)
         if fed is None or fed.dim() < 2 or fed.shape[1] != running_mean.numel():
             return None
         baseline = _score(*moments(fed), running_mean, running_var, eps, weights)
         shape = [1, channels] + [1] * (x.dim() - 2)
-        affine_parts = _affine_parts(runtime, layer_index, x, fed) if channels <= MAX_CHANNELS else None
+        affine_parts = _affine_parts(runtime, layer_index, x, fed, per_image) if channels <= MAX_CHANNELS else None
 
         def transformed(t: Transform) -> float:
             scale = torch.tensor(t.scale, dtype=x.dtype, device=x.device).reshape(shape)
@@ -119,7 +121,7 @@ def input_signature(runtime: Runtime, layer_index: int, inputs: Tensor, device: 
                                      torch.tensor(t.offset, dtype=torch.float64), running_mean, running_var, eps,
                                      weights)
             source = x.flip(1) if t.reverse else x
-            z = _stem(runtime, layer_index, source * scale + offset)
+            z = _stem(runtime, layer_index, source * scale + offset, per_image)
             return math.inf if z is None else _score(*moments(z), running_mean, running_var, eps, weights)
 
         transforms = known_transforms(channels, candidate_norms(channels))
@@ -138,7 +140,8 @@ def input_signature(runtime: Runtime, layer_index: int, inputs: Tensor, device: 
     )
 
 
-def _affine_parts(runtime: Runtime, index: int, x: Tensor, fed: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+def _affine_parts(runtime: Runtime, index: int, x: Tensor, fed: Tensor,
+                  per_image: bool = False) -> Optional[tuple[Tensor, Tensor]]:
     """Where the stem is affine in the input, ``stem(s*x + t) = base + sum_c s_c P_c + t_c Q_c``:
     the means ``[2C+1, K]`` and second moments ``[K, 2C+1, 2C+1]`` of the parts (``P_c`` = the
     stem on channel c alone minus the stem on zeros, ``Q_c`` the same for a constant 1 in
@@ -151,7 +154,7 @@ def _affine_parts(runtime: Runtime, index: int, x: Tensor, fed: Tensor) -> Optio
     def taken(z: Tensor) -> Tensor:  # [K, kept positions]: the same positions of every part
         return _flat(z)[:, keep]
 
-    zero_full = _stem(runtime, index, torch.zeros_like(x))
+    zero_full = _stem(runtime, index, torch.zeros_like(x), per_image)
     if zero_full is None:
         return None
     zero, fed_kept = taken(zero_full), taken(fed)
@@ -159,7 +162,7 @@ def _affine_parts(runtime: Runtime, index: int, x: Tensor, fed: Tensor) -> Optio
     for c in range(channels):
         alone = torch.zeros_like(x)
         alone[:, c] = x[:, c]
-        z = _stem(runtime, index, alone)
+        z = _stem(runtime, index, alone, per_image)
         if z is None:
             return None
         parts.append(taken(z) - zero)
@@ -169,7 +172,7 @@ def _affine_parts(runtime: Runtime, index: int, x: Tensor, fed: Tensor) -> Optio
     for c in range(channels):
         ones = torch.zeros_like(x[:1])
         ones[:, c] = 1.0
-        z = _stem(runtime, index, ones)
+        z = _stem(runtime, index, ones, per_image)
         if z is None:
             return None
         parts.append(taken((z - zero_full[:1]).expand_as(zero_full)))

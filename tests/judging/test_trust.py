@@ -414,6 +414,14 @@ def test_labels_showing_eval_as_good_as_train_leave_stale_statistics_at_two_read
     assert not eval_not_worse(output(64, 3, 0, 1.0, 0.953))   # train mode ahead: stale-with-labels instead
     assert not eval_not_worse(output(64, 0, 0, 1.0, 1.0, top=1.0))  # one class for everything vouches for nothing
     assert not eval_not_worse(output(64, 0, 30, 0.5, 0.97))   # eval better beyond chance: frozen-on-purpose instead
+
+    def boxes(train, evaluated):
+        return OutputDivergence("detection", labeled=48, train_only_correct=0, eval_only_correct=0, objects=94,
+                                train_accuracy=train, eval_accuracy=evaluated, accuracy_gap_p=1.0)
+
+    assert eval_not_worse(boxes(0.92, 0.92))  # a detector finding its targets in both modes
+    # recall 0 in both modes (category ids the model does not use, an untrained head) vouches for nothing
+    assert not eval_not_worse(boxes(0.0, 0.0)) and not eval_not_worse(boxes(0.05, 0.05))
     stale = Finding("stale-running-stats", "error", "bn1", "running stats disagree with this data.", "Recalibrate.")
     read = stale_at_no_cost(stale, 0.953, 1.0, "accuracy", 64)
     assert read.severity == "warning" and "100.0% vs 95.3%" in read.message and "Two readings" in read.hint

@@ -138,6 +138,21 @@ def test_stale_statistics_cost_boxes_and_mAP_and_fail() -> None:
     assert "box agreement train vs eval" in text and "target boxes" in text
 
 
+def test_a_detectors_list_of_images_gets_the_cause_by_evidence() -> None:
+    """The input-signature pass feeds a detector its images as a list, as it takes them: images
+    in 0..255 where it expects 0..1 are named a preprocessing mistake (fix the pipeline, not the
+    statistics); darker images read as a change of scene (stale statistics, recalibrate)."""
+    model = calibrated()
+    images, targets = scenes(32, 1)
+    raw = bncheck.analyze(model, batches([x * 255 for x in images], targets), batch_size=8)
+    assert raw.input_reading == "preprocessing"
+    (first,) = [f for f in raw.findings if f.layer == "bn" and f.severity == "error"]
+    assert first.code == "input-distribution" and "0..255 where the model expects 0..1" in first.message
+    dark = bncheck.analyze(model, batches([x * 0.5 for x in images], targets), batch_size=8)
+    assert dark.input_reading == "domain"
+    assert any(f.code == "stale-running-stats" and f.layer == "bn" for f in dark.findings)
+
+
 def test_the_worst_images_are_pictured_with_each_modes_boxes() -> None:
     import base64
     import io

@@ -412,3 +412,27 @@ def test_a_model_the_fit_cannot_run_still_gets_its_report() -> None:
     report = bncheck.analyze(model.eval(), pixels * 255, batch_size=16, attribute=0)
     code, message = first_layer_finding(report)
     assert code == "input-distribution" and "size of the shift alone" in message
+
+
+def test_a_stem_pass_keeps_nothing_alive_after_it_returns() -> None:
+    """The first layer's input is handed back and held by nothing else: a sink defined per call
+    was cyclic garbage holding each stem map until the next collection (+265 MiB peak RSS over
+    the pass's ten stems on resnet50, measured)."""
+    import gc
+    import weakref
+
+    from bncheck.measuring.input_signature import _stem
+    from bncheck.runtime import runtime_for
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        fed = _stem(runtime_for(model), 0, torch.rand(4, 3, 16, 16))
+        assert fed is not None and fed.shape == (4, 8, 14, 14)
+        held = weakref.ref(fed)
+        del fed
+        assert held() is None
+    finally:
+        if enabled:
+            gc.enable()

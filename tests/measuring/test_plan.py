@@ -164,6 +164,10 @@ def test_passes_travel_in_the_json_and_validate() -> None:
     assert from_dict(json.loads(dumps(report))).passes == report.passes
     text = render(report, "profile")
     assert text.startswith("profile: ") and "attribution" in text and "skipped" in text
+    html = render(report, "html")  # the page says which passes ran and why the others did not
+    assert "<summary>Passes: " in html
+    skipped = next(p for p in report.passes if not p.ran)
+    assert f'>{skipped.name}</td><td>skipped</td><td>-</td>' in html
 
 
 def test_profile_and_thorough_on_the_command_line(tmp_path) -> None:

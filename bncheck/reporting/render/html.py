@@ -256,6 +256,21 @@ def _pictures(report: Report) -> str:
             + f'</table><div class="legend">{legend}</div>')
 
 
+def _passes(report: Report) -> str:
+    """Each pass that ran the model or was skipped (what ``--profile`` prints), folded: what a
+    skipped pass would have said is not measured, and the page says so."""
+    if not report.passes:
+        return ""
+    rows = "".join(
+        f'<tr><td class="code" style="white-space:nowrap">{escape(p.name)}</td>'
+        f'<td>{f"{p.seconds:.2f} s" if p.ran else "skipped"}</td><td>{p.forwards if p.ran else "-"}</td>'
+        f'<td class="code">{escape(p.bought)}</td></tr>' for p in report.passes)
+    ran = sum(p.seconds for p in report.passes if p.ran)
+    return (f'<details class="more"><summary>Passes: {ran:.1f} s in passes that ran the model; what each measured, '
+            f'or why it did not run</summary><table><tr><th class="code">pass</th><th>time</th><th>forwards</th>'
+            f'<th class="code">what it bought</th></tr>{rows}</table></details>')
+
+
 def _finding_html(f: Union[Finding, MoreFindings]) -> str:
     color = SEVERITY_COLORS[f.severity]
     if isinstance(f, MoreFindings):  # the rest of a group, folded
@@ -298,6 +313,7 @@ def render(report: Report, *, top: int = 10, **_options: object) -> str:
 {"<h2>Baseline</h2><pre>" + escape(chr(10).join(baseline_lines(report))) + "</pre>" if report.baseline else ""}
 <h2>Layers, most divergent first</h2>{table}
 <h2>Run</h2>{_meta(report)}
+{_passes(report)}
 </main></body></html>
 """
 

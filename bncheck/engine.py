@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -652,11 +653,15 @@ def _input_reading(runtime: Runtime, index: int, kept: Kept, device: torch.devic
     inputs = [k[0] for k in kept]
     # a detector's images (a list per sample) are measured when they share one size, fed as a list
     per_image = all(isinstance(x, ImageList) for x in inputs)
-    if per_image:
+    if per_image:  # a detector's images, fed as a list: those of the most common size (photos differ)
         images = [image for x in inputs for image in x]
-        if not all(isinstance(t, Tensor) for t in images) or len({tuple(t.shape) for t in images}) != 1:
+        if not all(isinstance(t, Tensor) for t in images):
             return None
-        inputs = [torch.stack(images)]
+        sizes = Counter(tuple(t.shape) for t in images)
+        size, count = sizes.most_common(1)[0]
+        if count < 2:
+            return None
+        inputs = [torch.stack([t for t in images if tuple(t.shape) == size][:SIGNATURE_SAMPLES])]
     if not all(isinstance(x, Tensor) for x in inputs):
         return None
     try:

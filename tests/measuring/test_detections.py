@@ -153,6 +153,28 @@ def test_a_detectors_list_of_images_gets_the_cause_by_evidence() -> None:
     assert any(f.code == "stale-running-stats" and f.layer == "bn" for f in dark.findings)
 
 
+class PaddedHeatDetector(HeatDetector):
+    """The same detector taking images of different sizes, padded into one batch as
+    torchvision's detectors batch them (zeros to the right and below)."""
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict]:
+        height, width = max(t.shape[1] for t in images), max(t.shape[2] for t in images)
+        batch = images[0].new_zeros(len(images), 3, height, width)
+        for i, t in enumerate(images):
+            batch[i, :, :t.shape[1], :t.shape[2]] = t
+        return super().forward(list(batch))
+
+
+def test_photos_of_different_sizes_get_the_cause_from_those_of_the_most_common_size() -> None:
+    model = PaddedHeatDetector()
+    model.load_state_dict(calibrated().state_dict())
+    images, targets = scenes(32, 1)
+    images = [x if i % 3 else x[:, :48] for i, x in enumerate(images)]  # a third of them 48 rows high
+    raw = bncheck.analyze(model.eval(), batches([x * 255 for x in images], targets), batch_size=8)
+    assert raw.input_reading == "preprocessing"
+    assert any(f.code == "input-distribution" and "0..255" in f.message for f in raw.findings)
+
+
 def test_the_worst_images_are_pictured_with_each_modes_boxes() -> None:
     import base64
     import io

@@ -154,3 +154,50 @@ def test_run_and_fix_through_the_cli_with_a_pipeline_of_images_and_targets(tmp_p
     assert document["outcome"] == "written"
     assert document["after"]["output"]["eval_accuracy"] > document["before"]["output"]["eval_accuracy"] + 0.5
     assert document["held_out"]["after"] > document["held_out"]["before"]
+
+
+def test_a_coco_folder_names_the_cause_for_a_trained_faster_rcnn(tmp_path) -> None:
+    """The same detector through COCO files (no code): its own scenes pass; fed 0..255 they are
+    a preprocessing mistake named with its evidence (fix the pipeline); another sensor is a
+    domain change (stale statistics), and fix's held-out recall rises."""
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+    from test_coco import write_coco
+
+    from bncheck.cli import cli
+
+    torch.save(trained("fasterrcnn", 300).state_dict(), tmp_path / "detector.pt")
+    folders = {}
+    for name, kwargs in (("own", {}), ("sensor", {"level": 0.5, "contrast": 0.6})):
+        images, targets = scenes(64, 2, **kwargs)
+        pixels = {f"{i:03d}.png": (x.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+                  for i, x in enumerate(images)}
+        boxes = {f"{i:03d}.png": [(b[0], b[1], b[2] - b[0], b[3] - b[1], int(label))
+                                  for b, label in zip(t["boxes"].tolist(), t["labels"].tolist())]
+                 for i, t in enumerate(targets)}
+        folders[name] = tmp_path / name
+        write_coco(folders[name] / "images", pixels, boxes, folders[name] / "annotations" / "instances.json")
+    here = Path(__file__).resolve()
+    common = [str(tmp_path / "detector.pt"), "--arch", f"{here}:build", "--arch-kwargs", "{kind: fasterrcnn}",
+              "--batch-size", "8", "--num-batches", "8", "--json", "-"]
+
+    def run(*args: str) -> tuple[int, dict]:
+        result = CliRunner().invoke(cli, ["run", *common, *args])
+        return result.exit_code, json.loads(result.stdout)
+
+    code, own = run("--data", str(folders["own"]))
+    assert code == 0 and own["output"]["labeled"] == 64 and own["output"]["eval_accuracy"] > 0.8
+    per_255 = ",".join([str(1 / 255)] * 3)
+    code, raw = run("--data", str(folders["own"]), "--std", per_255)
+    assert code == 1 and raw["input_reading"] == "preprocessing"
+    assert any(f["code"] == "input-distribution" and "0..255" in f["message"] for f in raw["findings"])
+    code, sensor = run("--data", str(folders["sensor"]))
+    assert code == 1 and sensor["input_reading"] == "domain"
+    assert sensor["output"]["eval_accuracy"] < sensor["output"]["train_accuracy"] - 0.5
+    fixed = CliRunner().invoke(cli, ["fix", *common[:-2], "--data", str(folders["sensor"]), "--out",
+                                     str(tmp_path / "fixed.pt"), "--json", "-"])
+    assert fixed.exit_code == 0, fixed.output
+    document = json.loads(fixed.stdout)
+    assert document["outcome"] == "written" and document["held_out"]["after"] > document["held_out"]["before"]

@@ -464,6 +464,17 @@ label space the model does not use -- category ids numbered otherwise -- or an u
 gives recall 0 in both modes: no sign that eval mode is fine)."""
 
 
+def labels_elsewhere(output: OutputDivergence) -> Optional[float]:
+    """Share of the target boxes that train-mode boxes sit on under another label, when that is
+    most of them and the recall (labels compared) is under ``DETECTION_VOUCHING_RECALL``: the
+    targets are numbered unlike the model's classes (COCO category ids vs 0-based classes)."""
+    if output.kind != "detection" or not output.objects or output.train_located is None \
+            or output.train_accuracy is None or output.train_accuracy >= DETECTION_VOUCHING_RECALL:
+        return None
+    located = output.train_located / output.objects
+    return located if located >= 0.5 else None
+
+
 def eval_not_worse(output: OutputDivergence) -> bool:
     """Labels say deployment does at least as well as train mode on enough samples, without
     being better beyond chance (that is ``eval_mode_is_better``): stale-looking statistics then

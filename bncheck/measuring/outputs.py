@@ -16,6 +16,7 @@ from torch import Tensor
 from bncheck.judging.metrics import class_iou, mcnemar_p, mean_iou, softmax_divergence, squared_norms
 from bncheck.measuring.batches import IGNORE_INDEX, tensors
 from bncheck.measuring.detections import (
+    anywise,
     found,
     host,
     is_detections,
@@ -285,6 +286,8 @@ class OutputTally:
     """Sum over matched boxes of |eval score - train score|."""
     objects: int = pooled("sum", default=0)
     """Target boxes (detection with targets): the denominator of recall."""
+    train_located: int = pooled("sum", default=0)
+    """Target boxes a train-mode box sits on (IoU >= 0.5) whatever its label."""
     det_train: list = pooled("cat", default_factory=list)
     """Train-mode detections per image (with targets only: for mAP at the end)."""
     det_eval: list = pooled("cat", default_factory=list)
@@ -430,6 +433,8 @@ class OutputTally:
             if truth is None:
                 continue
             right_train, right_eval = len(match(truth, kept_train)), len(match(truth, kept_eval))
+            self.train_located += right_train if right_train == len(truth[0]) else len(match(anywise(truth),
+                                                                                              anywise(kept_train)))
             self.objects += len(truth[0])
             self.labeled += 1
             self.train_correct += right_train
@@ -589,7 +594,7 @@ class OutputTally:
                             accuracy_gap_p=mcnemar_p(self.train_only, self.eval_only),
                             train_accuracy=self.train_correct / self.objects if self.objects else None,
                             eval_accuracy=self.eval_correct / self.objects if self.objects else None,
-                            objects=self.objects)
+                            objects=self.objects, train_located=self.train_located)
             train_map = mean_average_precision(self.det_train, self.det_targets)
             eval_map = mean_average_precision(self.det_eval, self.det_targets)
             if train_map is not None and eval_map is not None:

@@ -163,6 +163,9 @@ class OutputDivergence:
     objects: Optional[int] = None
     """Target boxes (detection with targets); ``train_accuracy``/``eval_accuracy`` are then each
     mode's recall of them (IoU >= 0.5, same label, score >= 0.5)."""
+    train_located: Optional[int] = None
+    """Target boxes a train-mode box sits on (IoU >= 0.5, score >= 0.5) whatever the labels: far
+    above the recall, the targets' labels are not the model's class numbers."""
     train_map50: Optional[float] = None
     """mAP@0.5 in train mode (COCO's, pycocotools); None without targets or without the library."""
     eval_map50: Optional[float] = None

@@ -95,6 +95,26 @@ def test_a_tally_counts_boxes_found_in_both_modes_by_hand() -> None:
     assert out.train_only_correct == 1 and out.eval_only_correct == 0
 
 
+def test_targets_numbered_unlike_the_models_classes_are_said_so() -> None:
+    """Boxes in the right places under other labels (COCO category ids against 0-based classes):
+    recall and mAP are 0 in both modes and say nothing; the output line says why."""
+    from bncheck.judging.rules import eval_not_worse, labels_elsewhere
+    from bncheck.reporting.render.summary import output_line
+
+    model = calibrated()
+    images, targets = scenes(32, 1)
+    renumbered = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+    report = bncheck.analyze(model, batches(images, renumbered), batch_size=8)
+    out = report.output
+    assert out.train_accuracy == 0.0 and out.eval_accuracy == 0.0
+    assert out.train_located == out.objects and labels_elsewhere(out) == 1.0
+    assert not eval_not_worse(out)  # such labels vouch for nothing
+    assert "sit on 100.0% of the target boxes under other labels" in output_line(report)
+    right = bncheck.analyze(model, batches(images, targets), batch_size=8)
+    assert right.output.train_located == right.output.objects and labels_elsewhere(right.output) is None
+    assert "other labels" not in output_line(right)
+
+
 def test_images_where_a_mode_finds_no_box_are_counted_not_crashed_on() -> None:
     # torchvision detectors return boxes of shape [0, 4] for an image without detections
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from bncheck.judging.findings import SAMPLE
+from bncheck.judging.rules import labels_elsewhere
 from bncheck.reporting.numbers import num, pct
 from bncheck.reporting.report import SEVERITY_ORDER, Finding, FixReport, Report
 
@@ -123,6 +124,11 @@ def _output_text(report: Report) -> str:
         if out.eval_accuracy is not None:
             text += (f"; recall of {out.objects} target boxes {pct(out.train_accuracy)} vs {pct(out.eval_accuracy)} "
                      f"on {out.labeled} images")
+            elsewhere = labels_elsewhere(out)
+            if elsewhere is not None:
+                text += (f" -- but train mode's boxes sit on {pct(elsewhere)} of the target boxes under other labels: "
+                         "the targets are not numbered as the model's classes (a COCO file's category ids are read "
+                         "as they are), so recall and mAP say nothing here; renumber the targets")
         return text
     if report.data.samples == 0:
         return "not measured: no data (lint of the checkpoint only)"

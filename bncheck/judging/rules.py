@@ -13,6 +13,7 @@ from typing import Optional
 
 from bncheck.config import Thresholds
 from bncheck.judging.findings import STALE
+from bncheck.judging.labels import DETECTION_VOUCHING_RECALL
 from bncheck.judging.metrics import binomial_tail
 from bncheck.judging.preprocessing import InputReading
 from bncheck.reporting.numbers import num
@@ -458,21 +459,6 @@ NOT_WORSE_SAMPLES = 30
 """Labelled samples (images, for segmentation and detection: ``NOT_WORSE_IMAGES``) from which
 eval mode doing as well as train mode counts as evidence."""
 NOT_WORSE_IMAGES = 16
-DETECTION_VOUCHING_RECALL = 0.1
-"""Train-mode recall of the target boxes below which a detector's labels vouch for nothing (a
-label space the model does not use -- category ids numbered otherwise -- or an untrained head
-gives recall 0 in both modes: no sign that eval mode is fine)."""
-
-
-def labels_elsewhere(output: OutputDivergence) -> Optional[float]:
-    """Share of the target boxes that train-mode boxes sit on under another label, when that is
-    most of them and the recall (labels compared) is under ``DETECTION_VOUCHING_RECALL``: the
-    targets are numbered unlike the model's classes (COCO category ids vs 0-based classes)."""
-    if output.kind != "detection" or not output.objects or output.train_located is None \
-            or output.train_accuracy is None or output.train_accuracy >= DETECTION_VOUCHING_RECALL:
-        return None
-    located = output.train_located / output.objects
-    return located if located >= 0.5 else None
 
 
 def eval_not_worse(output: OutputDivergence) -> bool:

@@ -98,7 +98,8 @@ def test_a_tally_counts_boxes_found_in_both_modes_by_hand() -> None:
 def test_targets_numbered_unlike_the_models_classes_are_said_so() -> None:
     """Boxes in the right places under other labels (COCO category ids against 0-based classes):
     recall and mAP are 0 in both modes and say nothing; the output line says why."""
-    from bncheck.judging.rules import eval_not_worse, labels_elsewhere
+    from bncheck.judging.labels import labels_elsewhere
+    from bncheck.judging.rules import eval_not_worse
     from bncheck.reporting.render.summary import output_line
 
     model = calibrated()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from bncheck.judging.findings import SAMPLE
-from bncheck.judging.rules import labels_elsewhere
+from bncheck.judging.labels import labels_elsewhere
 from bncheck.reporting.numbers import num, pct
 from bncheck.reporting.report import SEVERITY_ORDER, Finding, FixReport, Report
 

@@ -651,7 +651,6 @@ def _input_reading(runtime: Runtime, index: int, kept: Kept, device: torch.devic
     """What explains the first BN layer's shift, measured by transforming the input
     (``measuring/input_signature.py``); None when it cannot be fitted."""
     inputs = [k[0] for k in kept]
-    # a detector's images (a list per sample) are measured when they share one size, fed as a list
     per_image = all(isinstance(x, ImageList) for x in inputs)
     if per_image:  # a detector's images, fed as a list: those of the most common size (photos differ)
         images = [image for x in inputs for image in x]

@@ -269,6 +269,9 @@ def forward(model: nn.Module, inputs: Any, mode: str) -> Any:
                 f" (the data is {integer}: tensor files are fed to the model as stored; save them as float, "
                 "normalized as in training)"
             )
+        if isinstance(inputs, ImageList):
+            detail += (" (the model got a list of images, as detectors take them: a COCO annotation file or an "
+                       "(images, targets) pipeline is detection data; for a classifier pass a folder of images)")
         if "Expected more than 1 value per channel" in detail:
             raise InputError(
                 f"a BN layer got a single value per channel in train mode (input shape {shapes}); "

@@ -258,3 +258,13 @@ def test_a_broken_annotation_file_through_a_real_process_is_one_line_and_exit_3(
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr
     assert "names '../x.png', outside the image folder" in done.stderr
+
+
+def test_a_classifier_given_detection_data_is_told_what_it_got(tmp_path) -> None:
+    write_coco(tmp_path / "images", {f"{i}.png": gray(40 + 4 * i, 36) for i in range(4)}, {},
+               tmp_path / "annotations" / "instances.json")
+    result = CliRunner().invoke(cli, ["run", "--arch", "torchvision:resnet18", "--data", str(tmp_path),
+                                      "--batch-size", "2", "--num-batches", "1"])
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    assert "the model got a list of images, as detectors take them" in result.output
+    assert "for a classifier pass a folder of images" in result.output

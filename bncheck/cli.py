@@ -203,7 +203,7 @@ TRUST_CONFIG = click.option(
 
 
 def _transform_options(command: Callable) -> Callable:
-    """--resize/--crop/--mean/--std and --output, shared by run and fix."""
+    """--resize/--crop/--mean/--std, --box-labels and --output, shared by run and fix."""
     for option in reversed((
         click.option("--output", "output", metavar="KEY|INDEX",
                      help="Which part of the model's output to compare: a key or an index, dotted for nesting "
@@ -214,6 +214,9 @@ def _transform_options(command: Callable) -> Callable:
         click.option("--crop", metavar="PX|none", help="Centre-crop images to PX ('none': no crop; default 224)."),
         click.option("--mean", metavar="M1,M2,M3", help="Per-channel mean to subtract (default ImageNet's)."),
         click.option("--std", metavar="S1,S2,S3", help="Per-channel std to divide by (default ImageNet's)."),
+        click.option("--box-labels", "box_labels", type=click.Choice(["category-id", "index", "index+1"]),
+                     help="COCO files: target labels are the category ids as they are (default), their 0-based "
+                          "index among the file's categories sorted by id, or that index + 1 (0 = background)."),
     )):
         command = option(command)
     return command
@@ -476,7 +479,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
     outputs = {key: flags[f"{key}_out"] for key in ("json", "markdown", "html", "junit")}
     data = {"path": flags["data"], "seed": flags["seed"], "resize": _size(flags.get("resize"), "--resize"),
             "crop": _size(flags.get("crop"), "--crop"), "mean": _floats(flags.get("mean"), "--mean"),
-            "std": _floats(flags.get("std"), "--std")}
+            "std": _floats(flags.get("std"), "--std"), "box_labels": flags.get("box_labels")}
     data = {k: (None if v is _EXPLICIT_NONE else v) for k, v in data.items() if v is not None}
     return {
         "arch": flags["arch"], "baseline": flags["baseline"], "batch_size": flags["batch_size"],

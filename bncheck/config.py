@@ -20,6 +20,10 @@ from bncheck.reading.untrusted import names_code, shown
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 FAIL_ON_LEVELS = ("error", "warning", "never")
 CHANNEL_ORDERS = ("rgb", "bgr", "gray")
+BOX_LABELS = ("category-id", "index", "index+1")
+"""How a COCO file's category ids become target labels: as they are (torchvision's COCO
+detectors), their 0-based index among the file's categories sorted by id (ultralytics,
+detectron2, mmdetection), or that index + 1 (torchvision-style custom datasets, 0 background)."""
 DEVICES = ("auto", "cpu", "cuda")
 ANNOTATIONS = ("auto", "github", "none")
 
@@ -40,6 +44,8 @@ class DataSettings:
     """Channel order fed to the model: rgb, bgr or gray."""
     seed: int
     """Seed of the deterministic shuffle that picks the sample of images."""
+    box_labels: str = "category-id"
+    """COCO files: target labels from category ids as they are, or renumbered (``BOX_LABELS``)."""
 
 
 @dataclass(frozen=True)
@@ -247,6 +253,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         std=_floats(d, "std", "data."),
         channels=_choice(d, "channels", CHANNEL_ORDERS, "data."),
         seed=_number(d, "seed", int, minimum=0, where="data."),
+        box_labels=_choice(d, "box_labels", BOX_LABELS, "data."),
     )
     if len(data.mean) != len(data.std):
         raise UsageError("settings 'data.mean' and 'data.std' must have the same length")

@@ -268,3 +268,37 @@ def test_a_classifier_given_detection_data_is_told_what_it_got(tmp_path) -> None
     assert result.exit_code == 3 and "Traceback" not in result.output
     assert "the model got a list of images, as detectors take them" in result.output
     assert "for a classifier pass a folder of images" in result.output
+
+
+def test_category_ids_become_labels_as_they_are_or_renumbered_by_hand() -> None:
+    from bncheck.reading.data.coco import label_map
+
+    document = {"categories": [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}, {"id": 3}]}
+    assert label_map(document, {1, 3}, "category-id") == {1: 1, 3: 3, 90: 90}
+    assert label_map(document, {1, 3}, "index") == {1: 0, 3: 1, 90: 2}  # sorted by id, as ultralytics numbers them
+    assert label_map(document, {1, 3}, "index+1") == {1: 1, 3: 2, 90: 3}  # 0 is the background
+    assert label_map({}, {7, 5}, "index") == {5: 0, 7: 1}  # no categories listed: those the boxes use
+
+
+def test_box_labels_renumber_a_coco_files_targets_for_the_model(tmp_path, detector) -> None:
+    data = detection_set(tmp_path / "own", 1.0)
+    ann = data / "annotations" / "instances.json"
+    document = json.loads(ann.read_text())
+    for entry in document["annotations"]:
+        entry["category_id"] = 7  # the detector's class 1 exported as category 7
+    document["categories"] = [{"id": 7, "name": "square"}]
+    ann.write_text(json.dumps(document))
+    common = ["run", str(detector), "--arch", DETECTOR, "--data", str(data), "--batch-size", "8", "--num-batches",
+              "2", "--json", "-"]
+    as_is = CliRunner().invoke(cli, common)
+    assert json.loads(as_is.stdout)["output"]["train_accuracy"] == 0.0
+    table = CliRunner().invoke(cli, common[:-2])
+    text = " ".join(table.stdout.split())  # the table wraps long lines
+    assert "under other labels" in text and "--box-labels index" in text
+    renumbered = CliRunner().invoke(cli, [*common, "--box-labels", "index+1"])
+    assert renumbered.exit_code == 0, renumbered.output
+    assert json.loads(renumbered.stdout)["output"]["train_accuracy"] == 1.0
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  box_labels: zero-based\n")
+    bad = CliRunner().invoke(cli, [*common, "--config", str(config)])
+    assert bad.exit_code == 2 and "data.box_labels' must be one of category-id, index, index+1" in bad.output

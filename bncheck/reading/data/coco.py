@@ -5,10 +5,10 @@ images found beside it, in ``images/``, or -- COCO's own layout -- in ``../val20
 
 Batches are ``(images, targets)`` as torchvision's detectors take them in training: a list of
 ``[C, H, W]`` images (sizes may differ) and one ``{"boxes": [K, 4] xyxy, "labels": [K]}`` per
-image, labels being the file's category ids as they are. Boxes follow every resize and crop
-their image gets. Detection models resize and normalize inside (torchvision's do), so unless a
-flag, the config or the model folder says otherwise images are fed as 0..1 pixels at their own
-size (``DETECTION_DEFAULTS``).
+image, labels being the file's category ids as they are, or renumbered (``data.box_labels``).
+Boxes follow every resize and crop their image gets. Detection models resize and normalize
+inside (torchvision's do), so unless a flag, the config or the model folder says otherwise
+images are fed as 0..1 pixels at their own size (``DETECTION_DEFAULTS``).
 
 The file is data from anyone: parsed as JSON only, bounded in size, every field checked, and an
 image name that is absolute or climbs out of the image folder (``..``) is refused."""
@@ -36,6 +36,9 @@ SNIFF_BYTES = 1 << 20
 DETECTION_DEFAULTS: dict[str, Any] = {"resize": None, "crop": None, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 """Preprocessing for detection data where no flag, config or model folder sets it: each image
 at its own size, 0..1 pixels (torchvision's detectors resize and normalize inside the model)."""
+LABELLED_BY = {"category-id": "the file's category ids as they are",
+               "index": "their category's 0-based index among the file's categories sorted by id",
+               "index+1": "their category's index among the file's categories sorted by id, from 1"}
 PROBE = 200
 """Image names tried in each candidate folder to find where the images are."""
 
@@ -157,7 +160,22 @@ class Annotations:
     """Annotations of an image the file does not list, left out."""
 
 
-def read_annotations(path: Path) -> Annotations:
+def label_map(document: dict, used: set[int], how: str) -> dict[int, int]:
+    """Category id -> target label: as it is (``category-id``), or its 0-based index among the
+    file's categories sorted by id (``index``, as ultralytics, detectron2 and mmdetection number
+    classes), or that index + 1 (``index+1``: 0 is the background, as torchvision's custom
+    datasets number them). Categories come from the file's ``categories``, else from the boxes."""
+    listed = document.get("categories")
+    ids = {c["id"] for c in listed if isinstance(c, dict) and isinstance(c.get("id"), int)} \
+        if isinstance(listed, list) else set()
+    ordered = sorted(ids | used)
+    if how == "category-id":
+        return {c: c for c in ordered}
+    start = 1 if how == "index+1" else 0
+    return {c: start + i for i, c in enumerate(ordered)}
+
+
+def read_annotations(path: Path, box_labels: str = "category-id") -> Annotations:
     """The annotated images of a COCO file that are on disk, with their boxes."""
     document = _load(path)
     names: dict[Any, tuple[str, Optional[tuple[int, int]]]] = {}
@@ -194,6 +212,8 @@ def read_annotations(path: Path) -> Annotations:
         labels[entry["image_id"]].append(category)
     if not names:
         raise InputError(f"{path} lists no images; pass the annotation file of the images you check")
+    numbered = label_map(document, {c for values in labels.values() for c in values}, box_labels)
+    labels = {key: [numbered[c] for c in values] for key, values in labels.items()}
     roots = _image_roots(path)
     probe = [name for name, _ in itertools.islice(names.values(), PROBE)]
     root = max(roots, key=lambda r: sum((r / name).is_file() for name in probe), default=path.parent)
@@ -256,7 +276,7 @@ def coco_source(path: Path, cfg: DataSettings, batch_size: int, num_batches: Opt
     from bncheck.reading.data.images import DECODE_WORKERS, _image_tensor, check_crop
 
     check_crop(cfg)
-    found = read_annotations(path)
+    found = read_annotations(path, cfg.box_labels)
     images = list(found.images)
     random.Random(cfg.seed).shuffle(images)
     wanted = len(images) if num_batches is None else batch_size * num_batches
@@ -305,7 +325,8 @@ def coco_source(path: Path, cfg: DataSettings, batch_size: int, num_batches: Opt
     source.notes.append(
         f"{path.name}: {len(images)} images with {found.boxes} boxes of {found.categories} "
         f"{'category' if found.categories == 1 else 'categories'} (COCO "
-        f"annotations), images from {found.root}; boxes are targets, labelled by the file's category ids as they are")
+        f"annotations), images from {found.root}; boxes are targets, labelled by "
+        f"{LABELLED_BY[cfg.box_labels]} (--box-labels)")
     if found.missing:
         source.notes.append(f"{found.missing} images {path.name} annotates are not in {found.root}; the "
                             f"{len(images)} found are used")

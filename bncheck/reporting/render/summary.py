@@ -127,8 +127,9 @@ def _output_text(report: Report) -> str:
             elsewhere = labels_elsewhere(out)
             if elsewhere is not None:
                 text += (f" -- but train mode's boxes sit on {pct(elsewhere)} of the target boxes under other labels: "
-                         "the targets are not numbered as the model's classes (a COCO file's category ids are read "
-                         "as they are), so recall and mAP say nothing here; renumber the targets")
+                         "the targets are not numbered as the model's classes, so recall and mAP say nothing here; "
+                         "renumber them (a COCO file: --box-labels index for 0-based classes, index+1 with 0 the "
+                         "background)")
         return text
     if report.data.samples == 0:
         return "not measured: no data (lint of the checkpoint only)"

@@ -111,7 +111,8 @@ def test_a_coco_file_reads_boxes_as_xyxy_and_leaves_out_what_coco_ignores(tmp_pa
     assert "1 annotations of images the file does not list" in notes
 
 
-@pytest.mark.parametrize("layout", ["roboflow", "coco", "images-and-annotations"])
+@pytest.mark.parametrize("layout", ["roboflow", "coco", "images-and-annotations", "cvat", "label-studio",
+                                    "windows-names"])
 def test_the_usual_layouts_are_found(tmp_path, layout) -> None:
     pictures = {f"{i}.png": gray(16, 16, 10 * i) for i in range(4)}
     if layout == "roboflow":  # the images and _annotations.coco.json in one folder
@@ -120,6 +121,23 @@ def test_the_usual_layouts_are_found(tmp_path, layout) -> None:
     elif layout == "coco":  # annotations/instances_val2017.json beside val2017/
         write_coco(tmp_path / "val2017", pictures, {}, tmp_path / "annotations" / "instances_val2017.json")
         data, images = tmp_path / "annotations" / "instances_val2017.json", tmp_path / "val2017"
+    elif layout == "cvat":  # annotations/instances_default.json beside images/
+        write_coco(tmp_path / "images", pictures, {}, tmp_path / "annotations" / "instances_default.json")
+        data, images = tmp_path / "annotations" / "instances_default.json", tmp_path / "images"
+    elif layout == "label-studio":  # result.json naming images/NAME, beside images/
+        write_coco(tmp_path / "images", pictures, {}, tmp_path / "result.json")
+        document = json.loads((tmp_path / "result.json").read_text())
+        for entry in document["images"]:
+            entry["file_name"] = "images/" + entry["file_name"]
+        (tmp_path / "result.json").write_text(json.dumps(document))
+        data, images = tmp_path / "result.json", tmp_path
+    elif layout == "windows-names":  # file names written on Windows
+        write_coco(tmp_path / "data" / "images", pictures, {}, tmp_path / "data" / "ann.json")
+        document = json.loads((tmp_path / "data" / "ann.json").read_text())
+        for entry in document["images"]:
+            entry["file_name"] = "images\\" + entry["file_name"]
+        (tmp_path / "data" / "ann.json").write_text(json.dumps(document))
+        data, images = tmp_path / "data" / "ann.json", tmp_path / "data"
     else:  # images/ + annotations/instances.json: detection, not a segmentation folder's masks
         write_coco(tmp_path / "images", pictures, {}, tmp_path / "annotations" / "instances.json")
         data, images = tmp_path, tmp_path / "images"

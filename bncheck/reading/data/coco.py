@@ -119,7 +119,7 @@ def _safe_name(name: Any, where: str) -> str:
         if pure.is_absolute() or pure.anchor or ".." in pure.parts:
             raise InputError(f"{where} names {name!r}, outside the image folder; image names must be relative "
                              "paths inside it")
-    return name
+    return name.replace("\\", "/")  # written on Windows (images\\0001.jpg)
 
 
 def _number(value: Any) -> bool:

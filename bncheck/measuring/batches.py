@@ -246,6 +246,12 @@ def forwards_run() -> int:
     return _FORWARDS[0]
 
 
+def takes_stacked(model: Any) -> bool:
+    """A detector that takes its images as one ``[N, C, H, W]`` tensor, not as a list:
+    ultralytics' models (by their class's module; nothing is imported)."""
+    return any(getattr(c, "__module__", "").startswith("ultralytics.") for c in type(model).__mro__)
+
+
 def forward(model: nn.Module, inputs: Any, mode: str) -> Any:
     """``model(inputs)``; a failure inside the model becomes one InputError line naming the
     input shape and the likely fix."""
@@ -254,6 +260,8 @@ def forward(model: nn.Module, inputs: Any, mode: str) -> Any:
         if isinstance(inputs, dict):
             return model(**inputs)
         if isinstance(inputs, ImageList):
+            if takes_stacked(model) and len({tuple(t.shape) for t in inputs}) == 1:
+                return model(torch.stack(list(inputs)))  # ultralytics' YOLO takes [N, C, H, W]
             return model(list(inputs))
         if isinstance(inputs, GraphBatch):
             return model(*_graph_call(model, inputs.data))

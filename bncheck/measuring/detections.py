@@ -100,3 +100,50 @@ def mean_average_precision(predictions: list[dict], targets: list[dict]) -> Opti
     scores = metric.compute()
     values = float(scores["map_50"]), float(scores["map"])
     return tuple(max(v, 0.0) for v in values)  # -1: no object of any class (handled above)
+
+
+YOLO_SCORE = 0.05
+"""Decoded YOLO boxes kept from this class score up (torchvision's detectors drop boxes under
+0.05 the same way); a box counts as found from ``FOUND_SCORE``."""
+YOLO_NMS_IOU = 0.7
+"""Non-maximum suppression per class at this IoU (ultralytics' default)."""
+YOLO_MAX_BOXES = 300
+"""Boxes kept per image after NMS (ultralytics' and COCO's limit)."""
+
+
+def yolo_detections(value: Any) -> Optional[list[dict]]:
+    """An ultralytics YOLO detection head's eval-mode output, ``(y, extra)`` with ``y`` of shape
+    ``[N, 4 + classes, anchors]`` (box centre/size in input pixels, then class probabilities),
+    decoded into one ``{"boxes", "scores", "labels"}`` per image as ultralytics' own prediction
+    does (best class per anchor, NMS per class); None for any other output. Recognised only by
+    its exact structure: ``extra`` holds the per-class ``scores`` of the same anchors (ultralytics
+    8.4: ``{'boxes', 'scores', 'feats'}``) or the feature maps whose positions are the anchors
+    (earlier releases: a list of ``[N, C, h, w]``)."""
+    from torchvision.ops import batched_nms, box_convert
+
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    y, extra = value
+    if not isinstance(y, Tensor) or y.dim() != 3 or not y.is_floating_point():
+        return None
+    _, channels, anchors = y.shape
+    classes = channels - 4
+    if classes < 1 or anchors <= channels:
+        return None
+    if isinstance(extra, dict):
+        scores = extra.get("scores")
+        if not (isinstance(scores, Tensor) and scores.dim() == 3 and tuple(scores.shape[1:]) == (classes, anchors)):
+            return None
+    elif isinstance(extra, (list, tuple)) and extra and all(isinstance(t, Tensor) and t.dim() == 4 for t in extra):
+        if sum(t.shape[2] * t.shape[3] for t in extra) != anchors:
+            return None
+    else:
+        return None
+    out = []
+    for row in y.detach().float():
+        score, label = row[4:].max(0)
+        keep = torch.nonzero(score >= YOLO_SCORE).flatten()
+        boxes = box_convert(row[:4, keep].T, "cxcywh", "xyxy")
+        kept = batched_nms(boxes, score[keep], label[keep], YOLO_NMS_IOU)[:YOLO_MAX_BOXES]
+        out.append({"boxes": boxes[kept], "scores": score[keep][kept], "labels": label[keep][kept]})
+    return out

@@ -24,6 +24,7 @@ from bncheck.measuring.detections import (
     match,
     mean_average_precision,
     target_boxes,
+    yolo_detections,
 )
 from bncheck.measuring.distributed import pooled
 from bncheck.measuring.pictures import box_shot, keep_worst, shot
@@ -186,6 +187,9 @@ def prediction(value: Any) -> tuple[Any, Optional[str]]:
                 return as_logits(inner), f"output[{key!r}]"
         return value, None
     if isinstance(value, (list, tuple)):
+        decoded = yolo_detections(value)
+        if decoded is not None:
+            return decoded, "output[0] (YOLO boxes and class scores, decoded as ultralytics predicts: NMS per class)"
         scores = [(i, t) for i, t in enumerate(value) if is_logits(t) or is_dense(t)]
         for i, t in scores:
             if not is_probabilities(t):
@@ -415,7 +419,7 @@ class OutputTally:
         self.kind = "detection"
         if targets is not None and len(targets) != len(out_train):
             targets = None
-        images = list(inputs) if isinstance(inputs, (list, tuple)) and len(inputs) == len(out_train) else None
+        images = list(inputs) if isinstance(inputs, (list, tuple, Tensor)) and len(inputs) == len(out_train) else None
         for i, (train, evaluated) in enumerate(zip(out_train, out_eval)):
             kept_train, kept_eval = found(train), found(evaluated)
             pairs = match(kept_train, kept_eval)

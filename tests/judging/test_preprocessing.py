@@ -199,6 +199,14 @@ def test_the_reading_rule_by_hand() -> None:
     units = InputSignature("bn", baseline=30.0, samples=8, affine=True, known=x255, known_score=25.0,
                            free_scale=(0.002,), free_offset=(1.0,), free_score=0.05)
     assert read_signature(units).kind == "units"
+    # a darker sensor fitted loosely on a channel the stem barely reads (measured on a trained YOLO):
+    # the typical channel's rescale decides, so it stays a domain change that recalibration cures
+    loose = InputSignature("bn", baseline=0.79, samples=8, affine=True, known=x255, known_score=0.6,
+                           free_scale=(4.23, 2.36, 20.7), free_offset=(-0.25, -0.06, -2.0), free_score=0.14)
+    assert read_signature(loose).kind == "domain"
+    raw = InputSignature("bn", baseline=30.0, samples=8, affine=True, known=x255, known_score=25.0,
+                         free_scale=(0.004, 0.005, 0.3), free_offset=(0.0,) * 3, free_score=0.05)
+    assert read_signature(raw).kind == "units"  # most channels 200x off: units, whatever the third
     nothing = InputSignature("bn", baseline=1.0, samples=8, affine=True, known=x255, known_score=0.9,
                              free_scale=(1.0,), free_offset=(0.0,), free_score=0.8)
     assert read_signature(nothing).kind == "unexplained"

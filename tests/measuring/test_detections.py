@@ -116,6 +116,49 @@ def test_targets_numbered_unlike_the_models_classes_are_said_so() -> None:
     assert "other labels" not in output_line(right)
 
 
+def test_a_yolo_heads_output_is_decoded_into_boxes_by_hand() -> None:
+    """ultralytics' Detect head in eval mode: (y [N, 4 + classes, anchors], {'boxes', 'scores',
+    'feats'}), y holding box centre/size in pixels and class probabilities; decoded as
+    ultralytics predicts: best class per anchor, NMS per class at IoU 0.7."""
+    from bncheck.measuring.detections import yolo_detections
+    from bncheck.measuring.outputs import prediction
+
+    y = torch.zeros(1, 6, 8)  # 2 classes, 8 anchors
+    y[0, :4, 0] = torch.tensor([20.0, 20, 10, 10])   # class 1 at 0.9
+    y[0, 5, 0] = 0.9
+    y[0, :4, 1] = torch.tensor([21.0, 20, 10, 10])   # the same object at 0.8: suppressed (IoU 0.82)
+    y[0, 5, 1] = 0.8
+    y[0, :4, 2] = torch.tensor([21.0, 20, 10, 10])   # the same place, class 0: kept (NMS per class)
+    y[0, 4, 2] = 0.6
+    y[0, :4, 3] = torch.tensor([50.0, 50, 4, 4])     # under 0.05: dropped
+    y[0, 4, 3] = 0.01
+    extra = {"boxes": torch.zeros(1, 64, 8), "scores": torch.zeros(1, 2, 8), "feats": []}
+    (d,) = yolo_detections((y, extra))
+    assert d["boxes"].tolist() == [[15.0, 15.0, 25.0, 25.0], [16.0, 15.0, 26.0, 25.0]]
+    assert d["labels"].tolist() == [1, 0] and d["scores"].tolist() == pytest.approx([0.9, 0.6])
+    maps = [torch.zeros(1, 66, 2, 2), torch.zeros(1, 66, 1, 4)]  # earlier releases: feature maps, 8 positions
+    assert yolo_detections((y, maps)) is not None and yolo_detections((y, maps[:1])) is None
+    assert prediction((y, extra))[1].startswith("output[0] (YOLO boxes")
+    # not a YOLO head: a classifier's (probabilities, logits), a dict without the scores, end-to-end [N, 300, 6]
+    assert yolo_detections((torch.rand(4, 3).softmax(1), torch.rand(4, 3))) is None
+    assert yolo_detections((y, {"boxes": torch.zeros(1, 64, 8)})) is None
+    assert yolo_detections((torch.rand(1, 300, 6), extra)) is None
+
+
+def test_an_ultralytics_model_gets_its_images_as_one_tensor() -> None:
+    from bncheck.measuring.batches import ImageList, forward
+
+    class Stacked(nn.Module):
+        def forward(self, x):
+            assert isinstance(x, torch.Tensor) and x.dim() == 4
+            return x.mean((1, 2, 3))
+
+    Stacked.__module__ = "ultralytics.nn.tasks"  # as ultralytics' DetectionModel (nothing imported)
+    out = forward(Stacked(), ImageList([torch.ones(3, 8, 8), torch.zeros(3, 8, 8)]), "eval")
+    assert out.tolist() == [1.0, 0.0]
+    assert forward(HeatDetector(), ImageList([torch.ones(3, 8, 8)] * 2), "eval")  # others keep their list
+
+
 def test_images_where_a_mode_finds_no_box_are_counted_not_crashed_on() -> None:
     # torchvision detectors return boxes of shape [0, 4] for an image without detections
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}

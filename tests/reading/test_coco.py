@@ -202,6 +202,12 @@ def test_a_bad_annotation_file_is_one_input_error(tmp_path, text, message) -> No
         read_annotations(tmp_path / "ann.json")
 
 
+def test_photos_of_different_sizes_come_as_a_list(tmp_path) -> None:
+    write_coco(tmp_path, {"a.png": gray(32, 24), "b.png": gray(20, 30)}, {}, tmp_path / "ann.json")
+    (batch,) = list(open_data(tmp_path / "ann.json", settings(), batch_size=2, num_batches=None).batches())
+    assert isinstance(batch[0], list) and sorted(tuple(p.shape) for p in batch[0]) == [(3, 24, 32), (3, 30, 20)]
+
+
 def test_an_image_whose_size_is_not_the_annotated_one_is_skipped_with_the_reason(tmp_path) -> None:
     write_coco(tmp_path, {f"{i}.png": gray(16, 12) for i in range(3)}, {}, tmp_path / "ann.json")
     Image.fromarray(gray(12, 16)).save(tmp_path / "1.png")  # rotated after annotating

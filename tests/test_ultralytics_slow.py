@@ -149,7 +149,8 @@ DETECT = ["--trust-checkpoint", "--box-labels", "index", "--batch-size", "8", "-
 def test_a_yolo_detector_is_read_box_by_box_and_a_darker_sensor_is_cured(detector, tmp_path) -> None:
     """Its head's output decoded into boxes (recall and mAP per mode with the COCO file's
     targets, renumbered 0-based as ultralytics numbers classes); on a darker sensor eval mode
-    finds nothing, the first layer reads as a domain change, and fix brings mAP back."""
+    finds nothing, the first layer reads as a change of scene (or both readings), and fix brings
+    mAP back."""
     result = CliRunner().invoke(cli, ["run", str(detector["best"]), "--data", str(detector["own"]), *DETECT,
                                       "--json", "-"])
     own = json.loads(result.stdout)["output"]
@@ -159,7 +160,9 @@ def test_a_yolo_detector_is_read_box_by_box_and_a_darker_sensor_is_cured(detecto
                                       "--json", "-"])
     assert result.exit_code == 1, result.output
     dark = json.loads(result.stdout)
-    assert dark["input_reading"] == "domain" and dark["output"]["eval_map50"] < 0.05
+    # measured: the best fit rescales blue 20.7x (the stem barely reads it), one within 8x nearly as
+    # well -- both readings, never a units mismatch that would refuse the cure
+    assert dark["input_reading"] in ("domain", "ambiguous") and dark["output"]["eval_map50"] < 0.05
     assert dark["output"]["train_map50"] > 0.2
     result = CliRunner().invoke(cli, ["fix", str(detector["best"]), "--data", str(detector["dark"]), *DETECT,
                                       "--out", str(tmp_path / "fixed.pt"), "--json", "-"])

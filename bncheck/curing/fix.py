@@ -96,10 +96,12 @@ def run_fix(
     if first_stale and before.input_reading != "domain":
         # no transform of the input explained the first layer's shift (a known preprocessing bug
         # would be input-distribution and block above; a fitted domain change is no warning)
-        tested = before.input_reading == "unexplained"
-        what = ("no known preprocessing mistake explains the first BN layer's shift ({}), nor a simple change of "
-                "brightness or colour" if tested else
-                "the first BN layer's shift ({}) could not be tested against known preprocessing mistakes")
+        what = {"unexplained": "no known preprocessing mistake explains the first BN layer's shift ({}), nor a "
+                               "simple change of brightness or colour",
+                "ambiguous": "the first BN layer's shift ({}) fits a units or normalization mismatch about as well "
+                             "as a change of scene"}.get(
+            before.input_reading or "",
+            "the first BN layer's shift ({}) could not be tested against known preprocessing mistakes")
         warnings.append(
             what.format(first) + ": if this data went through another pipeline than training (resizing, cropping, "
             "scaling, mean/std, channel order), fix that instead -- recalibration would bake it in"

@@ -30,7 +30,6 @@ right inverse transform brings it back under 0.2.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 from typing import Optional
 
@@ -155,12 +154,19 @@ class InputSignature:
     """Best per-channel scale (expected = scale * fed + offset); None when not affine."""
     free_offset: Optional[tuple[float, ...]] = None
     free_score: Optional[float] = None
+    plausible_scale: Optional[tuple[float, ...]] = None
+    """When the free fit rescales a channel beyond ``PLAUSIBLE_SCALE``: the best fit whose every
+    scale stays within it (a change of scene or sensor), to tell a channel the stem barely reads
+    (loosely fitted) from a real units mismatch."""
+    plausible_offset: Optional[tuple[float, ...]] = None
+    plausible_score: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class InputReading:
-    """The decision: ``preprocessing`` (a named transform), ``units`` (an extreme free scale),
-    ``domain`` (a mild per-channel change), or ``unexplained``."""
+    """The decision: ``preprocessing`` (a named transform), ``units`` (an extreme free scale that
+    no plausible change matches), ``domain`` (a mild per-channel change), ``ambiguous`` (an
+    extreme scale fits best, a plausible one nearly as well: both readings), or ``unexplained``."""
 
     kind: str
     evidence: str
@@ -197,11 +203,24 @@ def read_signature(signature: InputSignature) -> InputReading:
     if free is not None and signature.free_scale is not None and signature.free_offset is not None \
             and free <= EXPLAINED * base:
         change = _scale_text(signature.free_scale, signature.free_offset)
-        # the typical channel's rescale, not the largest: a channel the stem barely reads is fitted
-        # loosely (a darker sensor fitted 4.2x, 2.4x and 20.7x on a trained YOLO), while a units
-        # mismatch rescales most channels alike (x255 every pixel, raw intensities every voxel)
-        magnitude = statistics.median(abs(math.log(abs(s))) if s != 0 else math.inf for s in signature.free_scale)
-        if magnitude >= math.log(PLAUSIBLE_SCALE):
+        magnitude = max(abs(math.log(abs(s))) if s != 0 else math.inf for s in signature.free_scale)
+        # a rescale beyond PLAUSIBLE_SCALE is a units mismatch only when no plausible change explains
+        # the shift too: a channel the stem barely reads is fitted loosely (a darker sensor came out
+        # 4.2x, 2.4x and 20.7x on a trained YOLO, and a fit within 8x explained it as well)
+        plausible = signature.plausible_score
+        near = plausible is not None and signature.plausible_scale is not None \
+            and signature.plausible_offset is not None and plausible <= 0.5 * base \
+            and (plausible <= MATCHED or plausible <= AS_GOOD * free + SLACK)  # the known transforms' bar
+        if magnitude >= math.log(PLAUSIBLE_SCALE) and near and plausible <= EXPLAINED * base:
+            change, free = _scale_text(signature.plausible_scale, signature.plausible_offset), plausible
+        elif magnitude >= math.log(PLAUSIBLE_SCALE) and near:
+            return InputReading(
+                "ambiguous",
+                f"the best per-channel rescale of the input ({change}) brings the first BN layer's score from "
+                f"{base:.2f} to {free:.2f}, but one within a change of scene or sensor "
+                f"({_scale_text(signature.plausible_scale, signature.plausible_offset)}) brings it to "
+                f"{plausible:.2f}: a units or normalization mismatch and a domain change fit about equally.")
+        elif magnitude >= math.log(PLAUSIBLE_SCALE):
             return InputReading(
                 "units",
                 f"a per-channel rescale of the input ({change}) brings the first BN layer's score from {base:.2f} "

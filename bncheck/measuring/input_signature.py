@@ -21,6 +21,7 @@ from torch import Tensor
 from bncheck.judging.metrics import channel_weights, mean_shift, normalization_error, scale_ratio, weighted_rms
 from bncheck.judging.preprocessing import (
     EXPLAINED,
+    PLAUSIBLE_SCALE,
     InputSignature,
     Transform,
     candidate_norms,
@@ -142,11 +143,20 @@ def input_signature(runtime: Runtime, layer_index: int, inputs: Tensor, device: 
     settled = best_score is not None and known_settles(best_score, baseline)
     free = _free_fit(affine_parts, running_mean, running_var, eps, weights, enough=EXPLAINED * baseline) \
         if affine_parts is not None and not settled else None
+    plausible = None
+    bound = math.log(PLAUSIBLE_SCALE)
+    if free is not None and affine_parts is not None and max(abs(math.log(abs(v))) if v else math.inf
+                                                             for v in free[0]) >= bound:
+        # beyond a plausible change of scene: does one within it explain the shift as well?
+        plausible = _fit_from(affine_parts, 1.0, len(free[0]), running_mean, running_var, eps, weights, bound=bound)
     return InputSignature(
         layer=layer.name, baseline=baseline, samples=int(x.shape[0]), affine=affine_parts is not None,
         known=best, known_score=best_score,
         free_scale=free[0] if free else None, free_offset=free[1] if free else None,
         free_score=free[2] if free else None,
+        plausible_scale=tuple(float(v) for v in plausible[1]) if plausible else None,
+        plausible_offset=tuple(float(v) for v in plausible[2]) if plausible else None,
+        plausible_score=plausible[0] if plausible else None,
     )
 
 
@@ -232,15 +242,21 @@ def _free_fit(parts: tuple[Tensor, Tensor], running_mean: Tensor, running_var: T
 
 
 def _fit_from(parts: tuple[Tensor, Tensor], start: float, channels: int, running_mean: Tensor, running_var: Tensor,
-              eps: float, weights: Tensor) -> Optional[tuple[float, Tensor, Tensor]]:
-    """One L-BFGS run from scale ``start`` (its sign kept; the magnitude fitted in log space)."""
-    log_scale = torch.full((channels,), math.log(abs(start)), dtype=torch.float64, requires_grad=True)
+              eps: float, weights: Tensor, bound: Optional[float] = None) -> Optional[tuple[float, Tensor, Tensor]]:
+    """One L-BFGS run from scale ``start`` (its sign kept; the magnitude fitted in log space,
+    within ``exp(+-bound)`` when given)."""
+    first = math.log(abs(start)) if bound is None else math.atanh(max(-0.999, min(0.999, math.log(abs(start)) / bound)))
+    free = torch.full((channels,), first, dtype=torch.float64, requires_grad=True)
     sign = math.copysign(1.0, start)
     offset = torch.zeros(channels, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_scale, offset], max_iter=100, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([free, offset], max_iter=100, line_search_fn="strong_wolfe")
+
+    def logs() -> Tensor:
+        return free if bound is None else bound * torch.tanh(free)
 
     def loss() -> Tensor:
         optimizer.zero_grad()
+        log_scale = logs()
         mean, var = _affine_moments(parts, sign * log_scale.exp(), offset)
         e = normalization_error(scale_ratio(var.clamp_min(1e-30), running_var, eps),
                                 mean_shift(mean, running_mean, running_var, eps))
@@ -254,6 +270,6 @@ def _fit_from(parts: tuple[Tensor, Tensor], start: float, channels: int, running
             optimizer.step(loss)
     except RuntimeError:
         return None
-    scale = sign * log_scale.detach().exp()
+    scale = sign * logs().detach().exp()
     score = _affine_score(parts, scale, offset.detach(), running_mean, running_var, eps, weights)
     return (score, scale, offset.detach()) if math.isfinite(score) else None

@@ -357,8 +357,9 @@ class Report(Displayed):
     """Processes that shared the sample (torchrun / DDP ranks); 1 when not distributed."""
     input_reading: Optional[str] = None
     """What the input-signature pass found explains the first BN layer's shift: ``preprocessing``
-    (a known mistake), ``units`` (a rescale beyond 8x), ``domain`` (a mild per-channel change) or
-    ``unexplained``; None when that pass did not run (the layer was not flagged, or no fit)."""
+    (a known mistake), ``units`` (a rescale beyond 8x that no plausible change matches), ``domain``
+    (a mild per-channel change), ``ambiguous`` (units and domain fit about equally: both readings)
+    or ``unexplained``; None when that pass did not run (the layer was not flagged, or no fit)."""
     pictures: tuple[Picture, ...] = ()
     """Segmentation: the samples where the modes disagree most, pictured (lowest agreement first)."""
     passes: tuple[PassRecord, ...] = ()

@@ -200,13 +200,23 @@ def test_the_reading_rule_by_hand() -> None:
                            free_scale=(0.002,), free_offset=(1.0,), free_score=0.05)
     assert read_signature(units).kind == "units"
     # a darker sensor fitted loosely on a channel the stem barely reads (measured on a trained YOLO):
-    # the typical channel's rescale decides, so it stays a domain change that recalibration cures
+    # a fit within 8x explains it as well, so it is a domain change that recalibration cures
     loose = InputSignature("bn", baseline=0.79, samples=8, affine=True, known=x255, known_score=0.6,
-                           free_scale=(4.23, 2.36, 20.7), free_offset=(-0.25, -0.06, -2.0), free_score=0.14)
-    assert read_signature(loose).kind == "domain"
-    raw = InputSignature("bn", baseline=30.0, samples=8, affine=True, known=x255, known_score=25.0,
-                         free_scale=(0.004, 0.005, 0.3), free_offset=(0.0,) * 3, free_score=0.05)
-    assert read_signature(raw).kind == "units"  # most channels 200x off: units, whatever the third
+                           free_scale=(4.23, 2.36, 20.7), free_offset=(-0.25, -0.06, -2.0), free_score=0.14,
+                           plausible_scale=(4.1, 2.4, 8.0), plausible_offset=(-0.24, -0.06, -0.7),
+                           plausible_score=0.15)
+    assert read_signature(loose).kind == "domain" and "scale 4.1, 2.4, 8" in read_signature(loose).evidence
+    # as measured on that YOLO: the fit within 8x leaves 0.25, the free one 0.14 -- both readings
+    measured = InputSignature("bn", baseline=0.793, samples=8, affine=True, known=x255, known_score=0.6,
+                              free_scale=(4.23, 2.36, 20.7), free_offset=(-0.25, -0.06, -2.0), free_score=0.138,
+                              plausible_scale=(5.69, 3.65, 8.0), plausible_offset=(-0.41, -0.23, -0.63),
+                              plausible_score=0.251)
+    assert read_signature(measured).kind == "ambiguous" and "fit about equally" in read_signature(measured).evidence
+    # one column left unscaled among fine ones (tabular): nothing within 8x explains it -- units
+    column = InputSignature("bn", baseline=3.0, samples=8, affine=True, known=x255, known_score=2.9,
+                            free_scale=(0.001, 1.0, 1.0), free_offset=(0.0,) * 3, free_score=0.05,
+                            plausible_scale=(0.125, 1.0, 1.0), plausible_offset=(0.0,) * 3, plausible_score=2.2)
+    assert read_signature(column).kind == "units"
     nothing = InputSignature("bn", baseline=1.0, samples=8, affine=True, known=x255, known_score=0.9,
                              free_scale=(1.0,), free_offset=(0.0,), free_score=0.8)
     assert read_signature(nothing).kind == "unexplained"

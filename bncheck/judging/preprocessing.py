@@ -180,6 +180,11 @@ def _scale_text(scale: tuple[float, ...], offset: tuple[float, ...]) -> str:
     return f"scale {fmt(scale)}, offset {fmt(offset)}"
 
 
+def beyond_plausible(scale: tuple[float, ...]) -> bool:
+    """Some channel rescaled by ``PLAUSIBLE_SCALE`` or more either way (a zero scale counts)."""
+    return max(abs(math.log(abs(s))) if s != 0 else math.inf for s in scale) >= math.log(PLAUSIBLE_SCALE)
+
+
 def known_settles(known_score: float, baseline: float) -> bool:
     """A known transform that brings the first layer back to what correct data shows (under
     ``MATCHED``, and at most half the shift) decides the reading whatever a free fit would say."""
@@ -203,7 +208,7 @@ def read_signature(signature: InputSignature) -> InputReading:
     if free is not None and signature.free_scale is not None and signature.free_offset is not None \
             and free <= EXPLAINED * base:
         change = _scale_text(signature.free_scale, signature.free_offset)
-        magnitude = max(abs(math.log(abs(s))) if s != 0 else math.inf for s in signature.free_scale)
+        extreme = beyond_plausible(signature.free_scale)
         # a rescale beyond PLAUSIBLE_SCALE is a units mismatch only when no plausible change explains
         # the shift too: a channel the stem barely reads is fitted loosely (a darker sensor came out
         # 4.2x, 2.4x and 20.7x on a trained YOLO, and a fit within 8x explained it as well)
@@ -211,16 +216,16 @@ def read_signature(signature: InputSignature) -> InputReading:
         near = plausible is not None and signature.plausible_scale is not None \
             and signature.plausible_offset is not None and plausible <= 0.5 * base \
             and (plausible <= MATCHED or plausible <= AS_GOOD * free + SLACK)  # the known transforms' bar
-        if magnitude >= math.log(PLAUSIBLE_SCALE) and near and plausible <= EXPLAINED * base:
+        if extreme and near and plausible <= EXPLAINED * base:
             change, free = _scale_text(signature.plausible_scale, signature.plausible_offset), plausible
-        elif magnitude >= math.log(PLAUSIBLE_SCALE) and near:
+        elif extreme and near:
             return InputReading(
                 "ambiguous",
                 f"the best per-channel rescale of the input ({change}) brings the first BN layer's score from "
                 f"{base:.2f} to {free:.2f}, but one within a change of scene or sensor "
                 f"({_scale_text(signature.plausible_scale, signature.plausible_offset)}) brings it to "
                 f"{plausible:.2f}: a units or normalization mismatch and a domain change fit about equally.")
-        elif magnitude >= math.log(PLAUSIBLE_SCALE):
+        elif extreme:
             return InputReading(
                 "units",
                 f"a per-channel rescale of the input ({change}) brings the first BN layer's score from {base:.2f} "

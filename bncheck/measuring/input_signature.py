@@ -24,6 +24,7 @@ from bncheck.judging.preprocessing import (
     PLAUSIBLE_SCALE,
     InputSignature,
     Transform,
+    beyond_plausible,
     candidate_norms,
     known_settles,
     known_transforms,
@@ -144,11 +145,10 @@ def input_signature(runtime: Runtime, layer_index: int, inputs: Tensor, device: 
     free = _free_fit(affine_parts, running_mean, running_var, eps, weights, enough=EXPLAINED * baseline) \
         if affine_parts is not None and not settled else None
     plausible = None
-    bound = math.log(PLAUSIBLE_SCALE)
-    if free is not None and affine_parts is not None and max(abs(math.log(abs(v))) if v else math.inf
-                                                             for v in free[0]) >= bound:
+    if free is not None and affine_parts is not None and beyond_plausible(free[0]):
         # beyond a plausible change of scene: does one within it explain the shift as well?
-        plausible = _fit_from(affine_parts, 1.0, len(free[0]), running_mean, running_var, eps, weights, bound=bound)
+        plausible = _fit_from(affine_parts, 1.0, len(free[0]), running_mean, running_var, eps, weights,
+                              bound=math.log(PLAUSIBLE_SCALE))
     return InputSignature(
         layer=layer.name, baseline=baseline, samples=int(x.shape[0]), affine=affine_parts is not None,
         known=best, known_score=best_score,

@@ -273,7 +273,7 @@ def coco_source(path: Path, cfg: DataSettings, batch_size: int, num_batches: Opt
     from PIL import Image
 
     from bncheck.measuring.batches import ImageList
-    from bncheck.reading.data.images import DECODE_WORKERS, _image_tensor, check_crop
+    from bncheck.reading.data.images import DECODE_WORKERS, _image_tensor, check_crop, decoded_batch
 
     check_crop(cfg)
     found = read_annotations(path, cfg.box_labels)
@@ -301,16 +301,9 @@ def coco_source(path: Path, cfg: DataSettings, batch_size: int, num_batches: Opt
         made = 0
         with ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="bncheck-decode") as pool:
             while num_batches is None or made < num_batches:
-                pictures: list[Any] = []
-                targets: list[dict] = []
-                while len(pictures) < batch_size:
-                    chunk = list(itertools.islice(queue, batch_size - len(pictures)))
-                    if not chunk:
-                        break
-                    for item in pool.map(decode, chunk):
-                        if item is not None:
-                            pictures.append(item[0])
-                            targets.append(item[1])
+                pairs = decoded_batch(queue, pool, decode, batch_size)
+                pictures = [picture for _, (picture, _) in pairs]
+                targets = [target for _, (_, target) in pairs]
                 if len(pictures) < 2:
                     break  # none left, or one image: it cannot form a train-mode BN batch
                 made += 1

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -113,6 +113,19 @@ DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 """Threads decoding the images of one batch."""
 
 
+def decoded_batch(queue: Iterator[Any], pool: ThreadPoolExecutor, decode: Callable[[Any], Any],
+                  size: int) -> list[tuple[Any, Any]]:
+    """Up to ``size`` ``(item, decoded)`` pairs taken from ``queue`` in order, decoded by
+    ``pool``; an item that decodes to None (unreadable) is skipped and the next fills its place."""
+    out: list[tuple[Any, Any]] = []
+    while len(out) < size:
+        chunk = list(itertools.islice(queue, size - len(out)))
+        if not chunk:
+            break
+        out += [(item, value) for item, value in zip(chunk, pool.map(decode, chunk)) if value is not None]
+    return out
+
+
 def check_crop(cfg: DataSettings) -> None:
     """A crop pads smaller images up to its size: refused above the pixel limit before any image
     is read (``--crop 12000`` would make every image 144 Mpx)."""
@@ -165,17 +178,9 @@ def image_folder(root: Path, cfg: DataSettings, batch_size: int, num_batches: Op
         yielded = 0
         with ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="bncheck-decode") as pool:
             for _ in itertools.count() if num_batches is None else range(num_batches):
-                images: list[Tensor] = []
-                targets: list[int] = []
-                while len(images) < batch_size:
-                    chunk = list(itertools.islice(queue, batch_size - len(images)))
-                    if not chunk:
-                        break
-                    for path, tensor in zip(chunk, pool.map(decode, chunk)):
-                        if tensor is not None:
-                            images.append(tensor)
-                            if labels is not None:
-                                targets.append(labels[path])
+                pairs = decoded_batch(queue, pool, decode, batch_size)
+                images = [tensor for _, tensor in pairs]
+                targets = [labels[path] for path, _ in pairs] if labels is not None else []
                 if len(images) < 2:
                     break  # none left, or a single image: it cannot form a train-mode BN batch
                 shapes = {tuple(t.shape) for t in images}
